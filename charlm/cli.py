@@ -1,0 +1,428 @@
+"""The charlm command line. Thin commands: parse options, call the library, print.
+
+This is the only module that prints to the terminal or exits. Library code raises CharlmError;
+here it becomes one red line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+from rich.text import Text
+from typing_extensions import Annotated
+
+from charlm import CharlmError, checkpoint, config, corpus
+from charlm import prepare as prep
+from charlm.data import PreparedData
+from charlm.decode import processors, sample as sample_ids
+from charlm.display import TrainDisplay
+from charlm.ensemble import Ensemble
+from charlm.evaluate import evaluate
+from charlm.scorer import ModelScorer
+from charlm.train import Trainer, pick_device
+
+app = typer.Typer(
+    help="Character-level recurrent language models: prepare, train, sample, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+corpus_app = typer.Typer(help="Registered corpora: list them, fetch them (checksummed).", no_args_is_help=True)
+app.add_typer(corpus_app, name="corpus")
+
+err = Console(stderr=True)
+
+# Typer's usage-error class, found through a public name: typer has both depended on click and vendored it.
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+def fail(message: str) -> None:
+    err.print(Text("error: ", style="bold red") + Text(message), soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def friendly(fn):
+    """Turn CharlmError (and a second Ctrl-C) into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CharlmError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted")
+        except OSError as e:
+            fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
+
+    return wrapper
+
+
+def _bytes_progress(description: str) -> Progress:
+    return Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    console=err, transient=True, disable=not err.is_terminal)
+
+
+# -- corpus ---------------------------------------------------------------------------------
+@corpus_app.command("list")
+@friendly
+def corpus_list():
+    """List the registered corpora and whether each is present locally."""
+    table = Table("name", "size", "present", "description", "license")
+    for entry in corpus.registry().values():
+        d = corpus.describe(entry)
+        table.add_row(d["name"], f"{d['bytes']:,} B", "yes" if d["present"] else "no", d["description"], d["license"])
+    Console().print(table)
+
+
+@corpus_app.command("get")
+@friendly
+def corpus_get(
+    name: Annotated[str, typer.Argument(help="A registered corpus name (see: charlm corpus list).")],
+    mirror: Annotated[Optional[Path], typer.Option(help=f"Local mirror dir with NAME/input.txt; default ${corpus.MIRROR_ENV}.")] = None,
+):
+    """Fetch a corpus into corpora/NAME/input.txt from a mirror or its URL, verifying its sha256."""
+    with _bytes_progress(f"get {name}") as bar:
+        task = bar.add_task(name, total=None)
+        path = corpus.get(name, mirror=mirror, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    err.print(f"{name}: {path} (sha256 verified)")
+
+
+# -- prepare --------------------------------------------------------------------------------
+def _split(value: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(x) for x in value.split(","))
+    except ValueError:
+        raise CharlmError(f"--split expects three fractions like 0.9,0.05,0.05 (got {value!r})") from None
+    return prep.check_fractions(parts)
+
+
+class _PrepareBar:
+    """A progress bar for the two passes of prepare, shown for inputs over 32 MB."""
+
+    def __init__(self, total: int):
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                            console=err, transient=True, disable=total < (32 << 20) or not err.is_terminal)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(phase, total=total)
+        self.bar.update(self.tasks[phase], completed=done)
+
+
+def _run_prepare(files, out, encoding, fractions):
+    total = sum(f.stat().st_size for f in files)
+    bar = _PrepareBar(total)
+    with bar.bar:
+        return prep.prepare(files, out, encoding=encoding, fractions=fractions, progress=bar)
+
+
+@app.command()
+@friendly
+def prepare(
+    input: Annotated[str, typer.Argument(help="A text file, a directory (see --glob) or a registered corpus name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output dir for meta.json and train/val/test.bin.")],
+    glob: Annotated[Optional[str], typer.Option(help="For a directory: files to include, e.g. '**/*.[ch]' (sorted by path).")] = None,
+    encoding: Annotated[str, typer.Option(help="utf-8 (characters), or bytes (a byte-level vocabulary for non-UTF-8 files).")] = "utf-8",
+    split: Annotated[str, typer.Option(help="train,val,test fractions of the text, in order.")] = "0.9,0.05,0.05",
+    mirror: Annotated[Optional[Path], typer.Option(help="Corpus mirror dir, for corpus names.")] = None,
+):
+    """Encode a text into token ids for training: DIR/meta.json plus train.bin, val.bin, test.bin."""
+    files = prep.resolve_inputs(input, glob=glob, mirror=mirror)
+    meta = _run_prepare(files, out, encoding, _split(split))
+    s = meta["splits"]
+    err.print(
+        f"prepared {meta['source']['chars']:,} characters from {len(files)} file(s) in {meta['seconds']:.1f}s: "
+        f"vocabulary {meta['vocab_size']}, train {s['train']['tokens']:,} / val {s['val']['tokens']:,} / "
+        f"test {s['test']['tokens']:,} tokens -> {out}", soft_wrap=True)
+
+
+# -- train ----------------------------------------------------------------------------------
+def _run_name(input: str) -> str:
+    p = Path(input)
+    stem = p.parent.name if p.name == "input.txt" else (p.name if p.is_dir() else p.stem)
+    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+@app.command()
+@friendly
+def train(
+    input: Annotated[Optional[str], typer.Argument(help="A text file, a prepared dir or a corpus name. With --resume: optional.", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir for checkpoints and metrics.jsonl [default: checkpoints/RUN].")] = None,
+    preset: Annotated[Optional[str], typer.Option(help=f"A shipped preset: {', '.join(config.list_presets())}.")] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="A YAML file of option: value (explicit flags win).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue exactly from a last.safetensors (optimizer, step, data position, state).")] = None,
+    init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's weights only (fresh optimizer and schedule).")] = None,
+    cell: Annotated[Optional[str], typer.Option(help="lstm, gru or rnn.", show_default=False)] = None,
+    num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers [default: 2].", show_default=False)] = None,
+    rnn_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer [default: 256].", show_default=False)] = None,
+    embed_size: Annotated[Optional[int], typer.Option(help="Embedding width [default: 64].", show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout between layers and before the head [default: 0].", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Contiguous streams B [default: 64].", show_default=False)] = None,
+    seq_length: Annotated[Optional[int], typer.Option(help="Window length T: steps of backprop [default: 100].", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, AdamW [default: 0.002].", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [default: 0].", show_default=False)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm; 0 disables [default: 5].", show_default=False)] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="constant, step or cosine [default: constant].", show_default=False)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps [default: 0].", show_default=False)] = None,
+    lr_decay: Annotated[Optional[float], typer.Option(help="step schedule: factor [default: 0.5].", show_default=False)] = None,
+    decay_every: Annotated[Optional[int], typer.Option(help="step schedule: every this many steps [default: 1000].", show_default=False)] = None,
+    min_lr_ratio: Annotated[Optional[float], typer.Option(help="cosine schedule: final lr / lr [default: 0.1].", show_default=False)] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.", show_default=False)] = None,
+    max_epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the training split.", show_default=False)] = None,
+    time_budget: Annotated[Optional[str], typer.Option(help="Stop after this long: 90s, 10m, 1h. No limit at all: one epoch.", show_default=False)] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Validate and checkpoint every N steps [default: 200].", show_default=False)] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Report progress every N steps [default: 10].", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation and dropout [default: 1337].", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps [default: auto].", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, or bf16 autocast with fp32 master weights [default: fp32].", show_default=False)] = None,
+    encoding: Annotated[str, typer.Option(help="For a text input: utf-8 or bytes.")] = "utf-8",
+    split: Annotated[str, typer.Option(help="For a text input: train,val,test fractions.")] = "0.9,0.05,0.05",
+    glob: Annotated[Optional[str], typer.Option(help="For a directory input: files to include.")] = None,
+    mirror: Annotated[Optional[Path], typer.Option(help="Corpus mirror dir, for corpus names.")] = None,
+):
+    """Train a character-level RNN with truncated backpropagation through time."""
+    explicit = {k: v for k, v in locals().items() if k in config.all_keys()}
+    layers = []
+    if preset:
+        layers.append(config.load_preset(preset))
+    if config_file:
+        layers.append(config.load_config_file(config_file))
+    layers.append(explicit)
+
+    resumed = checkpoint.load(resume) if resume else None
+    init = checkpoint.load(init_from) if init_from else None
+    if resumed is not None:
+        model_flags = {k for layer in layers for k, v in layer.items() if v is not None and k in config.field_names(config.ModelConfig)}
+        if model_flags:
+            raise CharlmError(f"--resume keeps the checkpoint's model; drop {', '.join(sorted(model_flags))} (or use --init-from)")
+        model_cfg, train_cfg = config.resolve(*layers, base={"model": resumed.meta["model"], "train": resumed.meta["train"]})
+        input = input or resumed.meta["provenance"]["data_dir"]
+        out = out or resumed.path.parent
+    else:
+        if input is None:
+            raise CharlmError("give a text file, prepared dir or corpus name to train on (or --resume CKPT)")
+        base = {"model": init.meta["model"]} if init is not None else None
+        model_cfg, train_cfg = config.resolve(*layers, base=base)
+        out = out or Path("checkpoints") / _run_name(input)
+
+    files_total = None
+    if not (Path(input).is_dir() and (Path(input) / "meta.json").exists()):
+        files_total = sum(f.stat().st_size for f in prep.resolve_inputs(input, glob=glob, mirror=mirror))
+    bar = _PrepareBar(files_total or 0)
+    with bar.bar:
+        data_dir = prep.cached_prepare(input, encoding=encoding, fractions=_split(split), mirror=mirror, progress=bar, glob=glob)
+    data = PreparedData(data_dir)
+    display = TrainDisplay(err)
+    try:
+        trainer = Trainer(model_cfg, train_cfg, data, out, resume=resumed, init_from=init, report=display)
+        result = trainer.run()
+    finally:
+        display.close()
+    err.print(
+        f"done: step {result['step']:,}, best val {result['best_val_bpc']:.4f} bits/char; "
+        f"checkpoints in {result['out_dir']} (best.safetensors, last.safetensors)", soft_wrap=True)
+
+
+# -- decoding commands ----------------------------------------------------------------------
+def _load_scorers(paths: list[Path], device: str) -> list[ModelScorer]:
+    dev = pick_device(device)
+    scorers = []
+    for p in paths:
+        ckpt = checkpoint.load(p)
+        scorers.append(ModelScorer(ckpt.build_model().to(dev), ckpt.vocab))
+    return scorers
+
+
+def _parse_weights(weights: Optional[str]) -> Optional[list[float]]:
+    if weights is None:
+        return None
+    try:
+        return [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise CharlmError(f"--weights expects numbers separated by commas, e.g. 0.5,0.3,0.2 (got {weights!r})") from None
+
+
+def _scorer(paths: list[Path], device: str, weights: Optional[str], combine: str):
+    members = _load_scorers(paths, device)
+    if len(members) == 1 and weights is None:
+        return members[0], members
+    return Ensemble(members, _parse_weights(weights), combine), members
+
+
+CkptArg = Annotated[List[Path], typer.Argument(help="One checkpoint, or several for an ensemble.", show_default=False)]
+WeightsOpt = Annotated[Optional[str], typer.Option(help="Ensemble weights, one per model, e.g. 0.5,0.3,0.2.")]
+CombineOpt = Annotated[str, typer.Option(help="Ensemble rule: mean (of probabilities) or geometric (normalized).")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+
+
+@app.command()
+@friendly
+def sample(
+    checkpoints: CkptArg,
+    length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
+    prime: Annotated[str, typer.Option(help="Text to start from (run through the network first, then printed).")] = "",
+    temperature: Annotated[float, typer.Option(help="> 0; below 1 is more conservative.")] = 1.0,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample only among the k most likely characters.")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Sample only within the top probability mass p.")] = None,
+    greedy: Annotated[bool, typer.Option(help="Always take the most likely character (ignores temperature/top-k/top-p).")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Seed: the same seed gives the same text.")] = None,
+    num_samples: Annotated[int, typer.Option(help="Independent samples, generated together as one batch.")] = 1,
+    weights: WeightsOpt = None,
+    combine: CombineOpt = "mean",
+    device: DeviceOpt = "cpu",
+):
+    """Generate text, streaming it to stdout as it is produced."""
+    chain = processors(temperature, top_k, top_p)
+    scorer, _ = _scorer(checkpoints, device, weights, combine)
+    vocab = scorer.vocab
+    if prime:
+        prime_ids = vocab.encode(prime)
+    else:  # no prime: start as if after a line break (or the first symbol)
+        prime_ids = vocab.encode("\n", unknown="skip")[:1] if vocab.kind == "char" else np.zeros(0, dtype=np.int64)
+        if len(prime_ids) == 0:
+            prime_ids = np.zeros(1, dtype=np.int64)
+    generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
+    prime_t = torch.from_numpy(np.asarray(prime_ids, dtype=np.int64))
+    out = sys.stdout
+    if num_samples == 1:
+        decode = vocab.stream_decoder()
+        out.write(prime)
+
+        def emit(ids):
+            out.write(decode(int(ids[0])))
+            out.flush()
+
+        sample_ids(scorer, prime_t, length, chain, greedy, generator, 1, on_step=emit)
+        out.write("\n")
+    else:
+        ids = sample_ids(scorer, prime_t, length, chain, greedy, generator, num_samples)
+        for i, row in enumerate(ids.tolist()):
+            err.print(f"── sample {i + 1}/{num_samples} ──")
+            out.write(prime + vocab.decode(row) + "\n")
+            out.flush()
+
+
+def _eval_tokens(ckpt_path: Path, vocab, split: str, text: Optional[Path], data_dir: Optional[Path], unknown: str):
+    """The token stream to score and its characters per token."""
+    if text is not None:
+        try:
+            raw = text.read_bytes()
+        except FileNotFoundError:
+            raise CharlmError(f"{text} does not exist") from None
+        if vocab.kind == "bytes":
+            return vocab.encode_units(np.frombuffer(raw, dtype=np.uint8).astype(np.uint32), unknown), 1.0
+        try:
+            s = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CharlmError(f"{text} is not valid UTF-8 (byte offset {e.start})") from None
+        if not s:
+            raise CharlmError(f"{text} is empty")
+        return vocab.encode(s, unknown), 1.0
+    ckpt = checkpoint.load(ckpt_path)
+    data = PreparedData(data_dir or ckpt.meta["provenance"]["data_dir"])
+    if data.vocab != vocab:
+        raise CharlmError(f"{data.dir} has a different vocabulary than {ckpt_path}")
+    parts = split.split("+")
+    tokens = np.concatenate([np.asarray(data.tokens(s)) for s in parts])
+    chars = sum(data.chars(s) for s in parts)
+    return tokens, chars / max(len(tokens), 1)
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    checkpoints: CkptArg,
+    split: Annotated[str, typer.Option(help="val, test, train, or several joined with + (val+test = the last 10% by default).")] = "val",
+    text: Annotated[Optional[Path], typer.Option(help="Score this UTF-8 file instead of a split.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Prepared dir to read the split from [default: the one recorded in the checkpoint].")] = None,
+    unknown: Annotated[str, typer.Option(help="Characters outside the vocabulary: error, or skip (drops them from the text scored).")] = "error",
+    weights: WeightsOpt = None,
+    combine: CombineOpt = "mean",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (ensemble figures at the top, members in 'members').")] = False,
+    device: DeviceOpt = "cpu",
+):
+    """Bits per character and perplexity, the text scored as one stream with the state carried through."""
+    if unknown not in ("error", "skip"):
+        raise CharlmError(f"--unknown must be error or skip (got {unknown!r})")
+    scorer, members = _scorer(checkpoints, device, weights, combine)
+    tokens, cpt = _eval_tokens(checkpoints[0], scorer.vocab, split, text, data, unknown)
+    if len(tokens) < 2:
+        raise CharlmError("the text to score has fewer than 2 characters")
+    result = evaluate(scorer, tokens, cpt)
+    rows = []
+    if len(members) > 1:
+        rows = [{"checkpoint": str(p), **evaluate(m, tokens, cpt)} for p, m in zip(checkpoints, members)]
+    source = str(text) if text else split
+    if as_json:
+        payload = {**result, "source": source}
+        if rows:
+            payload["members"] = rows
+            payload["combine"] = combine
+        print(json.dumps(payload))
+        return
+    table = Table("model", "bits/char", "perplexity", "chars", title=f"charlm eval on {source}")
+    for r in rows:
+        table.add_row(r["checkpoint"], f"{r['bits_per_char']:.4f}", f"{r['perplexity']:.3f}", f"{r['chars']:,}")
+    name = f"ensemble ({combine}, {len(members)} models)" if rows else str(checkpoints[0])
+    table.add_row(name, f"{result['bits_per_char']:.4f}", f"{result['perplexity']:.3f}", f"{result['chars']:,}")
+    Console().print(table)
+
+
+@app.command()
+@friendly
+def info(
+    ckpt: Annotated[Path, typer.Argument(help="A checkpoint file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
+):
+    """Show what a checkpoint holds: model, vocabulary, training config, metrics, provenance."""
+    c = checkpoint.load(ckpt)
+    if as_json:
+        print(json.dumps(c.meta, indent=1, ensure_ascii=False))
+        return
+    table = Table("field", "value", title=str(ckpt), show_lines=False)
+    table.add_row("format", f"{checkpoint.FORMAT} v{checkpoint.VERSION}")
+    vocab = c.vocab
+    table.add_row("vocabulary", f"{len(vocab)} {vocab.kind} symbols: {''.join(vocab.symbol(i) for i in range(min(len(vocab), 100)))!r}")
+    for section in ("model", "metrics", "provenance", "train"):
+        for k, v in c.meta.get(section, {}).items():
+            if isinstance(v, float):
+                v = f"{v:.4f}" if math.isfinite(v) else str(v)
+            table.add_row(f"{section}.{k}", str(v))
+    table.add_row("training state", "yes (resumable)" if c.has_train_state else "no (weights only)")
+    table.add_row("tensors", f"{len(c.tensors)} ({sum(t.numel() for t in c.model_state().values()):,} model parameters)")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: usage errors become one line and exit code 1, like every other error."""
+    try:
+        code = app(args=argv, standalone_mode=False)
+    except UsageError as e:
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx else ""
+        err.print(Text("error: ", style="bold red") + Text(e.format_message() + hint), soft_wrap=True)
+        sys.exit(1)
+    except (KeyboardInterrupt, typer.Abort) as e:
+        err.print(Text("error: ", style="bold red") + Text("interrupted"))
+        sys.exit(1)
+    except Exception as e:
+        if type(e).__name__ != "Abort":  # typer's internal Abort (Ctrl-C at a prompt)
+            raise
+        err.print(Text("error: ", style="bold red") + Text("aborted"))
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

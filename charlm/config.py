@@ -1,0 +1,176 @@
+"""Typed configuration: defaults < preset < --config file < explicit flags."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from charlm import CharlmError
+
+CELLS = ("lstm", "gru", "rnn")
+SCHEDULES = ("constant", "step", "cosine")
+DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass
+class ModelConfig:
+    cell: str = "lstm"  # recurrent cell: lstm, gru or rnn (vanilla tanh)
+    num_layers: int = 2  # stacked recurrent layers
+    rnn_size: int = 256  # hidden units per layer
+    embed_size: int = 64  # character embedding width fed to the first layer
+    dropout: float = 0.0  # between layers and before the head; 0 disables
+    vocab_size: int = 0  # set from the prepared data, never by hand
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64  # B: contiguous streams the training text is cut into
+    seq_length: int = 100  # T: steps per window; gradients flow back this far
+    lr: float = 2e-3  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 5.0  # clip the global gradient norm to this; 0 disables
+    schedule: str = "constant"  # constant, step (x lr_decay every decay_every steps) or cosine
+    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
+    lr_decay: float = 0.5  # step schedule: multiply the lr by this ...
+    decay_every: int = 1000  # ... every this many steps
+    min_lr_ratio: float = 0.1  # cosine schedule: floor as a fraction of lr
+    max_steps: int | None = None  # stop after this many optimizer steps
+    max_epochs: float | None = None  # stop after this many passes over the training text
+    time_budget: float | None = None  # stop after this many seconds of training (flag: 90s, 10m, 1h)
+    eval_every: int = 200  # evaluate on the validation split every this many steps
+    log_every: int = 10  # report progress (and sync with the device) every this many steps
+    seed: int = 1337  # seeds initialisation and dropout
+    device: str = "auto"  # auto, cpu, cuda or mps
+    dtype: str = "fp32"  # fp32, or bf16 autocast (fp32 master weights)
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig}
+
+
+def field_names(cls) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def all_keys() -> list[str]:
+    return [k for cls in SECTIONS.values() for k in field_names(cls) if k != "vocab_size"]
+
+
+def parse_duration(value: str | float | int | None) -> float | None:
+    """'90s', '10m', '1.5h', '600' -> seconds."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(value))
+    if not m:
+        raise CharlmError(f"cannot read the duration {value!r}: use a number of seconds or e.g. 90s, 10m, 1h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def list_presets() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("charlm.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in list_presets():
+        raise CharlmError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    text = resources.files("charlm.presets").joinpath(f"{name}.yaml").read_text()
+    return _check_keys(yaml.safe_load(text) or {}, f"preset {name}")
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise CharlmError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise CharlmError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return _check_keys(data or {}, f"config file {path}")
+
+
+def _check_keys(data: Any, where: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise CharlmError(f"{where} must be a mapping of option: value")
+    unknown = sorted(set(data) - set(all_keys()))
+    if unknown:
+        raise CharlmError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(all_keys())}")
+    return dict(data)
+
+
+def resolve(*layers: dict[str, Any], base: dict[str, dict] | None = None) -> tuple[ModelConfig, TrainConfig]:
+    """Merge flat option layers (later wins; None means 'not given') over defaults or a saved config."""
+    merged: dict[str, Any] = {}
+    if base:
+        for section in base.values():
+            merged.update(section)
+    for layer in layers:
+        merged.update({k: v for k, v in layer.items() if v is not None})
+    merged["time_budget"] = parse_duration(merged.get("time_budget"))
+    model = _build(ModelConfig, merged)
+    train = _build(TrainConfig, merged)
+    validate(model, train)
+    return model, train
+
+
+def _build(cls, merged: dict[str, Any]):
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in merged:
+            kwargs[f.name] = _coerce(f, merged[f.name])
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    kind = str(f.type)
+    try:
+        if value is None:
+            return None
+        if kind.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise CharlmError(f"option {f.name} expects {kind.split(' ')[0]}, got {value!r}") from None
+
+
+def validate(model: ModelConfig, train: TrainConfig) -> None:
+    """Reject values that cannot work, with the option's name in the message."""
+    checks = [
+        (model.cell in CELLS, f"cell must be one of {', '.join(CELLS)} (got {model.cell!r})"),
+        (model.num_layers >= 1, "num_layers must be at least 1"),
+        (model.rnn_size >= 1, "rnn_size must be at least 1"),
+        (model.embed_size >= 1, "embed_size must be at least 1"),
+        (0 <= model.dropout < 1, "dropout must be in [0, 1)"),
+        (train.batch_size >= 1, "batch_size must be at least 1"),
+        (train.seq_length >= 1, "seq_length must be at least 1"),
+        (train.lr > 0, "lr must be positive"),
+        (train.weight_decay >= 0, "weight_decay must be >= 0"),
+        (train.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
+        (train.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)} (got {train.schedule!r})"),
+        (train.warmup_steps >= 0, "warmup_steps must be >= 0"),
+        (0 < train.lr_decay <= 1, "lr_decay must be in (0, 1]"),
+        (train.decay_every >= 1, "decay_every must be at least 1"),
+        (0 <= train.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+        (train.max_steps is None or train.max_steps >= 1, "max_steps must be at least 1"),
+        (train.max_epochs is None or train.max_epochs > 0, "max_epochs must be positive"),
+        (train.time_budget is None or train.time_budget > 0, "time_budget must be positive"),
+        (train.eval_every >= 1, "eval_every must be at least 1"),
+        (train.log_every >= 1, "log_every must be at least 1"),
+        (train.device in DEVICES, f"device must be one of {', '.join(DEVICES)} (got {train.device!r})"),
+        (train.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {train.dtype!r})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise CharlmError(message)
+
+
+def as_dict(model: ModelConfig, train: TrainConfig) -> dict[str, dict]:
+    return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}

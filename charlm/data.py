@@ -1,0 +1,102 @@
+"""Prepared data on disk and truncated-BPTT batching."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from charlm import CharlmError
+from charlm.prepare import DATA_FORMAT, SPLITS
+from charlm.vocab import Vocab
+
+
+class PreparedData:
+    """A prepared dir: meta.json plus one memory-mapped token file per split."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        meta_path = self.dir / "meta.json"
+        if not meta_path.exists():
+            raise CharlmError(f"{self.dir} is not a prepared data dir (no meta.json); run: charlm prepare INPUT -o DIR")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            raise CharlmError(f"{meta_path} is corrupt; prepare the data again") from None
+        if self.meta.get("format") != DATA_FORMAT:
+            raise CharlmError(f"{meta_path} was not written by charlm prepare")
+        self.vocab = Vocab.from_meta(self.meta["vocab"])
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's ids as a read-only memmap (an empty array for an empty split)."""
+        if split not in SPLITS:
+            raise CharlmError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        path = self.dir / f"{split}.bin"
+        if not path.exists():
+            raise CharlmError(f"{path} is missing; prepare the data again")
+        if path.stat().st_size == 0:
+            return np.zeros(0, dtype=self.meta["dtype"])
+        return np.memmap(path, dtype=self.meta["dtype"], mode="r")
+
+    def chars(self, split: str) -> int:
+        return int(self.meta["splits"][split]["chars"])
+
+
+# Truncated BPTT layout. The split's n tokens become B contiguous rows of L = (n-1) // B steps;
+# targets are the same rows shifted by one. Window k holds columns [kT, kT+T) of every row, so
+# row i of window k+1 continues row i of window k, and the hidden state of row i is carried across.
+#
+#   stream:   a b c d e f g h i j k l m n o p q r s t u v w x ...
+#
+#              window 0   window 1   window 2
+#   row 0  | a b c d  | e f g h  | i j k l  |      (B = 3, T = 4, L = 12)
+#   row 1  | m n o p  | q r s t  | u v w x  |
+#   row 2  | y z ...  |          |          |
+#
+class StreamBatcher:
+    """Windows of (inputs, targets), each (B, T), over one token stream."""
+
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_length: int, what: str = "the training split"):
+        n = len(tokens)
+        self.batch_size, self.seq_length = batch_size, seq_length
+        self.row_length = (n - 1) // batch_size if n > 1 else 0
+        if self.row_length < seq_length:
+            need = batch_size * seq_length + 1
+            raise CharlmError(
+                f"{what} has {n:,} tokens, fewer than one batch needs ({batch_size} rows x {seq_length} steps + 1 = "
+                f"{need:,}); use a longer text or lower --batch-size / --seq-length"
+            )
+        usable = batch_size * self.row_length
+        # Views into the memmap: no copy of the corpus, one small (B, T) copy per window.
+        self.inputs = np.asarray(tokens[:usable]).reshape(batch_size, self.row_length)
+        self.targets = np.asarray(tokens[1 : usable + 1]).reshape(batch_size, self.row_length)
+
+    def __len__(self) -> int:
+        """Full windows per epoch (the ragged tail of each row is left for the next epoch's layout)."""
+        return self.row_length // self.seq_length
+
+    def window(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = k * self.seq_length
+        hi = lo + self.seq_length
+        x = torch.from_numpy(self.inputs[:, lo:hi].astype(np.int64))  # (B, T)
+        y = torch.from_numpy(self.targets[:, lo:hi].astype(np.int64))  # (B, T)
+        return x, y
+
+
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_length: int):
+    """Every (inputs, targets) window of a stream cut into batch_size rows, ragged last window included."""
+    n = len(tokens)
+    row = (n - 1) // batch_size if n > 1 else 0
+    if row == 0:
+        return
+    usable = batch_size * row
+    inputs = np.asarray(tokens[:usable]).reshape(batch_size, row)
+    targets = np.asarray(tokens[1 : usable + 1]).reshape(batch_size, row)
+    for lo in range(0, row, seq_length):
+        hi = min(lo + seq_length, row)
+        yield (
+            torch.from_numpy(inputs[:, lo:hi].astype(np.int64)),
+            torch.from_numpy(targets[:, lo:hi].astype(np.int64)),
+        )

@@ -1,0 +1,107 @@
+"""Sampling processors and the sampling loop, written against the Scorer protocol only."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from charlm import CharlmError
+from charlm.scorer import Scorer
+
+
+class Temperature:
+    """Divide the logits by t: below 1 sharpens, above 1 flattens."""
+
+    def __init__(self, t: float):
+        if not t > 0:
+            raise CharlmError(f"--temperature must be > 0 (got {t}); for deterministic decoding use --greedy")
+        self.t = t
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        return logits if self.t == 1.0 else logits / self.t
+
+
+class TopK:
+    """Keep the k most likely symbols."""
+
+    def __init__(self, k: int):
+        if k < 1:
+            raise CharlmError(f"--top-k must be at least 1 (got {k})")
+        self.k = k
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.k >= logits.shape[-1]:
+            return logits
+        kth = torch.topk(logits, self.k, dim=-1).values[..., -1:]  # (B, 1)
+        return logits.masked_fill(logits < kth, float("-inf"))
+
+
+class TopP:
+    """Keep the smallest set of most likely symbols whose probability reaches p (nucleus sampling)."""
+
+    def __init__(self, p: float):
+        if not 0 < p <= 1:
+            raise CharlmError(f"--top-p must be in (0, 1] (got {p})")
+        self.p = p
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.p >= 1.0:
+            return logits
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= self.p  # mass before this symbol already reaches p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        return logits.masked_fill(drop, float("-inf"))
+
+
+def processors(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> list:
+    """Applied in this order: temperature, then top-k, then top-p."""
+    chain: list = [Temperature(temperature)]
+    if top_k is not None:
+        chain.append(TopK(top_k))
+    if top_p is not None:
+        chain.append(TopP(top_p))
+    return chain
+
+
+def sample(
+    scorer: Scorer,
+    prime: Tensor,
+    length: int,
+    chain: list | None = None,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    num_samples: int = 1,
+    on_step: Callable[[Tensor], None] | None = None,
+) -> Tensor:
+    """Generate `length` ids after `prime` (1-D ids) for num_samples streams at once -> (N, length).
+
+    The prime goes through the network in one forward call; then one step per generated symbol.
+    """
+    if length < 0:
+        raise CharlmError(f"--length must be >= 0 (got {length})")
+    if num_samples < 1:
+        raise CharlmError(f"--num-samples must be at least 1 (got {num_samples})")
+    chain = chain if chain is not None else []
+    out = torch.empty((num_samples, length), dtype=torch.long)
+    if length == 0:
+        return out
+    state = scorer.start(num_samples)
+    logp, state = scorer.score(prime.view(1, -1).expand(num_samples, -1), state)
+    logp = logp[:, -1]  # (N, V): the distribution after the whole prime
+    for t in range(length):
+        if greedy:
+            nxt = logp.argmax(dim=-1)
+        else:
+            logits = logp
+            for proc in chain:
+                logits = proc(logits)
+            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+        out[:, t] = nxt
+        if on_step is not None:
+            on_step(nxt)
+        if t + 1 < length:
+            logp, state = scorer.step(nxt, state)
+    return out

@@ -1,0 +1,80 @@
+"""Several models behind the Scorer protocol: stepped on a common sequence, distributions averaged."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from charlm import CharlmError
+from charlm.scorer import Scorer
+
+COMBINE_RULES = ("mean", "geometric")
+
+
+class Ensemble:
+    """Members share one vocabulary; each keeps its own recurrent state.
+
+    combine='mean': the weighted mean of the members' probabilities, log(sum_i w_i p_i), computed
+    as a logsumexp in log space. combine='geometric': the normalized weighted geometric mean,
+    softmax(sum_i w_i log p_i).
+    """
+
+    def __init__(self, members: list[Scorer], weights: list[float] | None = None, combine: str = "mean"):
+        if not members:
+            raise CharlmError("an ensemble needs at least one model")
+        if combine not in COMBINE_RULES:
+            raise CharlmError(f"--combine must be one of {', '.join(COMBINE_RULES)} (got {combine!r})")
+        first = members[0].vocab
+        for i, m in enumerate(members[1:], start=2):
+            if m.vocab != first:
+                raise CharlmError(f"model 1 and model {i} have different vocabularies: {vocab_difference(first, m.vocab)}")
+        if weights is None:
+            weights = [1.0] * len(members)
+        if len(weights) != len(members):
+            raise CharlmError(f"--weights has {len(weights)} value(s) for {len(members)} model(s); give one weight per model")
+        if any(not (w > 0 and math.isfinite(w)) for w in weights):
+            raise CharlmError(f"--weights must all be positive (got {', '.join(map(str, weights))})")
+        total = sum(weights)
+        self.members = members
+        self.vocab = first
+        self.combine = combine
+        self.weights = [w / total for w in weights]
+        self.log_weights = torch.tensor([math.log(w) for w in self.weights])
+
+    def start(self, batch_size: int):
+        return tuple(m.start(batch_size) for m in self.members)
+
+    def _combine(self, logps: list[Tensor]) -> Tensor:
+        stacked = torch.stack(logps)  # (M, ..., V)
+        shape = (-1,) + (1,) * (stacked.dim() - 1)
+        if self.combine == "mean":
+            return torch.logsumexp(stacked + self.log_weights.view(shape), dim=0)
+        w = torch.tensor(self.weights).view(shape)
+        return torch.log_softmax((stacked * w).sum(dim=0), dim=-1)
+
+    def step(self, ids: Tensor, state):
+        outs = [m.step(ids, s) for m, s in zip(self.members, state)]
+        return self._combine([o[0] for o in outs]), tuple(o[1] for o in outs)
+
+    def score(self, ids: Tensor, state):
+        outs = [m.score(ids, s) for m, s in zip(self.members, state)]
+        return self._combine([o[0] for o in outs]), tuple(o[1] for o in outs)
+
+    def reorder(self, state, index: Tensor):
+        return tuple(m.reorder(s, index) for m, s in zip(self.members, state))
+
+
+def vocab_difference(a, b) -> str:
+    """Name the symbols one vocabulary has and the other lacks."""
+    sa = {a.symbol(i) for i in range(len(a))}
+    sb = {b.symbol(i) for i in range(len(b))}
+    parts = []
+    if sa - sb:
+        parts.append("only in the first: " + " ".join(repr(c) for c in sorted(sa - sb)[:20]))
+    if sb - sa:
+        parts.append("only in the second: " + " ".join(repr(c) for c in sorted(sb - sa)[:20]))
+    if not parts:
+        parts.append(f"same symbols, different kinds ({a.kind} vs {b.kind})")
+    return "; ".join(parts)

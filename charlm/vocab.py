@@ -1,0 +1,101 @@
+"""Vocabularies: characters (Unicode code points) or raw bytes, with fast array encoding."""
+
+from __future__ import annotations
+
+import codecs
+from typing import Callable, Iterable
+
+import numpy as np
+
+from charlm import CharlmError
+
+MAX_CODEPOINT = 0x110000
+
+
+class Vocab:
+    """A sorted set of symbols: Unicode characters (kind 'char') or byte values (kind 'bytes').
+
+    Ids are positions in code-point order, so encoding is a binary search over a small array.
+    """
+
+    def __init__(self, kind: str, codes: Iterable[int]):
+        if kind not in ("char", "bytes"):
+            raise CharlmError(f"unknown vocabulary kind {kind!r}")
+        self.kind = kind
+        self.codes = np.array(sorted(set(int(c) for c in codes)), dtype=np.uint32)
+        if len(self.codes) == 0:
+            raise CharlmError("the vocabulary is empty")
+
+    # -- construction and serialisation ---------------------------------------------------
+    @classmethod
+    def from_text(cls, text: str) -> "Vocab":
+        return cls("char", (ord(c) for c in set(text)))
+
+    def to_meta(self) -> dict:
+        if self.kind == "char":
+            return {"kind": "char", "chars": "".join(map(chr, self.codes.tolist()))}
+        return {"kind": "bytes", "bytes": self.codes.tolist()}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Vocab":
+        try:
+            if meta["kind"] == "char":
+                return cls("char", (ord(c) for c in meta["chars"]))
+            return cls(meta["kind"], meta["bytes"])
+        except (KeyError, TypeError):
+            raise CharlmError("the vocabulary record is malformed") from None
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Vocab) and self.kind == other.kind and np.array_equal(self.codes, other.codes)
+
+    def symbol(self, i: int) -> str:
+        c = int(self.codes[i])
+        return chr(c) if self.kind == "char" else f"<0x{c:02X}>"
+
+    @property
+    def id_dtype(self):
+        """Smallest unsigned dtype that holds every id."""
+        return np.uint8 if len(self) <= 256 else np.uint16 if len(self) <= 65536 else np.uint32
+
+    # -- encoding ------------------------------------------------------------------------
+    def units(self, text: str) -> np.ndarray:
+        """The text as an array of code points (char) or UTF-8 bytes (bytes)."""
+        if self.kind == "char":
+            return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint32)
+
+    def encode_units(self, units: np.ndarray, unknown: str = "error") -> np.ndarray:
+        """Map code points/bytes to ids. unknown='error' raises naming the missing symbols; 'skip' drops them."""
+        units = np.asarray(units, dtype=np.uint32)
+        idx = np.searchsorted(self.codes, units)
+        idx_clipped = np.minimum(idx, len(self.codes) - 1)
+        known = self.codes[idx_clipped] == units
+        if not known.all():
+            if unknown == "skip":
+                return idx_clipped[known].astype(np.int64)
+            missing = sorted(set(units[~known].tolist()))
+            shown = ", ".join(repr(chr(c)) if self.kind == "char" else f"0x{c:02X}" for c in missing[:10])
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise CharlmError(f"{len(missing)} character(s) not in the model's vocabulary: {shown}{more}")
+        return idx.astype(np.int64)
+
+    def encode(self, text: str, unknown: str = "error") -> np.ndarray:
+        return self.encode_units(self.units(text), unknown)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        codes = self.codes[np.asarray(list(ids), dtype=np.int64)]
+        if self.kind == "char":
+            return "".join(map(chr, codes.tolist()))
+        return bytes(codes.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+
+    def stream_decoder(self) -> Callable[[int], str]:
+        """A function id -> text, for streaming output; byte vocabularies hold back partial UTF-8 sequences."""
+        if self.kind == "char":
+            chars = [chr(c) for c in self.codes.tolist()]
+            return chars.__getitem__
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        values = self.codes.tolist()
+        return lambda i: decoder.decode(bytes([values[i]]))
