@@ -1,0 +1,177 @@
+"""Every command through CliRunner, and the bad-input contract: one line on stderr, exit 1, nothing harmed."""
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from charlm.cli import app
+
+from conftest import make_text
+
+runner = CliRunner()
+FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", "4", "--seq-length", "16", "--device", "cpu"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, pattern):
+    assert result.exit_code == 1, result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def cli_run(tmp_path, text_file):
+    out = tmp_path / "run"
+    r = run("train", text_file, "--out", out, "--max-steps", "25", "--eval-every", "10", *FAST)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_train_sample_eval_info(tmp_path, text_file, cell):
+    out = tmp_path / cell
+    r = run("train", text_file, "--out", out, "--cell", cell, "--max-steps", "12", *FAST)
+    assert r.exit_code == 0, r.output
+    assert (out / "best.safetensors").exists() and (out / "last.safetensors").exists()
+    r = run("sample", out / "best.safetensors", "--length", "50", "--seed", "3", "--prime", "The ")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("The ") and len(r.stdout) == 4 + 50 + 1
+    assert r.stdout == run("sample", out / "best.safetensors", "--length", "50", "--seed", "3", "--prime", "The ").stdout
+    r = run("eval", out / "best.safetensors", "--json")
+    assert r.exit_code == 0, r.output
+    import json
+
+    result = json.loads(r.stdout)
+    assert {"bits_per_char", "perplexity", "chars"} <= set(result)
+    r = run("info", out / "last.safetensors")
+    assert r.exit_code == 0 and cell in r.stdout
+
+
+def test_prepare_and_train_from_prepared_dir(tmp_path, text_file):
+    r = run("prepare", text_file, "-o", tmp_path / "p", "--split", "0.8,0.1,0.1")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p" / "meta.json").exists()
+    r = run("train", tmp_path / "p", "--out", tmp_path / "run", "--max-steps", "5", *FAST)
+    assert r.exit_code == 0, r.output
+
+
+def test_corpus_list_and_get_from_mirror(tmp_path, isolated_corpora):
+    content = make_text(3000).encode()
+    sha = hashlib.sha256(content).hexdigest()
+    (isolated_corpora / "toy.yaml").write_text(
+        f"name: toy\ndescription: a toy corpus\nurl: http://127.0.0.1:9/toy.txt\nsha256: {sha}\n"
+        f"bytes: {len(content)}\nlicense: public domain\n")
+    mirror = tmp_path / "mirror"
+    (mirror / "toy").mkdir(parents=True)
+    (mirror / "toy" / "input.txt").write_bytes(content)
+    r = run("corpus", "list")
+    assert r.exit_code == 0 and "toy" in r.stdout
+    # Offline, no mirror: a clear error saying how to provide the file.
+    assert_clean_error(run("corpus", "get", "toy"), "cannot download toy.*--mirror")
+    r = run("corpus", "get", "toy", "--mirror", mirror)
+    assert r.exit_code == 0, r.output
+    assert (isolated_corpora / "toy" / "input.txt").read_bytes() == content
+    # A corpus name trains directly.
+    r = run("train", "toy", "--out", tmp_path / "run", "--max-steps", "3", *FAST)
+    assert r.exit_code == 0, r.output
+    # Wrong checksum: refused, nothing half-written.
+    (mirror / "toy" / "input.txt").write_bytes(content + b"tampered")
+    (isolated_corpora / "toy" / "input.txt").unlink()
+    assert_clean_error(run("corpus", "get", "toy", "--mirror", mirror), "checksum mismatch")
+    assert list((isolated_corpora / "toy").iterdir()) == []
+    assert_clean_error(run("corpus", "get", "nosuch"), "unknown corpus 'nosuch'")
+
+
+def test_resume_via_cli_continues(tmp_path, cli_run):
+    r = run("train", "--resume", cli_run / "last.safetensors", "--max-steps", "40")
+    assert r.exit_code == 0, r.output
+    r = run("info", cli_run / "last.safetensors", "--json")
+    import json
+
+    assert json.loads(r.stdout)["train_state"]["step"] == 40
+
+
+@pytest.mark.parametrize(
+    "content, pattern",
+    [
+        (b"", "empty"),
+        (b"\x7fELF\x02\x01\x01\x00\x00\x00binary", "binary"),
+        ("caf\xe9 latin-1 text\n".encode("latin-1") * 100, "not valid UTF-8"),
+        (b"too short for a batch\n", "fewer than one batch"),
+    ],
+)
+def test_bad_training_inputs(tmp_path, content, pattern):
+    f = tmp_path / "bad.txt"
+    f.write_bytes(content)
+    assert_clean_error(run("train", f, "--out", tmp_path / "run", *FAST), pattern)
+
+
+def test_bad_checkpoints(tmp_path, cli_run):
+    best = cli_run / "best.safetensors"
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(best.read_bytes()[:1000])
+    foreign = tmp_path / "notes.safetensors"
+    foreign.write_text("just some text")
+    for cmd in ("sample", "eval", "info"):
+        assert_clean_error(run(cmd, tmp_path / "missing.safetensors"), "does not exist")
+        assert_clean_error(run(cmd, cut), "truncated|corrupt|not a safetensors")
+        assert_clean_error(run(cmd, foreign), "not a safetensors|not a charlm")
+
+
+def test_bad_options_leave_checkpoints_intact(tmp_path, text_file, cli_run):
+    before = {p.name: digest(p) for p in cli_run.glob("*.safetensors")}
+    best = cli_run / "best.safetensors"
+    assert_clean_error(run("sample", best, "--temperature", "-0.5"), "temperature must be > 0.*--greedy")
+    assert_clean_error(run("sample", best, "--prime", "Zebra ✓"), "not in the model's vocabulary.*'✓'")
+    assert_clean_error(run("train", text_file, "--out", cli_run, "--preset", "nosuch"), "unknown preset 'nosuch'")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rnn_size: 64\nlearning_rate: 0.1\n")
+    assert_clean_error(run("train", text_file, "--out", cli_run, "--config", cfg), "unknown key.*learning_rate")
+    assert_clean_error(run("train", text_file, "--out", cli_run, "--dropout", "1.5"), "dropout")
+    assert_clean_error(run("train", text_file, "--out", cli_run, "--time-budget", "soon"), "duration")
+    assert_clean_error(run("train", "--resume", cli_run / "best.safetensors"), "no training state")
+    assert_clean_error(run("eval", best, "--split", "nosuch"), "unknown split")
+    assert {p.name: digest(p) for p in cli_run.glob("*.safetensors")} == before
+
+
+def test_usage_errors_are_one_line_exit_1(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "charlm", "train", "--no-such-flag"], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_saves_and_exits_1(tmp_path, text_file):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charlm", "train", str(text_file), "--out", str(out), "--max-steps", "100000",
+         "--log-every", "1", *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 200):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "interrupted at step" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    r = run("train", "--resume", out / "last.safetensors", "--max-steps", "5")  # already past 5: returns at once
+    assert r.exit_code == 0, r.output

@@ -1,0 +1,107 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from charlm import CharlmError, checkpoint
+from charlm.cells import Stepper
+from charlm.config import ModelConfig
+from charlm.decode import TopK, TopP, processors, sample
+from charlm.evaluate import evaluate
+from charlm.model import CharRNN
+from charlm.scorer import ModelScorer
+from charlm.vocab import Vocab
+
+VOCAB = Vocab.from_text("abcdefgh\n ")
+
+
+def model_for(cell, seed=0, layers=2):
+    torch.manual_seed(seed)
+    return CharRNN(ModelConfig(cell=cell, num_layers=layers, rnn_size=24, embed_size=8, vocab_size=len(VOCAB))).eval()
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_single_step_cells_match_the_sequence_forward(cell):
+    model = model_for(cell)
+    ids = torch.randint(0, len(VOCAB), (3, 12))
+    with torch.no_grad():
+        ref, ref_state = model(ids)
+    step = Stepper(model)
+    state = model.init_state(3)
+    outs = []
+    for t in range(12):
+        logits, state = step(ids[:, t], state)
+        outs.append(logits)
+    assert torch.allclose(torch.stack(outs, 1), ref, atol=1e-5)
+    for a, b in zip(state, ref_state):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_uniform_model_scores_log2_v():
+    model = model_for("lstm")
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    tokens = np.random.default_rng(0).integers(0, len(VOCAB), 500)
+    result = evaluate(ModelScorer(model, VOCAB), tokens)
+    assert result["bits_per_char"] == pytest.approx(math.log2(len(VOCAB)), abs=1e-6)
+    assert result["chars"] == 499 and result["perplexity"] == pytest.approx(len(VOCAB), rel=1e-5)
+
+
+def test_streaming_eval_equals_one_forward():
+    model = model_for("gru")
+    tokens = np.random.default_rng(1).integers(0, len(VOCAB), 300)
+    got = evaluate(ModelScorer(model, VOCAB), tokens, window=7)["nll"]
+    with torch.no_grad():
+        logits, _ = model(torch.tensor(tokens[None, :-1]))
+    want = float(torch.nn.functional.cross_entropy(logits[0], torch.tensor(tokens[1:]), reduction="sum"))
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def draw(scorer, seed, **kw):
+    chain = processors(kw.pop("temperature", 1.0), kw.pop("top_k", None), kw.pop("top_p", None))
+    g = torch.Generator().manual_seed(seed)
+    return sample(scorer, torch.tensor([0, 1]), 60, chain, generator=g, **kw)
+
+
+def test_seed_reproduces_and_differs_across_seeds():
+    scorer = ModelScorer(model_for("lstm"), VOCAB)
+    assert torch.equal(draw(scorer, 5), draw(scorer, 5))
+    assert not torch.equal(draw(scorer, 5), draw(scorer, 6))
+
+
+def test_greedy_equals_top_k_1():
+    scorer = ModelScorer(model_for("lstm"), VOCAB)
+    greedy = draw(scorer, 0, greedy=True)
+    assert torch.equal(greedy, draw(scorer, 123, top_k=1))
+    assert torch.equal(greedy, draw(scorer, 9, top_k=1, temperature=2.5))
+
+
+def test_batched_samples_match_single_streams_when_greedy():
+    scorer = ModelScorer(model_for("rnn"), VOCAB)
+    many = draw(scorer, 0, greedy=True, num_samples=4)
+    assert all(torch.equal(row, many[0]) for row in many)
+
+
+def test_processors_validate_and_filter():
+    with pytest.raises(CharlmError, match="--greedy"):
+        processors(temperature=-1.0)
+    with pytest.raises(CharlmError):
+        processors(temperature=0.0)
+    with pytest.raises(CharlmError):
+        TopK(0)
+    with pytest.raises(CharlmError):
+        TopP(1.5)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(TopK(2)(logits)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(TopP(0.7)(logits)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(TopP(0.5)(logits)).tolist() == [[False, True, True, True]]
+
+
+def test_sampling_works_from_a_checkpoint(trained):
+    ckpt = checkpoint.load(trained / "best.safetensors")
+    scorer = ModelScorer(ckpt.build_model(), ckpt.vocab)
+    out = sample(scorer, torch.tensor(ckpt.vocab.encode("The ")), 40, processors(0.8), generator=torch.Generator().manual_seed(0))
+    text = ckpt.vocab.decode(out[0].tolist())
+    assert len(text) == 40
