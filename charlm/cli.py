@@ -27,7 +27,7 @@ from typing_extensions import Annotated
 from charlm import CharlmError, checkpoint, config, corpus
 from charlm import prepare as prep
 from charlm.data import PreparedData
-from charlm.decode import processors, sample as sample_ids
+from charlm.decode import beam_search, processors, sample as sample_ids
 from charlm.display import TrainDisplay
 from charlm.ensemble import Ensemble
 from charlm.evaluate import evaluate
@@ -290,14 +290,8 @@ def sample(
     chain = processors(temperature, top_k, top_p)
     scorer, _ = _scorer(checkpoints, device, weights, combine)
     vocab = scorer.vocab
-    if prime:
-        prime_ids = vocab.encode(prime)
-    else:  # no prime: start as if after a line break (or the first symbol)
-        prime_ids = vocab.encode("\n", unknown="skip")[:1] if vocab.kind == "char" else np.zeros(0, dtype=np.int64)
-        if len(prime_ids) == 0:
-            prime_ids = np.zeros(1, dtype=np.int64)
+    prime_t = _prime_ids(vocab, prime)
     generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
-    prime_t = torch.from_numpy(np.asarray(prime_ids, dtype=np.int64))
     out = sys.stdout
     if num_samples == 1:
         decode = vocab.stream_decoder()
@@ -315,6 +309,55 @@ def sample(
             err.print(f"── sample {i + 1}/{num_samples} ──")
             out.write(prime + vocab.decode(row) + "\n")
             out.flush()
+
+
+def _prime_ids(vocab, prime: str) -> torch.Tensor:
+    """The prime as ids; with no prime, start as if after a line break (or from the first symbol)."""
+    if prime:
+        ids = vocab.encode(prime)
+    else:
+        ids = vocab.encode("\n", unknown="skip")[:1] if vocab.kind == "char" else np.zeros(0, dtype=np.int64)
+        if len(ids) == 0:
+            ids = np.zeros(1, dtype=np.int64)
+    return torch.from_numpy(np.asarray(ids, dtype=np.int64))
+
+
+@app.command()
+@friendly
+def beam(
+    checkpoints: CkptArg,
+    prime: Annotated[str, typer.Option(help="Text to continue.")] = "",
+    length: Annotated[int, typer.Option(help="Characters to generate (at most).")] = 100,
+    beam_width: Annotated[int, typer.Option(help="Hypotheses kept at each step (K); 1 is greedy decoding.")] = 5,
+    n_best: Annotated[int, typer.Option(help="How many of the best continuations to print (M <= K).")] = 1,
+    length_penalty: Annotated[float, typer.Option(help="Rank by log-prob / length**A; 0 ranks by the total log-prob.")] = 0.0,
+    stop_at: Annotated[Optional[str], typer.Option(help="End a hypothesis when it produces this text (e.g. a newline: $'\\n').")] = None,
+    weights: WeightsOpt = None,
+    combine: CombineOpt = "mean",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {text, logprob, bits_per_char}.")] = False,
+    device: DeviceOpt = "cpu",
+):
+    """Beam search for the most likely continuation(s).
+
+    Deterministic: temperature, top-k and top-p apply to `charlm sample`, not to beam search.
+    """
+    scorer, _ = _scorer(checkpoints, device, weights, combine)
+    vocab = scorer.vocab
+    if stop_at:  # accept a typed "\\n" or "\\t" as well as a real newline or tab
+        stop_at = stop_at.replace("\\n", "\n").replace("\\t", "\t")
+    stop = torch.from_numpy(np.asarray(vocab.encode(stop_at), dtype=np.int64)) if stop_at else None
+    results = beam_search(scorer, _prime_ids(vocab, prime), length, beam_width, n_best, length_penalty, stop)
+    rows = []
+    for ids, logprob in results:
+        rows.append({"text": prime + vocab.decode(ids), "logprob": logprob, "chars": len(ids),
+                     "bits_per_char": -logprob / math.log(2) / max(len(ids), 1)})
+    if as_json:
+        print(json.dumps(rows, ensure_ascii=False))
+        return
+    for i, r in enumerate(rows):
+        err.print(f"── {i + 1}/{len(rows)}: log-prob {r['logprob']:.3f}, {r['bits_per_char']:.3f} bits/char over {r['chars']} chars ──")
+        sys.stdout.write(r["text"] + "\n")
+        sys.stdout.flush()
 
 
 def _eval_tokens(ckpt_path: Path, vocab, split: str, text: Optional[Path], data_dir: Optional[Path], unknown: str):

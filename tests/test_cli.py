@@ -175,3 +175,38 @@ def test_ctrl_c_saves_and_exits_1(tmp_path, text_file):
     assert "interrupted at step" in stderr and "--resume" in stderr and "Traceback" not in stderr
     r = run("train", "--resume", out / "last.safetensors", "--max-steps", "5")  # already past 5: returns at once
     assert r.exit_code == 0, r.output
+
+
+def test_beam_and_ensemble_commands(tmp_path, text_file, cli_run):
+    import json
+
+    other = tmp_path / "run2"
+    r = run("train", text_file, "--out", other, "--max-steps", "15", "--cell", "gru", "--seed", "7", *FAST)
+    assert r.exit_code == 0, r.output
+    a, b = cli_run / "best.safetensors", other / "best.safetensors"
+    r = run("beam", a, "--prime", "The ", "--length", "30", "--beam-width", "1", "--json")
+    assert r.exit_code == 0, r.output
+    greedy = run("sample", a, "--prime", "The ", "--length", "30", "--greedy").stdout
+    assert json.loads(r.stdout)[0]["text"] + "\n" == greedy
+    r = run("beam", a, b, "--prime", "The ", "--length", "30", "--beam-width", "6", "--n-best", "3", "--json")
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3 and rows[0]["logprob"] >= rows[1]["logprob"] >= rows[2]["logprob"]
+    r = run("beam", a, "--prime", "The ", "--length", "200", "--beam-width", "3", "--stop-at", "\\n")
+    assert r.exit_code == 0, r.output
+    r = run("eval", a, b, "--json", "--weights", "0.7,0.3")
+    payload = json.loads(r.stdout)
+    assert len(payload["members"]) == 2 and "bits_per_char" in payload
+    r = run("eval", a, b)
+    assert r.exit_code == 0 and "ensemble" in r.stdout
+    r = run("sample", a, b, "--length", "20", "--seed", "1", "--num-samples", "2")
+    assert r.exit_code == 0 and len(r.stdout.splitlines()) >= 2
+    assert_clean_error(run("eval", a, b, "--weights", "1"), "1 value.*2 model")
+    assert_clean_error(run("beam", a, b, "--weights", "1,-1"), "positive")
+
+
+def test_ensemble_vocabulary_mismatch_is_named(tmp_path, cli_run):
+    f = tmp_path / "other.txt"
+    f.write_text(make_text(20000, seed=5).replace("z", "Z").replace("q", "%"))
+    r = run("train", f, "--out", tmp_path / "o", "--max-steps", "3", *FAST)
+    assert r.exit_code == 0, r.output
+    assert_clean_error(run("eval", cli_run / "best.safetensors", tmp_path / "o" / "best.safetensors"), "different vocabularies.*'%'")
