@@ -96,12 +96,15 @@ def read_header(path: str | Path) -> dict:
         raise CharlmError(f"{path} is a directory; pass a checkpoint file such as {path / 'best.safetensors'}")
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)
+        # A header length whose low byte is 0x80 looks like a pickle's first byte; a safetensors
+        # header (JSON) always opens with "{" at byte 8, a pickle or zip there is anything else.
+        if (head[:2] == b"PK" or head[:1] == b"\x80") and head[8:9] != b"{":
             raise CharlmError(f"{path} is a pickle (torch.save) file, not a charlm checkpoint; charlm never unpickles files")
         if len(head) < 8:
             raise CharlmError(f"{path} is empty or truncated: not a charlm checkpoint")
-        (n,) = struct.unpack("<Q", head)
+        (n,) = struct.unpack("<Q", head[:8])
+        f.seek(8)
         if n > min(size - 8, MAX_HEADER):
             raise CharlmError(f"{path} is not a safetensors file, or it is truncated")
         try:
