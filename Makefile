@@ -34,7 +34,7 @@ test: venv
 	$(BIN)/python -m pytest -q tests
 
 bench: venv
-	$(BIN)/python benchmarks/train_step.py
+	$(CHARLM) bench
 
 clean:
 	rm -rf $(VENV) corpora/.cache

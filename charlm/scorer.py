@@ -54,7 +54,7 @@ class ModelScorer:
     @property
     def stepper(self) -> Stepper:
         if self._stepper is None:  # built lazily: evaluation never needs it
-            self._stepper = Stepper(self.model)
+            self._stepper = Stepper(self.model, self.dtype)
         return self._stepper
 
     def start(self, batch_size: int) -> State:

@@ -149,3 +149,28 @@ def test_schedules():
 def test_time_budget_stops_training(tmp_path, prepared):
     trainer = train_small(prepared, tmp_path / "run", time_budget=1.0)
     assert 0 < trainer.progress.step and trainer.progress.elapsed >= 1.0
+
+
+def test_bf16_runs_the_recurrent_kernel_in_bf16(tmp_path, prepared):
+    """Not just the flag: the recurrent kernel and the head product receive bf16 operands, forward and backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DtypeLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}
+            self.seen.setdefault(func.__name__.split(".")[0], set()).update(dtypes)
+            return func(*args, **(kwargs or {}))
+
+    model_cfg, cfg = small_configs(max_steps=2, dtype="bf16")
+    trainer = Trainer(model_cfg, cfg, prepared, tmp_path / "run")
+    with DtypeLog() as log:
+        trainer._train_step(torch.zeros(()))
+    rnn_ops = {k: v for k, v in log.seen.items() if "rnn" in k}
+    assert rnn_ops, f"no recurrent kernel seen: {sorted(log.seen)}"
+    assert all(v == {torch.bfloat16} for v in rnn_ops.values()), rnn_ops
+    assert any("backward" in k for k in rnn_ops)
+    assert trainer.model.head.weight.dtype == torch.float32  # fp32 master weights

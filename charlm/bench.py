@@ -1,0 +1,250 @@
+"""Measure this machine: the matrix-product roof, training and generation throughput, prepare speed.
+
+Every comparison is measured in the same run, alternating the contenders in rounds (ABBA order)
+and reporting medians, because shared machines are noisy.
+"""
+
+from __future__ import annotations
+
+import statistics
+import string
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from charlm import prepare as prep
+from charlm.config import ModelConfig, TrainConfig
+from charlm.data import PreparedData
+from charlm.decode import beam_search, processors, sample
+from charlm.ensemble import Ensemble
+from charlm.model import CharRNN
+from charlm.scorer import ModelScorer, autocast_for
+from charlm.train import Trainer
+from charlm.vocab import Vocab
+
+SYMBOLS = string.ascii_letters + string.digits + " .\n"  # 65 symbols, like tiny Shakespeare
+
+
+def median_time(fn: Callable[[], object], rounds: int, warmup: int = 1) -> float:
+    """Median wall time of fn over `rounds` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_rates(runners: dict[str, Callable[[], object]], work: float, rounds: int) -> dict[str, float]:
+    """work / median time of each runner, timed in ABBA-ordered rounds."""
+    for fn in runners.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    order = list(runners)
+    for _ in range(rounds):
+        order.reverse()
+        for name in order:
+            start = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - start)
+    return {k: work / statistics.median(v) for k, v in times.items()}
+
+
+# -- the roof -------------------------------------------------------------------------------
+def matmul_gflops(m: int, k: int, n: int, dtype: torch.dtype, rounds: int = 5) -> float:
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    reps = max(1, int(2e9 / (2 * m * k * n)))  # about 2 GFLOP per timed call
+
+    def run():
+        for _ in range(reps):
+            torch.mm(a, b)
+
+    return 2 * m * k * n * reps / median_time(run, rounds) / 1e9
+
+
+def roof(quick: bool = False) -> dict:
+    """The best of a large square product and an LSTM-shaped one (64x512 @ 512x2048), per dtype."""
+    rounds = 3 if quick else 7
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        square = matmul_gflops(2048, 2048, 2048, dtype, rounds)
+        lstm = matmul_gflops(64, 512, 2048, dtype, rounds)
+        out[f"{name}_gflops"] = round(max(square, lstm), 1)
+        out[f"{name}_detail"] = {"2048^3": round(square, 1), "64x512x2048": round(lstm, 1)}
+    return out
+
+
+# -- training -------------------------------------------------------------------------------
+class PlainLSTM(nn.Module):
+    """The reference: nn.Embedding -> nn.LSTM -> nn.Linear, as people write it by hand."""
+
+    def __init__(self, vocab: int, embed: int, hidden: int, layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, x, state):
+        out, state = self.lstm(self.embed(x), state)
+        return self.head(out), state
+
+
+def plain_step(data: PreparedData, layers: int, hidden: int, embed: int, batch: int, seq: int, dtype: str = "fp32"):
+    """One step of the plain loop per call: slice, forward, loss, backward, clip, Adam."""
+    torch.manual_seed(0)
+    V = len(data.vocab)
+    model = PlainLSTM(V, embed, hidden, layers)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    tokens = np.asarray(data.tokens("train"))
+    L = (len(tokens) - 1) // batch
+    xs = torch.from_numpy(tokens[: batch * L].astype(np.int64)).view(batch, L)
+    ys = torch.from_numpy(tokens[1 : batch * L + 1].astype(np.int64)).view(batch, L)
+    pos = {"k": 0, "state": None}
+    cpu = torch.device("cpu")
+
+    def step():
+        k = pos["k"]
+        if (k + 1) * seq > L:
+            k, pos["state"] = 0, None
+        x, y = xs[:, k * seq : (k + 1) * seq], ys[:, k * seq : (k + 1) * seq]
+        with autocast_for(cpu, dtype):
+            logits, state = model(x, pos["state"])
+        loss = F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1))
+        pos["state"] = tuple(s.detach() for s in state)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        pos["k"] = k + 1
+
+    return step
+
+
+def charlm_step(data: PreparedData, layers: int, hidden: int, embed: int, batch: int, seq: int, dtype: str, out_dir: Path):
+    """One charlm Trainer step per call, on the same data."""
+    model_cfg = ModelConfig(cell="lstm", num_layers=layers, rnn_size=hidden, embed_size=embed)
+    trainer = Trainer(model_cfg, TrainConfig(batch_size=batch, seq_length=seq, device="cpu", dtype=dtype), data, out_dir)
+    loss_sum = torch.zeros(())
+    return lambda: trainer._train_step(loss_sum)
+
+
+def synthetic_data(directory: Path, chars: int = 2_000_000) -> PreparedData:
+    """A prepared dir of random text over 65 symbols (speed does not depend on the text)."""
+    src = directory / "synthetic.txt"
+    rng = np.random.default_rng(0)
+    src.write_text("".join(rng.choice(list(SYMBOLS), chars)))
+    prep.prepare([src], directory / "prepared")
+    return PreparedData(directory / "prepared")
+
+
+def flops_per_char(layers: int, hidden: int, embed: int, vocab: int = 65) -> float:
+    """Training FLOPs per character: 6 x (recurrent + head) parameters (forward 2, backward 4)."""
+    recurrent = sum(4 * hidden * ((embed if k == 0 else hidden) + hidden + 2) for k in range(layers))
+    return 6.0 * (recurrent + vocab * (hidden + 1))
+
+
+def training(data: PreparedData, layers=2, hidden=512, embed=64, batch=64, seq=100, steps=10, rounds=6, work_dir=None) -> dict:
+    """chars/s of the plain fp32 loop, charlm fp32 and charlm bf16, measured side by side."""
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        def repeat(step):
+            return lambda: [step() for _ in range(steps)]
+
+        runners = {
+            "reference_fp32": repeat(plain_step(data, layers, hidden, embed, batch, seq)),
+            "fp32": repeat(charlm_step(data, layers, hidden, embed, batch, seq, "fp32", Path(tmp) / "a")),
+            "bf16": repeat(charlm_step(data, layers, hidden, embed, batch, seq, "bf16", Path(tmp) / "b")),
+        }
+        rates = interleaved_rates(runners, steps * batch * seq, rounds)
+    fpc = flops_per_char(layers, hidden, embed)
+    return {k: {"chars_per_s": round(v), "gflops": round(v * fpc / 1e9, 1)} for k, v in rates.items()}
+
+
+# -- generation -----------------------------------------------------------------------------
+def random_scorer(layers: int, hidden: int, seed: int, dtype: str = "fp32") -> ModelScorer:
+    torch.manual_seed(seed)
+    vocab = Vocab.from_text(SYMBOLS)
+    model = CharRNN(ModelConfig(num_layers=layers, rnn_size=hidden, embed_size=64, vocab_size=len(vocab)))
+    return ModelScorer(model.eval(), vocab, dtype=dtype)
+
+
+def generation(layers=2, hidden=512, length=1000, rounds=5, dtype="fp32") -> dict:
+    """Sampling (1 and 64 streams), beam search (width 1 and 10), an ensemble of 3, in one decoding dtype."""
+    one = random_scorer(layers, hidden, 0, dtype)
+    three = Ensemble([one, random_scorer(layers, hidden, 1, dtype), random_scorer(layers, hidden, 2, dtype)])
+    prime = torch.tensor(one.vocab.encode("The "))
+    chain = processors(0.8)
+
+    def sampler(scorer, streams, n):
+        return lambda: sample(scorer, prime, n, chain, generator=torch.Generator().manual_seed(0), num_samples=streams)
+
+    beam_len = max(length // 4, 10)
+    t_single = median_time(sampler(one, 1, length), rounds)
+    t_batch = median_time(sampler(one, 64, length // 2), rounds)
+    t_ens = median_time(sampler(three, 1, length), rounds)
+    t_beam1 = median_time(lambda: beam_search(one, prime, beam_len, beam_width=1), rounds) / beam_len
+    t_beam10 = median_time(lambda: beam_search(one, prime, beam_len, beam_width=10), rounds) / beam_len
+    return {
+        "sample": {
+            "single": {"chars_per_s": round(length / t_single)},
+            "batch64": {"chars_per_s": round(64 * (length // 2) / t_batch)},
+        },
+        "beam": {
+            "width1_ms_per_char": round(1e3 * t_beam1, 3),
+            "width10_ms_per_char": round(1e3 * t_beam10, 3),
+            "width10_over_width1": round(t_beam10 / t_beam1, 2),
+        },
+        "ensemble": {
+            "three_chars_per_s": round(length / t_ens),
+            "three_over_one": round(t_ens / t_single, 2),
+        },
+    }
+
+
+# -- prepare --------------------------------------------------------------------------------
+def prepare_speed(megabytes: int = 64, work_dir=None) -> dict:
+    """MB/s of charlm prepare on a synthetic ASCII text of the given size (both passes, disk included)."""
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        src = Path(tmp) / "text.txt"
+        rng = np.random.default_rng(0)
+        block = "".join(rng.choice(list(SYMBOLS), 1 << 20)).encode()
+        with open(src, "wb") as f:
+            for _ in range(megabytes):
+                f.write(block)
+        start = time.perf_counter()
+        prep.prepare([src], Path(tmp) / "out")
+        seconds = time.perf_counter() - start
+    return {"mb_per_s": round(megabytes * (1 << 20) / 1e6 / seconds, 1), "megabytes": megabytes}
+
+
+def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progress: Callable[[str], None] | None = None) -> dict:
+    """Everything `charlm bench` reports, as one nested dict."""
+    say = progress or (lambda s: None)
+    report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
+    say("matrix-product roof")
+    report["roof"] = roof(quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = synthetic_data(Path(tmp), 600_000 if quick else 2_000_000)
+        say(f"training {layers}x{hidden} LSTM, batch {batch}, seq {seq}")
+        report["train"] = training(data, layers, hidden, 64, batch, seq, steps=3 if quick else 10,
+                                   rounds=2 if quick else 6, work_dir=tmp)
+    for k, v in report["train"].items():
+        peak = report["roof"]["bf16_gflops" if k == "bf16" else "fp32_gflops"]
+        v["fraction_of_roof"] = round(v["gflops"] / peak, 2)
+    ref = report["train"]["reference_fp32"]["chars_per_s"]
+    report["train"]["fp32_over_reference"] = round(report["train"]["fp32"]["chars_per_s"] / ref, 3)
+    report["train"]["bf16_over_reference"] = round(report["train"]["bf16"]["chars_per_s"] / ref, 3)
+    report["train"]["model"] = f"{layers}x{hidden} LSTM, embed 64, batch {batch}, seq {seq}"
+    say("generation")
+    gen = generation(layers, hidden, length=300 if quick else 1000, rounds=2 if quick else 5)
+    report.update(gen)
+    say("prepare")
+    report["prepare"] = prepare_speed(16 if quick else 128)
+    return report
