@@ -11,9 +11,10 @@ import json
 import math
 import os
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -24,7 +25,7 @@ from rich.table import Table
 from rich.text import Text
 from typing_extensions import Annotated
 
-from charlm import CharlmError, checkpoint, config, corpus
+from charlm import CharlmError, checkpoint, config, corpus, distributed
 from charlm import prepare as prep
 from charlm.data import PreparedData
 from charlm.decode import beam_search, processors, sample as sample_ids
@@ -32,7 +33,7 @@ from charlm.display import TrainDisplay
 from charlm.ensemble import Ensemble
 from charlm.evaluate import evaluate
 from charlm.scorer import ModelScorer
-from charlm.train import Trainer, pick_device
+from charlm.train import Trainer, TrainingStopped, pick_device
 
 app = typer.Typer(
     help="Character-level recurrent language models: prepare, train, sample, evaluate.",
@@ -161,6 +162,7 @@ def _run_name(input: str) -> str:
 @app.command()
 @friendly
 def train(
+    ctx: typer.Context,
     input: Annotated[Optional[str], typer.Argument(help="A text file, a prepared dir or a corpus name. With --resume: optional.", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir for checkpoints and metrics.jsonl [default: checkpoints/RUN].")] = None,
     preset: Annotated[Optional[str], typer.Option(help=f"A shipped preset: {', '.join(config.list_presets())}.")] = None,
@@ -194,8 +196,13 @@ def train(
     split: Annotated[str, typer.Option(help="For a text input: train,val,test fractions.")] = "0.9,0.05,0.05",
     glob: Annotated[Optional[str], typer.Option(help="For a directory input: files to include.")] = None,
     mirror: Annotated[Optional[Path], typer.Option(help="Corpus mirror dir, for corpus names.")] = None,
+    nproc: Annotated[Optional[int], typer.Option(help="Data-parallel on N processes of this machine (runs torchrun for you); --batch-size is per process.", show_default=False)] = None,
+    backend: Annotated[str, typer.Option(help="With several processes: auto (NCCL on CUDA, Gloo on CPU), nccl or gloo.")] = "auto",
 ):
-    """Train a character-level RNN with truncated backpropagation through time."""
+    """Train a character-level RNN with truncated backpropagation through time.
+
+    Data-parallel: `charlm train --nproc N ...`, or `torchrun --nproc-per-node N -m charlm train ...`.
+    """
     explicit = {k: v for k, v in locals().items() if k in config.all_keys()}
     layers = []
     if preset:
@@ -220,31 +227,100 @@ def train(
         model_cfg, train_cfg = config.resolve(*layers, base=base)
         out = out or Path("checkpoints") / _run_name(input)
 
+    prepare_input = functools.partial(_prepare_input, input, encoding=encoding, split=split, mirror=mirror, glob=glob)
+    if nproc is not None and nproc != 1:
+        # The launcher prepares the data once, then every rank reads that prepared dir, into one run dir.
+        _launch_ranks(nproc, _forwarded_args(ctx, {"input": prepare_input(), "out": out, "nproc": None}))
+        return
+    world = distributed.setup(pick_device(train_cfg.device), backend)
+    try:
+        data = PreparedData(world.in_turn(lambda: prepare_input(show=world.is_main)))  # one writer per cache dir
+        display = TrainDisplay(err) if world.is_main else None
+        try:
+            result = Trainer(model_cfg, train_cfg, data, out, resume=resumed, init_from=init, report=display, world=world).run()
+        finally:
+            if display is not None:
+                display.close()
+    except Exception as e:
+        _rank_failed(world, e)
+    finally:
+        world.close()
+    if world.is_main:
+        err.print(
+            f"done: step {result['step']:,}, best val {result['best_val_bpc']:.4f} bits/char; "
+            f"checkpoints in {result['out_dir']} (best.safetensors, last.safetensors)", soft_wrap=True)
+
+
+def _prepare_input(input: str, encoding: str, split: str, mirror: Optional[Path], glob: Optional[str], show: bool = True) -> Path:
+    """The prepared dir to train on: given, or prepared (once, cached) from a text, directory or corpus."""
     files_total = None
     if not (Path(input).is_dir() and (Path(input) / "meta.json").exists()):
         files_total = sum(f.stat().st_size for f in prep.resolve_inputs(input, glob=glob, mirror=mirror))
-    bar = _PrepareBar(files_total or 0)
+    bar = _PrepareBar(files_total if show and files_total else 0)
     with bar.bar:
-        data_dir = prep.cached_prepare(input, encoding=encoding, fractions=_split(split), mirror=mirror, progress=bar, glob=glob)
-    data = PreparedData(data_dir)
-    display = TrainDisplay(err)
+        return prep.cached_prepare(input, encoding=encoding, fractions=_split(split), mirror=mirror, progress=bar, glob=glob)
+
+
+def _launch_ranks(nproc: int, rank_args: list[str]) -> None:
+    """`--nproc N`: torchrun's N ranks on this machine; a failed rank has printed its own line."""
     try:
-        trainer = Trainer(model_cfg, train_cfg, data, out, resume=resumed, init_from=init, report=display)
-        result = trainer.run()
-    finally:
-        display.close()
-    err.print(
-        f"done: step {result['step']:,}, best val {result['best_val_bpc']:.4f} bits/char; "
-        f"checkpoints in {result['out_dir']} (best.safetensors, last.safetensors)", soft_wrap=True)
+        distributed.launch(nproc, rank_args)
+    except distributed.RanksFailed as e:
+        if e.reported:
+            raise typer.Exit(1)
+        raise
+
+
+def _forwarded_args(ctx: typer.Context, overrides: dict) -> list[str]:
+    """The train command's arguments as the user gave them (plus overrides; None drops one), for the ranks."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        given = ctx.get_parameter_source(param.name)
+        value = overrides[param.name] if param.name in overrides else ctx.params.get(param.name)
+        if value is None or (param.name not in overrides and given is not None and given.name == "DEFAULT"):
+            continue  # left out, the ranks resolve the same default
+        if param.param_type_name == "argument":
+            args.insert(0, str(value))
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _rank_failed(world: distributed.World, e: Exception) -> NoReturn:
+    """A rank's failure, as one line that names the rank; a single process re-raises as usual."""
+    if world.size == 1:
+        raise e
+    if isinstance(e, TrainingStopped):  # a NaN or Ctrl-C stops every rank at the same step: rank 0 says why
+        if world.is_main:
+            raise e
+        raise typer.Exit(1)
+    if isinstance(e, (typer.Exit, KeyboardInterrupt)):
+        raise e
+    if distributed.is_peer_failure(e):
+        # Almost always another rank died first and torchrun is about to stop this one: wait for
+        # that, so the failing rank's message is the only one. Still alive? Then say it.
+        time.sleep(5)
+        raise CharlmError(f"rank {world.rank}: lost contact with the other ranks ({_first_line(e)})") from None
+    if isinstance(e, OSError) and getattr(e, "filename", None):
+        raise CharlmError(f"rank {world.rank}: {e.strerror or e}: {e.filename}") from None
+    what = str(e) if isinstance(e, CharlmError) else f"{type(e).__name__}: {_first_line(e)}"
+    raise CharlmError(f"rank {world.rank}: {what}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # -- decoding commands ----------------------------------------------------------------------
-def _load_scorers(paths: list[Path], device: str) -> list[ModelScorer]:
+def _load_scorers(paths: list[Path], device: str, dtype: str) -> list[ModelScorer]:
+    if dtype not in config.DTYPES:
+        raise CharlmError(f"--dtype must be one of {', '.join(config.DTYPES)} (got {dtype!r})")
     dev = pick_device(device)
     scorers = []
     for p in paths:
         ckpt = checkpoint.load(p)
-        scorers.append(ModelScorer(ckpt.build_model().to(dev), ckpt.vocab))
+        scorers.append(ModelScorer(ckpt.build_model().to(dev), ckpt.vocab, dtype=dtype))
     return scorers
 
 
@@ -257,8 +333,8 @@ def _parse_weights(weights: Optional[str]) -> Optional[list[float]]:
         raise CharlmError(f"--weights expects numbers separated by commas, e.g. 0.5,0.3,0.2 (got {weights!r})") from None
 
 
-def _scorer(paths: list[Path], device: str, weights: Optional[str], combine: str):
-    members = _load_scorers(paths, device)
+def _scorer(paths: list[Path], device: str, weights: Optional[str], combine: str, dtype: str = "fp32"):
+    members = _load_scorers(paths, device, dtype)
     if len(members) == 1 and weights is None:
         return members[0], members
     return Ensemble(members, _parse_weights(weights), combine), members
@@ -268,6 +344,7 @@ CkptArg = Annotated[List[Path], typer.Argument(help="One checkpoint, or several 
 WeightsOpt = Annotated[Optional[str], typer.Option(help="Ensemble weights, one per model, e.g. 0.5,0.3,0.2.")]
 CombineOpt = Annotated[str, typer.Option(help="Ensemble rule: mean (of probabilities) or geometric (normalized).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+DtypeOpt = Annotated[str, typer.Option(help="fp32, or bf16 matrix products (much faster for batches and beams on CPUs with bf16 units; fp32 is best for one stream).")]
 
 
 @app.command()
@@ -285,10 +362,11 @@ def sample(
     weights: WeightsOpt = None,
     combine: CombineOpt = "mean",
     device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
 ):
     """Generate text, streaming it to stdout as it is produced."""
     chain = processors(temperature, top_k, top_p)
-    scorer, _ = _scorer(checkpoints, device, weights, combine)
+    scorer, _ = _scorer(checkpoints, device, weights, combine, dtype)
     vocab = scorer.vocab
     prime_t = _prime_ids(vocab, prime)
     generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -336,12 +414,13 @@ def beam(
     combine: CombineOpt = "mean",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {text, logprob, bits_per_char}.")] = False,
     device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
 ):
     """Beam search for the most likely continuation(s).
 
     Deterministic: temperature, top-k and top-p apply to `charlm sample`, not to beam search.
     """
-    scorer, _ = _scorer(checkpoints, device, weights, combine)
+    scorer, _ = _scorer(checkpoints, device, weights, combine, dtype)
     vocab = scorer.vocab
     if stop_at:  # accept a typed "\\n" or "\\t" as well as a real newline or tab
         stop_at = stop_at.replace("\\n", "\n").replace("\\t", "\t")
@@ -398,11 +477,12 @@ def eval_cmd(
     combine: CombineOpt = "mean",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (ensemble figures at the top, members in 'members').")] = False,
     device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "fp32",
 ):
     """Bits per character and perplexity, the text scored as one stream with the state carried through."""
     if unknown not in ("error", "skip"):
         raise CharlmError(f"--unknown must be error or skip (got {unknown!r})")
-    scorer, members = _scorer(checkpoints, device, weights, combine)
+    scorer, members = _scorer(checkpoints, device, weights, combine, dtype)
     tokens, cpt = _eval_tokens(checkpoints[0], scorer.vocab, split, text, data, unknown)
     if len(tokens) < 2:
         raise CharlmError("the text to score has fewer than 2 characters")
@@ -449,6 +529,42 @@ def info(
     table.add_row("training state", "yes (resumable)" if c.has_train_state else "no (weights only)")
     table.add_row("tensors", f"{len(c.tensors)} ({sum(t.numel() for t in c.model_state().values()):,} model parameters)")
     Console().print(table)
+
+
+@app.command()
+@friendly
+def bench(
+    quick: Annotated[bool, typer.Option(help="A smaller run, under a minute.")] = False,
+    num_layers: Annotated[int, typer.Option(help="LSTM layers of the measured model.")] = 2,
+    rnn_size: Annotated[int, typer.Option(help="LSTM width of the measured model.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Training batch.")] = 64,
+    seq_length: Annotated[int, typer.Option(help="Training window.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+):
+    """Measure this machine: matrix-product roof, training, sampling, beam, ensemble, prepare speed."""
+    from charlm import bench as b  # imported here: only this command needs it
+
+    r = b.run_all(quick, num_layers, rnn_size, batch_size, seq_length, progress=lambda s: err.print(f"measuring {s} ..."))
+    if as_json:
+        print(json.dumps(r))
+        return
+    t, roof = r["train"], r["roof"]
+    table = Table("what", "measured", "note", title=f"charlm bench ({r['machine']['threads']} threads, torch {r['machine']['torch']})")
+    table.add_row("roof fp32", f"{roof['fp32_gflops']:,.0f} GFLOP/s", "best of 2048^3 and 64x512x2048 products")
+    table.add_row("roof bf16", f"{roof['bf16_gflops']:,.0f} GFLOP/s", f"{roof['bf16_gflops'] / roof['fp32_gflops']:.1f}x fp32")
+    for key, label in (("reference_fp32", "train, plain nn.LSTM loop, fp32"), ("fp32", "train, charlm fp32"), ("bf16", "train, charlm bf16")):
+        note = f"{t[key]['gflops']:,.0f} GFLOP/s = {t[key]['fraction_of_roof']:.0%} of the {'bf16' if key == 'bf16' else 'fp32'} roof"
+        if key != "reference_fp32":
+            note += f"; {t[key + '_over_reference']:.2f}x the reference"
+        table.add_row(label, f"{t[key]['chars_per_s']:,} chars/s", note)
+    table.add_row("sample, 1 stream", f"{r['sample']['single']['chars_per_s']:,} chars/s", "")
+    table.add_row("sample, 64 streams", f"{r['sample']['batch64']['chars_per_s']:,} chars/s", "total over the batch")
+    table.add_row("beam, width 1 / 10", f"{r['beam']['width1_ms_per_char']} / {r['beam']['width10_ms_per_char']} ms/char",
+                  f"width 10 costs {r['beam']['width10_over_width1']}x width 1")
+    table.add_row("ensemble of 3, sampling", f"{r['ensemble']['three_chars_per_s']:,} chars/s", f"{r['ensemble']['three_over_one']}x one model's time")
+    table.add_row("prepare", f"{r['prepare']['mb_per_s']:,} MB/s", f"{r['prepare']['megabytes']} MiB synthetic ASCII text")
+    Console().print(table)
+    Console().print(f"model: {t['model']}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -55,10 +55,17 @@ class PreparedData:
 #   row 1  | m n o p  | q r s t  | u v w x  |
 #   row 2  | y z ...  |          |          |
 #
+# Data-parallel (distributed.py): the same layout with B = world_size x b rows, and rank r keeps
+# rows [r*b, (r+1)*b) for the whole run, so every row's state stays on one rank and the ranks
+# together take exactly the windows one process with batch B would:
+#
+#   rank 0: rows 0 .. b-1  |  rank 1: rows b .. 2b-1  |  ...  (same windows, same length everywhere)
+#
 class StreamBatcher:
-    """Windows of (inputs, targets), each (B, T), over one token stream."""
+    """Windows of (inputs, targets), each (B, T), over one token stream; `rows` keeps a slice of the B rows."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_length: int, what: str = "the training split"):
+    def __init__(self, tokens: np.ndarray, batch_size: int, seq_length: int, what: str = "the training split",
+                 rows: slice | None = None):
         n = len(tokens)
         self.batch_size, self.seq_length = batch_size, seq_length
         self.row_length = (n - 1) // batch_size if n > 1 else 0
@@ -69,9 +76,10 @@ class StreamBatcher:
                 f"{need:,}); use a longer text or lower --batch-size / --seq-length"
             )
         usable = batch_size * self.row_length
+        rows = rows or slice(None)
         # Views into the memmap: no copy of the corpus, one small (B, T) copy per window.
-        self.inputs = np.asarray(tokens[:usable]).reshape(batch_size, self.row_length)
-        self.targets = np.asarray(tokens[1 : usable + 1]).reshape(batch_size, self.row_length)
+        self.inputs = np.asarray(tokens[:usable]).reshape(batch_size, self.row_length)[rows]
+        self.targets = np.asarray(tokens[1 : usable + 1]).reshape(batch_size, self.row_length)[rows]
 
     def __len__(self) -> int:
         """Full windows per epoch (the ragged tail of each row is left for the next epoch's layout)."""
@@ -83,6 +91,15 @@ class StreamBatcher:
         x = torch.from_numpy(self.inputs[:, lo:hi].astype(np.int64))  # (B, T)
         y = torch.from_numpy(self.targets[:, lo:hi].astype(np.int64))  # (B, T)
         return x, y
+
+
+def row_span(tokens: np.ndarray, num_rows: int, lo: int, hi: int) -> np.ndarray:
+    """The stretch of a stream that holds rows [lo, hi) of its num_rows-row layout, last target included.
+
+    Cut into hi - lo rows it gives back exactly those rows: one rank's share of the validation streams.
+    """
+    row = (len(tokens) - 1) // num_rows if len(tokens) > 1 else 0
+    return tokens[lo * row : hi * row + 1]
 
 
 def eval_windows(tokens: np.ndarray, batch_size: int, seq_length: int):

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import charlm
 from charlm import CharlmError, checkpoint
 from charlm.config import ModelConfig, TrainConfig, as_dict
-from charlm.data import PreparedData, StreamBatcher
+from charlm.data import PreparedData, StreamBatcher, row_span
+from charlm.distributed import World
 from charlm.evaluate import evaluate
 from charlm.model import CharRNN, State, detach
 from charlm.scorer import ModelScorer, autocast_for
@@ -65,7 +66,11 @@ def learning_rate(cfg: TrainConfig, step: int, fraction_done: float) -> float:
 
 
 class Trainer:
-    """Owns the model, optimizer and data position for one run; `run()` trains until a limit is hit."""
+    """Owns the model, optimizer and data position for one run; `run()` trains until a limit is hit.
+
+    Given a `World` of several ranks (distributed.py), it trains its own rows under DDP, and only
+    rank 0 reports and writes files.
+    """
 
     def __init__(
         self,
@@ -76,16 +81,20 @@ class Trainer:
         resume: checkpoint.Checkpoint | None = None,
         init_from: checkpoint.Checkpoint | None = None,
         report: Callable[[str, dict], None] | None = None,
+        world: World | None = None,
     ):
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
-        self.report = report or (lambda kind, info: None)
-        self.device = pick_device(cfg.device)
+        self.world = world or World()
+        quiet = lambda kind, info: None  # noqa: E731
+        self.report = (report or quiet) if self.world.is_main else quiet  # one voice: rank 0's
+        self.device = self.world.place(pick_device(cfg.device))
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed window shapes: let cuDNN pick its fastest kernels
         model_cfg.vocab_size = len(data.vocab)
         self.model_cfg = model_cfg
-        train_tokens = data.tokens("train")
-        self.batcher = StreamBatcher(train_tokens, cfg.batch_size, cfg.seq_length)
+        self.train_tokens = data.tokens("train")
+        self.rows = cfg.batch_size * self.world.size  # rows of the training layout, over all ranks
+        self.batcher = StreamBatcher(self.train_tokens, self.rows, cfg.seq_length, rows=self.world.rows(cfg.batch_size))
         self.val_tokens = data.tokens("val")
         split = data.meta["splits"]["train"]
         self.chars_per_token = split["chars"] / max(split["tokens"], 1)
@@ -102,6 +111,8 @@ class Trainer:
             self.model.load_state_dict(init_from.model_state())
         if resume is not None:
             self._restore(resume)
+        self.world.reseed(cfg.seed, self.progress.step)
+        self.net = self.world.wrap(self.model)  # the module that trains: DDP averages gradients over ranks
 
     # -- limits and schedule -------------------------------------------------------------
     def planned_steps(self) -> int | None:
@@ -128,7 +139,8 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
         """Train until max_steps / max_epochs / time_budget; returns the final metrics."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         interrupted = []
         previous = signal.getsignal(signal.SIGINT)
 
@@ -153,24 +165,34 @@ class Trainer:
         start_time, start_elapsed = time.monotonic(), p.elapsed
         loss_sum = torch.zeros((), device=self.device)
         window_start, steps_in_window = time.monotonic(), 0
-        train_bpc = math.nan
-        while not self._finished(p.elapsed):
+        train_bpc, stop, finished = math.nan, False, self._finished(p.elapsed)
+        solo = self.world.size == 1
+        while not finished:
             self._train_step(loss_sum)
             steps_in_window += 1
-            p.elapsed = start_elapsed + time.monotonic() - start_time
-            last_step = self._finished(p.elapsed)
-            if p.step % cfg.log_every == 0 or last_step or interrupted:
-                train_bpc = self._check_loss(loss_sum, steps_in_window)  # the one host sync per interval
-                rate = steps_in_window * cfg.batch_size * cfg.seq_length * self.chars_per_token / (time.monotonic() - window_start)
+            clock = start_elapsed + time.monotonic() - start_time
+            if solo:  # one process acts on its own clock and Ctrl-C at once
+                p.elapsed = clock
+            # Several ranks act on the clock and Ctrl-C only at a logging step, where sync_interval
+            # shares them, so that every rank takes the same branches with the same learning rate.
+            finished = self._finished(p.elapsed)
+            if p.step % cfg.log_every == 0 or finished or (solo and interrupted):
+                mean_loss, p.elapsed, stop = self.world.sync_interval(loss_sum, clock, bool(interrupted))  # the one host sync per interval
+                finished = self._finished(p.elapsed)
+                train_bpc = self._check_loss(mean_loss / steps_in_window)
+                rate = steps_in_window * self.rows * cfg.seq_length * self.chars_per_token / (time.monotonic() - window_start)
                 self._log({"kind": "train", **self._position(), "train_bpc": train_bpc, "lr": self._lr(), "chars_per_s": rate, "eta_s": self._eta(rate)})
                 loss_sum.zero_()
                 window_start, steps_in_window = time.monotonic(), 0
-            if p.step % cfg.eval_every == 0 or last_step or interrupted:
+            if solo:
+                stop = bool(interrupted)  # also a Ctrl-C that came while reporting
+            if p.step % cfg.eval_every == 0 or finished or stop:
                 self._evaluate_and_save(train_bpc)
-            if interrupted:
+            if stop:
+                ranks = f" --nproc {self.world.size}" if self.world.size > 1 else ""
                 raise TrainingStopped(
                     f"interrupted at step {p.step}; saved {self.out_dir / 'last.safetensors'} "
-                    f"(continue with: charlm train --resume {self.out_dir / 'last.safetensors'})"
+                    f"(continue with: charlm train --resume {self.out_dir / 'last.safetensors'}{ranks})"
                 )
         return {**self._position(), "train_bpc": train_bpc, "best_val_bpc": p.best_val, "out_dir": str(self.out_dir)}
 
@@ -184,9 +206,9 @@ class Trainer:
         lr = self._lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.model.train()
+        self.net.train()
         with autocast_for(self.device, cfg.dtype):
-            logits, state = self.model(x, self.state)  # (B, T, V)
+            logits, state = self.net(x, self.state)  # (B, T, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         self.state = detach(state)  # truncated BPTT: carry the values, cut the graph
         self.optimizer.zero_grad(set_to_none=True)
@@ -196,7 +218,7 @@ class Trainer:
         self.optimizer.step()
         loss_sum += loss.detach()
         p.step += 1
-        p.tokens += cfg.batch_size * cfg.seq_length
+        p.tokens += self.rows * cfg.seq_length  # over all ranks
         p.window += 1
         if p.window == len(self.batcher):
             p.window, p.epoch = 0, p.epoch + 1
@@ -208,13 +230,13 @@ class Trainer:
         etas = []
         if self.planned_steps():
             steps_left = self.planned_steps() - self.progress.step
-            etas.append(steps_left * self.cfg.batch_size * self.cfg.seq_length * self.chars_per_token / max(chars_per_s, 1e-9))
+            etas.append(steps_left * self.rows * self.cfg.seq_length * self.chars_per_token / max(chars_per_s, 1e-9))
         if self.cfg.time_budget:
             etas.append(self.cfg.time_budget - self.progress.elapsed)
         return max(min(etas), 0.0) if etas else None
 
-    def _check_loss(self, loss_sum: torch.Tensor, steps: int) -> float:
-        mean = float(loss_sum) / max(steps, 1)
+    def _check_loss(self, mean: float) -> float:
+        """Mean loss (nats/token) -> bits/char; a non-finite loss stops training before anything is saved."""
         if not math.isfinite(mean):
             best = self.out_dir / "best.safetensors"
             kept = f"{best} (val {self.progress.best_val:.4f} bits/char, step {self.progress.best_step}) is intact" if best.exists() else "no checkpoint was written"
@@ -225,14 +247,24 @@ class Trainer:
         return mean / LN2 / self.chars_per_token
 
     def validate(self) -> float:
-        """Validation bits/char: the val split cut into batch_size streams, state carried through."""
+        """Validation bits/char: the val split cut into one stream per training row, state carried through.
+
+        With several ranks each scores its share of the streams and the sums are added up, so the
+        figure is the one a single process with all the rows gets.
+        """
         if len(self.val_tokens) < 2:
             return math.nan
         self.model.eval()
         scorer = ModelScorer(self.model, self.data.vocab, dtype=self.cfg.dtype)
-        streams = max(1, min(self.cfg.batch_size, (len(self.val_tokens) - 1) // self.cfg.seq_length))
-        result = evaluate(scorer, self.val_tokens, self.chars_per_token, streams=streams, window=self.cfg.seq_length)
-        return result["bits_per_char"]
+        streams = max(1, min(self.rows, (len(self.val_tokens) - 1) // self.cfg.seq_length))
+        lo, hi = self.world.share(streams)
+        nll, tokens = 0.0, 0
+        if hi > lo:
+            mine = row_span(self.val_tokens, streams, lo, hi)
+            part = evaluate(scorer, mine, self.chars_per_token, streams=hi - lo, window=self.cfg.seq_length)
+            nll, tokens = part["nll"], part["tokens"]
+        nll, tokens = self.world.all_reduce_sum([nll, tokens])
+        return nll / LN2 / (tokens * self.chars_per_token) if tokens else math.nan
 
     def _evaluate_and_save(self, train_bpc: float) -> None:
         p = self.progress
@@ -241,16 +273,18 @@ class Trainer:
             val_for_best = train_bpc  # no validation split: keep the lowest training figure instead
         else:
             if not math.isfinite(val):
-                self._check_loss(torch.tensor(val), 1)
+                self._check_loss(val)
             val_for_best = val
         improved = val_for_best < p.best_val
         if improved:
             p.best_val, p.best_step = val_for_best, p.step
         self._log({"kind": "val", **self._position(), "val_bpc": val, "best_val_bpc": p.best_val})
         metrics = {**self._position(), "train_bpc": train_bpc, "val_bpc": val, "best_val_bpc": p.best_val, "best_step": p.best_step}
-        checkpoint.save(self.out_dir / "last.safetensors", self.model, self._meta(metrics), self._train_tensors())
-        if improved:
-            checkpoint.save(self.out_dir / "best.safetensors", self.model, self._meta(metrics))
+        hidden = self.world.gather_rows(self.state or ())  # every rank takes part; rank 0 gets all rows
+        if self.world.is_main:
+            checkpoint.save(self.out_dir / "last.safetensors", self.model, self._meta(metrics), self._train_tensors(hidden))
+            if improved:
+                checkpoint.save(self.out_dir / "best.safetensors", self.model, self._meta(metrics))
         self.report("saved", {"step": p.step, "improved": improved, "out_dir": str(self.out_dir)})
 
     # -- reporting -----------------------------------------------------------------------
@@ -264,6 +298,8 @@ class Trainer:
         }
 
     def _log(self, record: dict) -> None:
+        if not self.world.is_main:
+            return
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         self.report(record["kind"], record)
@@ -272,7 +308,7 @@ class Trainer:
         return {
             "config": as_dict(self.model_cfg, self.cfg),
             "parameters": self.model.num_parameters(),
-            "device": str(self.device),
+            "device": str(self.device) + (f" x {self.world.size} ranks ({self.world.backend})" if self.world.size > 1 else ""),
             "data": str(self.data.dir),
             "steps_per_epoch": len(self.batcher),
             "planned_steps": self.planned_steps(),
@@ -295,17 +331,18 @@ class Trainer:
                 "charlm_version": charlm.__version__,
                 "torch_version": torch.__version__,
                 "device": str(self.device),
+                "world_size": self.world.size,
                 "parameters": self.model.num_parameters(),
             },
             "train_state": asdict(self.progress),
         }
 
-    def _train_tensors(self) -> dict[str, torch.Tensor]:
+    def _train_tensors(self, hidden: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         tensors = {"rng.torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        for i, s in enumerate(self.state or ()):
-            tensors[f"hidden.{i}"] = s
+        for i, s in enumerate(hidden):
+            tensors[f"hidden.{i}"] = s  # (num_layers, all rows, H)
         opt_state = self.optimizer.state_dict()["state"]
         for idx, slots in opt_state.items():
             for name, value in slots.items():
@@ -329,8 +366,15 @@ class Trainer:
             cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
             if len(cuda_states) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(cuda_states)
-        hidden = [tensors[k].to(self.device) for k in sorted(k for k in tensors if k.startswith("hidden."))]
-        self.state = tuple(hidden) if hidden else None
+        hidden = [tensors[k] for k in sorted(k for k in tensors if k.startswith("hidden."))]
         self.progress = Progress(**ckpt.meta["train_state"])
+        self.state = None
+        if hidden and hidden[0].shape[1] == self.rows:  # same rows (ranks x batch): each rank takes its own back
+            self.state = tuple(h[:, self.world.rows(self.cfg.batch_size)].contiguous().to(self.device) for h in hidden)
+        elif hidden:
+            # Another row layout: the saved states belong to other rows, so every row starts from a
+            # zero state, at the same fraction of the epoch.
+            saved_windows = (len(self.train_tokens) - 1) // hidden[0].shape[1] // ckpt.meta["train"]["seq_length"]
+            self.progress.window = self.progress.window * len(self.batcher) // max(saved_windows, 1)
         if self.progress.window >= len(self.batcher):  # batch layout changed: start the next epoch cleanly
             self.progress.window, self.progress.epoch, self.state = 0, self.progress.epoch + 1, None
