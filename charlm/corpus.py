@@ -1,4 +1,5 @@
-"""Named corpora: registry files in corpora/, checksummed fetch from a local mirror or the URL."""
+"""Named corpora: registry files in corpora/, checksummed fetch from a local mirror or the URL,
+or a build from a source tree (the Linux corpora: see sourcetree.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Callable
 import yaml
 
 import charlm
-from charlm import CharlmError
+from charlm import CharlmError, sourcetree
 
 MIRROR_ENV = "CHARLM_CORPUS_MIRROR"
 CORPORA_ENV = "CHARLM_CORPORA_DIR"
@@ -24,14 +25,41 @@ Progress = Callable[[int, int | None], None]  # (bytes done, total or None)
 
 
 @dataclass
+class Recipe:
+    """How a corpus is built from a source tree: which files, under which top-level paths."""
+
+    extensions: tuple[str, ...] = sourcetree.EXTENSIONS  # file-name endings to take
+    subset: tuple[str, ...] = ()  # paths inside the tree, e.g. ('kernel', 'mm'); () is the whole tree
+
+
+@dataclass
 class CorpusEntry:
     name: str
     description: str
-    url: str
-    sha256: str
     bytes: int
     license: str
+    url: str | None = None  # one ready file to download; None: from a mirror (or built) only
+    sha256: str | None = None  # None: no published checksum, only the size can be checked
     source: str = ""
+    mirror_name: str | None = None  # its directory in a mirror (DIR/MIRROR_NAME/input.txt), when not NAME
+    build: Recipe | None = None  # set: `charlm corpus get NAME --from TREE_OR_TARBALL` builds it
+
+    @property
+    def mirror_dir(self) -> str:
+        return self.mirror_name or self.name
+
+
+@dataclass
+class Fetched:
+    """The outcome of a get: where the corpus is and what was checked."""
+
+    path: Path
+    sha256: str | None  # None only for a file already present that has no checksum to compare
+    bytes: int
+    verified: bool  # True: the sha256 matched the registered one
+    origin: str  # 'already present', the mirror file, the URL or the source tree
+    files: int | None = None  # for a build: how many source files went in
+    registered: bool = True  # False: a custom --subset, written to --out, not the registered corpus
 
 
 def corpora_dir() -> Path:
@@ -52,18 +80,30 @@ def corpora_dir() -> Path:
 
 
 def registry() -> dict[str, CorpusEntry]:
+    """Every registry file in corpora_dir(), by corpus name."""
     entries = {}
     for path in sorted(corpora_dir().glob("*.yaml")):
         data = yaml.safe_load(path.read_text()) or {}
         try:
-            entry = CorpusEntry(**{k: data[k] for k in CorpusEntry.__dataclass_fields__ if k in data})
-        except TypeError as e:
-            raise CharlmError(f"registry file {path} is incomplete: {e}") from None
+            fields = {k: data[k] for k in CorpusEntry.__dataclass_fields__ if k in data}
+            if fields.get("build") is not None:
+                fields["build"] = _recipe(fields["build"])
+            entry = CorpusEntry(**fields)
+        except (TypeError, AttributeError) as e:
+            raise CharlmError(f"registry file {path} is incomplete or malformed: {e}") from None
         entries[entry.name] = entry
     return entries
 
 
+def _recipe(data: dict) -> Recipe:
+    recipe = Recipe(subset=sourcetree.parse_subset(data.get("subset") or ()))
+    if data.get("extensions"):
+        recipe.extensions = tuple(str(e) for e in data["extensions"])
+    return recipe
+
+
 def lookup(name: str) -> CorpusEntry:
+    """The registry entry for NAME, or a CharlmError listing the registered names."""
     entries = registry()
     if name not in entries:
         known = ", ".join(entries) or "none"
@@ -72,10 +112,12 @@ def lookup(name: str) -> CorpusEntry:
 
 
 def corpus_path(name: str) -> Path:
+    """Where a registered corpus lives once fetched: corpora/NAME/input.txt."""
     return corpora_dir() / name / "input.txt"
 
 
 def sha256_file(path: Path, progress: Progress | None = None) -> str:
+    """The hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     done = 0
     with open(path, "rb") as f:
@@ -88,37 +130,64 @@ def sha256_file(path: Path, progress: Progress | None = None) -> str:
 
 
 def get(name: str, mirror: str | Path | None = None, progress: Progress | None = None) -> Path:
-    """Make corpora/NAME/input.txt present and verified; return its path.
+    """Make corpora/NAME/input.txt present and verified; return its path (see fetch)."""
+    return fetch(name, mirror, progress).path
 
-    Tries the mirror (flag, then $CHARLM_CORPUS_MIRROR; layout DIR/NAME/input.txt), then the URL.
-    The file appears only once its sha256 matches: it is written to a temp file and renamed.
+
+def fetch(name: str, mirror: str | Path | None = None, progress: Progress | None = None) -> Fetched:
+    """Make corpora/NAME/input.txt present and verified, and say how.
+
+    Tries the mirror (flag, then $CHARLM_CORPUS_MIRROR; layout DIR/MIRROR_NAME/input.txt), then the URL.
+    The file appears only once its sha256 matches (its size, for an entry without a checksum): it
+    is written to a temp file and renamed.
     """
     entry = lookup(name)
     dest = corpus_path(name)
-    if dest.exists() and sha256_file(dest) == entry.sha256:
-        return dest
+    present = _already_present(entry, dest)
+    if present:
+        return present
     mirror = mirror or os.environ.get(MIRROR_ENV) or None
     if mirror is not None:
-        candidate = Path(mirror) / name / "input.txt"
+        candidate = Path(mirror) / entry.mirror_dir / "input.txt"
         if candidate.is_file():
             with open(candidate, "rb") as src:
-                _verified_copy(src, dest, entry, str(candidate), candidate.stat().st_size, progress)
-            return dest
+                return _verified_copy(src, dest, entry, str(candidate), candidate.stat().st_size, progress)
+    where = f"mirror {mirror} has no {entry.mirror_dir}/input.txt" if mirror else ""
+    if entry.url is None:
+        raise CharlmError(_no_url(entry, where))
     try:
         with urllib.request.urlopen(entry.url, timeout=30) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            _verified_copy(response, dest, entry, entry.url, total, progress)
+            return _verified_copy(response, dest, entry, entry.url, total, progress)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        where = f" (mirror {mirror} has no {name}/input.txt)" if mirror else ""
         raise CharlmError(
-            f"cannot download {name} from {entry.url}: {getattr(e, 'reason', e)}{where}. "
-            f"Offline? Put the file at DIR/{name}/input.txt and pass --mirror DIR "
+            f"cannot download {name} from {entry.url}: {getattr(e, 'reason', e)}{f' ({where})' if where else ''}. "
+            f"Offline? Put the file at DIR/{entry.mirror_dir}/input.txt and pass --mirror DIR "
             f"(or set {MIRROR_ENV}=DIR), or copy it to {dest} yourself"
         ) from None
-    return dest
 
 
-def _verified_copy(src, dest: Path, entry: CorpusEntry, origin: str, total: int | None, progress) -> None:
+def _already_present(entry: CorpusEntry, dest: Path) -> Fetched | None:
+    if not dest.is_file():
+        return None
+    if entry.sha256 is None:
+        # Nothing to hash against: the size is the check (hashing 1 GB on every use would buy nothing).
+        size = dest.stat().st_size
+        return Fetched(dest, None, size, False, "already present") if size == entry.bytes else None
+    sha = sha256_file(dest)
+    return Fetched(dest, sha, dest.stat().st_size, True, "already present") if sha == entry.sha256 else None
+
+
+def _no_url(entry: CorpusEntry, where: str) -> str:
+    mirror_hint = f"put it at DIR/{entry.mirror_dir}/input.txt and pass --mirror DIR (or set {MIRROR_ENV}=DIR)"
+    if entry.build is not None:
+        how = f"build it with: charlm corpus get {entry.name} --from PATH (a kernel source tree or .tar.xz/.tar.gz tarball), or {mirror_hint}"
+    else:
+        how = f"it must come from a mirror: {mirror_hint}"
+    return f"{entry.name} has no single-file download URL{f' and {where}' if where else ''}; {how}"
+
+
+def _verified_copy(src, dest: Path, entry: CorpusEntry, origin: str, total: int | None, progress) -> Fetched:
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".input.", suffix=".part")
     h = hashlib.sha256()
@@ -133,23 +202,100 @@ def _verified_copy(src, dest: Path, entry: CorpusEntry, origin: str, total: int 
                     progress(done, total)
             out.flush()
             os.fsync(out.fileno())
-        if h.hexdigest() != entry.sha256:
+        if entry.sha256 is not None and h.hexdigest() != entry.sha256:
             raise CharlmError(
                 f"checksum mismatch for {entry.name} from {origin}: expected sha256 {entry.sha256}, "
                 f"got {h.hexdigest()} ({done:,} bytes); the file was not kept"
             )
-        os.replace(tmp, dest)
+        if entry.sha256 is None and done != entry.bytes:
+            raise CharlmError(
+                f"size mismatch for {entry.name} from {origin}: expected {entry.bytes:,} bytes (there is no "
+                f"published sha256 to check), got {done:,}; the file was not kept"
+            )
+        _publish(tmp, dest)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return Fetched(dest, h.hexdigest(), done, entry.sha256 is not None, origin)
+
+
+def build(
+    name: str,
+    source: str | Path,
+    subset: str | None = None,
+    out: str | Path | None = None,
+    progress: sourcetree.Progress | None = None,
+) -> Fetched:
+    """Build corpus NAME by concatenating a source tree or tarball (its recipe's files, sorted by path).
+
+    The registered subset unless `subset` ('a,b') says otherwise; a custom subset is not the
+    registered corpus, so it needs `out`. Written to a temp file beside the destination and renamed
+    once the sha256 matches (or, with no published checksum, once complete).
+    """
+    entry = lookup(name)
+    if entry.build is None:
+        buildable = ", ".join(e.name for e in registry().values() if e.build) or "none"
+        raise CharlmError(f"{name} is not built from a source tree; --from applies to: {buildable}")
+    chosen = entry.build.subset if subset is None else sourcetree.parse_subset(subset)
+    registered = chosen == entry.build.subset
+    if not registered and out is None:
+        raise CharlmError(_custom_subset(entry, chosen))
+    sourcetree.check_source(source)
+    dest = Path(out) if out is not None else corpus_path(name)
+    if registered and out is None:
+        present = _already_present(entry, dest)
+        if present and present.verified:
+            return present
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # The spool (tarballs only) goes beside the output: same disk, and never in a small /tmp.
+            made = sourcetree.concatenate(source, f, chosen, entry.build.extensions, dest.parent, progress)
+            f.flush()
+            os.fsync(f.fileno())
+        verified = registered and entry.sha256 is not None
+        if verified and made.sha256 != entry.sha256:
+            raise CharlmError(
+                f"checksum mismatch for {name} built from {source}: expected sha256 {entry.sha256}, got "
+                f"{made.sha256} ({made.files:,} files, {made.bytes:,} bytes; registered: {entry.bytes:,} bytes). "
+                f"Is it the kernel version the registry names ({entry.source})? The file was not kept"
+            )
+        _publish(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return Fetched(dest, made.sha256, made.bytes, verified, str(source), made.files, registered)
+
+
+def _publish(tmp: str, dest: Path) -> None:
+    """Give the finished temp file the usual permissions (mkstemp makes it owner-only) and rename it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, dest)
+
+
+def _custom_subset(entry: CorpusEntry, chosen: tuple[str, ...]) -> str:
+    same = [e.name for e in registry().values() if e.build and e.build.subset == chosen]
+    hint = f" (that is the registered corpus {same[0]}: charlm corpus get {same[0]} --from PATH)" if same else ""
+    return (
+        f"--subset {','.join(chosen) or '(whole tree)'} differs from the registered {entry.name} corpus "
+        f"({','.join(entry.build.subset) or 'the whole tree'}); give --out FILE to write it elsewhere{hint}"
+    )
 
 
 def describe(entry: CorpusEntry) -> dict:
+    """A registry entry as a row for `charlm corpus list`."""
     path = corpus_path(entry.name)
+    how = "url or mirror" if entry.url else "mirror"
+    if entry.build is not None:
+        how += " or --from TREE"
     return {
         "name": entry.name,
         "bytes": entry.bytes,
         "present": path.exists(),
+        "get": how,
         "description": entry.description,
         "license": entry.license,
     }
