@@ -20,12 +20,13 @@ from safetensors.torch import save as st_save
 from charlm import CharlmError
 from charlm.config import ModelConfig
 from charlm.model import CharRNN
-from charlm.vocab import Vocab
+from charlm.vocab import load_vocab
 
 FORMAT = "charlm-checkpoint"
 VERSION = 1
 MODEL_PREFIX = "model."
 STATE_PREFIX = "train_state."
+TOKENIZER_TENSOR = "tokenizer.spm"  # a SentencePiece vocabulary's serialized model, as uint8
 MAX_HEADER = 100 << 20
 
 
@@ -40,8 +41,11 @@ class Checkpoint:
         return ModelConfig(**self.meta["model"])
 
     @property
-    def vocab(self) -> Vocab:
-        return Vocab.from_meta(self.meta["vocab"])
+    def vocab(self):
+        """The vocabulary, from this file alone: a character list in the meta, or the SentencePiece model tensor."""
+        blob = self.tensors.get(TOKENIZER_TENSOR)
+        model_bytes = None if blob is None else blob.numpy().tobytes()
+        return load_vocab(self.meta["vocab"], model_bytes, where=str(self.path))
 
     @property
     def has_train_state(self) -> bool:
@@ -65,10 +69,17 @@ class Checkpoint:
         return model.eval()
 
 
-def save(path: str | Path, model: CharRNN, meta: dict, train_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write atomically: temp file in the same dir, fsync, rename. The previous file survives any crash."""
+def save(path: str | Path, model: CharRNN, meta: dict, train_tensors: dict[str, torch.Tensor] | None = None,
+         vocab=None) -> Path:
+    """Write atomically: temp file in the same dir, fsync, rename. The previous file survives any crash.
+
+    A SentencePiece vocabulary's serialized model is stored as the uint8 tensor TOKENIZER_TENSOR.
+    """
     path = Path(path)
     tensors = {MODEL_PREFIX + k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    model_bytes = getattr(vocab, "model_bytes", None)
+    if model_bytes is not None:
+        tensors[TOKENIZER_TENSOR] = torch.frombuffer(bytearray(model_bytes), dtype=torch.uint8)
     for k, v in (train_tensors or {}).items():
         tensors[STATE_PREFIX + k] = v.detach().to("cpu", copy=True).contiguous()
     header = {"format": FORMAT, "format_version": str(VERSION), "meta": json.dumps(meta, ensure_ascii=False)}

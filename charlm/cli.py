@@ -31,8 +31,10 @@ from charlm.data import PreparedData
 from charlm.decode import beam_search, processors, sample as sample_ids
 from charlm.display import TrainDisplay
 from charlm.ensemble import Ensemble
-from charlm.evaluate import evaluate
+from charlm.evaluate import evaluate, scored_chars
 from charlm.scorer import ModelScorer
+from charlm.spm import KINDS as TOKENIZER_KINDS
+from charlm.spm import TokenizerSpec
 from charlm.train import Trainer, TrainingStopped, pick_device
 
 app = typer.Typer(
@@ -82,10 +84,10 @@ def _bytes_progress(description: str) -> Progress:
 @friendly
 def corpus_list():
     """List the registered corpora and whether each is present locally."""
-    table = Table("name", "size", "present", "description", "license")
+    table = Table("name", "size", "present", "get from", "description", "license")
     for entry in corpus.registry().values():
         d = corpus.describe(entry)
-        table.add_row(d["name"], f"{d['bytes']:,} B", "yes" if d["present"] else "no", d["description"], d["license"])
+        table.add_row(d["name"], f"{d['bytes']:,} B", "yes" if d["present"] else "no", d["get"], d["description"], d["license"])
     Console().print(table)
 
 
@@ -94,12 +96,38 @@ def corpus_list():
 def corpus_get(
     name: Annotated[str, typer.Argument(help="A registered corpus name (see: charlm corpus list).")],
     mirror: Annotated[Optional[Path], typer.Option(help=f"Local mirror dir with NAME/input.txt; default ${corpus.MIRROR_ENV}.")] = None,
+    source: Annotated[Optional[Path], typer.Option("--from", help="Build it from a kernel source tree or tarball (.tar.xz/.tar.gz/.tar), read as a stream.")] = None,
+    subset: Annotated[Optional[str], typer.Option(help="With --from: only these paths of the tree, e.g. kernel,mm (default: the corpus's own).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --from: write here instead of corpora/NAME/input.txt (needed for a custom --subset).")] = None,
 ):
-    """Fetch a corpus into corpora/NAME/input.txt from a mirror or its URL, verifying its sha256."""
-    with _bytes_progress(f"get {name}") as bar:
-        task = bar.add_task(name, total=None)
-        path = corpus.get(name, mirror=mirror, progress=lambda done, total: bar.update(task, completed=done, total=total))
-    err.print(f"{name}: {path} (sha256 verified)")
+    """Fetch a corpus into corpora/NAME/input.txt from a mirror or its URL (or build it --from a tree), verifying its sha256."""
+    if source is None and (subset is not None or out is not None):
+        raise CharlmError("--subset and --out go with --from PATH (building from a source tree)")
+    if source is not None and mirror is not None:
+        raise CharlmError("give either --from PATH (build) or --mirror DIR (copy), not both")
+    with _bytes_progress("{task.description}") as bar:
+        task = bar.add_task(f"get {name}", total=None)
+        if source is None:
+            got = corpus.fetch(name, mirror=mirror, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        else:
+            update = lambda phase, done, total: bar.update(task, description=f"{name}: {phase}", completed=done, total=total)  # noqa: E731
+            got = corpus.build(name, source, subset=subset, out=out, progress=update)
+    err.print(_corpus_report(name, got), soft_wrap=True)
+
+
+def _corpus_report(name: str, got: corpus.Fetched) -> str:
+    made = f" built from {got.origin}: {got.files:,} files, {got.bytes:,} bytes" if got.files is not None else ""
+    if got.origin == "already present":
+        made = " (already present)"
+    if got.verified:
+        return f"{name}: {got.path}{made} (sha256 verified)"
+    if not got.registered:
+        return f"{got.path}{made}, sha256 {got.sha256} (a custom --subset: no registered checksum to compare)"
+    expected = corpus.lookup(name).bytes
+    size = "matches" if got.bytes == expected else "DIFFERS from"
+    sha = f"sha256 {got.sha256}, which" if got.sha256 else "its sha256"
+    return (f"{name}: {got.path}{made}; {sha} could not be verified: the registry has no published sha256 "
+            f"for {name}. Its size {size} the registered {expected:,} bytes")
 
 
 # -- prepare --------------------------------------------------------------------------------
@@ -125,11 +153,26 @@ class _PrepareBar:
         self.bar.update(self.tasks[phase], completed=done)
 
 
-def _run_prepare(files, out, encoding, fractions):
+def _run_prepare(files, out, encoding, fractions, tokenizer=None):
     total = sum(f.stat().st_size for f in files)
     bar = _PrepareBar(total)
     with bar.bar:
-        return prep.prepare(files, out, encoding=encoding, fractions=fractions, progress=bar)
+        return prep.prepare(files, out, encoding=encoding, fractions=fractions, progress=bar, tokenizer=tokenizer)
+
+
+def _tokenizer_spec(tokenizer: Optional[str], vocab_size: Optional[int], coverage: Optional[float]) -> Optional[TokenizerSpec]:
+    """The --tokenizer options as a spec; None when none was given (a prepared dir keeps its own)."""
+    if tokenizer is None and vocab_size is None and coverage is None:
+        return None
+    return TokenizerSpec(tokenizer or "char", vocab_size, 0.9995 if coverage is None else coverage).checked()
+
+
+TokenizerOpt = Annotated[Optional[str], typer.Option(
+    help=f"{', '.join(TOKENIZER_KINDS)}: one id per character (default), or a SentencePiece model trained on the training "
+         "split (spm-char: characters with byte fallback; bpe, unigram: subwords). Figures stay in bits per character.",
+    show_default=False)]
+VocabSizeOpt = Annotated[Optional[int], typer.Option("--vocab-size", help="SentencePiece pieces besides the 256 byte pieces (default: 1024 for bpe and unigram; spm-char: as many as the coverage keeps).", show_default=False)]
+CoverageOpt = Annotated[Optional[float], typer.Option(help="SentencePiece: share of the training characters that get a piece of their own; rarer ones are spelled in bytes (default: 0.9995).", show_default=False)]
 
 
 @app.command()
@@ -141,15 +184,21 @@ def prepare(
     encoding: Annotated[str, typer.Option(help="utf-8 (characters), or bytes (a byte-level vocabulary for non-UTF-8 files).")] = "utf-8",
     split: Annotated[str, typer.Option(help="train,val,test fractions of the text, in order.")] = "0.9,0.05,0.05",
     mirror: Annotated[Optional[Path], typer.Option(help="Corpus mirror dir, for corpus names.")] = None,
+    tokenizer: TokenizerOpt = None,
+    vocab_size: VocabSizeOpt = None,
+    character_coverage: CoverageOpt = None,
 ):
     """Encode a text into token ids for training: DIR/meta.json plus train.bin, val.bin, test.bin."""
+    spec = _tokenizer_spec(tokenizer, vocab_size, character_coverage)
     files = prep.resolve_inputs(input, glob=glob, mirror=mirror)
-    meta = _run_prepare(files, out, encoding, _split(split))
+    meta = _run_prepare(files, out, encoding, _split(split), spec)
     s = meta["splits"]
+    kind, size = meta["tokenizer"]["kind"], meta["vocab_size"]
+    pieces = "" if kind in ("char", "bytes") else f" ({kind}: {size - 256} pieces + 256 bytes)"
     err.print(
         f"prepared {meta['source']['chars']:,} characters from {len(files)} file(s) in {meta['seconds']:.1f}s: "
-        f"vocabulary {meta['vocab_size']}, train {s['train']['tokens']:,} / val {s['val']['tokens']:,} / "
-        f"test {s['test']['tokens']:,} tokens -> {out}", soft_wrap=True)
+        f"vocabulary {size}{pieces}, train {s['train']['tokens']:,} / "
+        f"val {s['val']['tokens']:,} / test {s['test']['tokens']:,} tokens -> {out}", soft_wrap=True)
 
 
 # -- train ----------------------------------------------------------------------------------
@@ -164,36 +213,39 @@ def _run_name(input: str) -> str:
 def train(
     ctx: typer.Context,
     input: Annotated[Optional[str], typer.Argument(help="A text file, a prepared dir or a corpus name. With --resume: optional.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir for checkpoints and metrics.jsonl [default: checkpoints/RUN].")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir for checkpoints and metrics.jsonl (default: checkpoints/RUN).")] = None,
     preset: Annotated[Optional[str], typer.Option(help=f"A shipped preset: {', '.join(config.list_presets())}.")] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="A YAML file of option: value (explicit flags win).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue exactly from a last.safetensors (optimizer, step, data position, state).")] = None,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's weights only (fresh optimizer and schedule).")] = None,
     cell: Annotated[Optional[str], typer.Option(help="lstm, gru or rnn.", show_default=False)] = None,
-    num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers [default: 2].", show_default=False)] = None,
-    rnn_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer [default: 256].", show_default=False)] = None,
-    embed_size: Annotated[Optional[int], typer.Option(help="Embedding width [default: 64].", show_default=False)] = None,
-    dropout: Annotated[Optional[float], typer.Option(help="Dropout between layers and before the head [default: 0].", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Contiguous streams B [default: 64].", show_default=False)] = None,
-    seq_length: Annotated[Optional[int], typer.Option(help="Window length T: steps of backprop [default: 100].", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, AdamW [default: 0.002].", show_default=False)] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay [default: 0].", show_default=False)] = None,
-    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm; 0 disables [default: 5].", show_default=False)] = None,
-    schedule: Annotated[Optional[str], typer.Option(help="constant, step or cosine [default: constant].", show_default=False)] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps [default: 0].", show_default=False)] = None,
-    lr_decay: Annotated[Optional[float], typer.Option(help="step schedule: factor [default: 0.5].", show_default=False)] = None,
-    decay_every: Annotated[Optional[int], typer.Option(help="step schedule: every this many steps [default: 1000].", show_default=False)] = None,
-    min_lr_ratio: Annotated[Optional[float], typer.Option(help="cosine schedule: final lr / lr [default: 0.1].", show_default=False)] = None,
+    num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers (default: 2).", show_default=False)] = None,
+    rnn_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer (default: 256).", show_default=False)] = None,
+    embed_size: Annotated[Optional[int], typer.Option(help="Embedding width (default: 64).", show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option(help="Dropout between layers and before the head (default: 0).", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Contiguous streams B (default: 64).", show_default=False)] = None,
+    seq_length: Annotated[Optional[int], typer.Option(help="Window length T: steps of backprop (default: 100).", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, AdamW (default: 0.002).", show_default=False)] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (default: 0).", show_default=False)] = None,
+    grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm; 0 disables (default: 5).", show_default=False)] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="constant, step or cosine (default: constant).", show_default=False)] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Linear warm-up steps (default: 0).", show_default=False)] = None,
+    lr_decay: Annotated[Optional[float], typer.Option(help="step schedule: factor (default: 0.5).", show_default=False)] = None,
+    decay_every: Annotated[Optional[int], typer.Option(help="step schedule: every this many steps (default: 1000).", show_default=False)] = None,
+    min_lr_ratio: Annotated[Optional[float], typer.Option(help="cosine schedule: final lr / lr (default: 0.1).", show_default=False)] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after this many steps.", show_default=False)] = None,
     max_epochs: Annotated[Optional[float], typer.Option(help="Stop after this many passes over the training split.", show_default=False)] = None,
     time_budget: Annotated[Optional[str], typer.Option(help="Stop after this long: 90s, 10m, 1h. No limit at all: one epoch.", show_default=False)] = None,
-    eval_every: Annotated[Optional[int], typer.Option(help="Validate and checkpoint every N steps [default: 200].", show_default=False)] = None,
-    log_every: Annotated[Optional[int], typer.Option(help="Report progress every N steps [default: 10].", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation and dropout [default: 1337].", show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps [default: auto].", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="fp32, or bf16 autocast with fp32 master weights [default: fp32].", show_default=False)] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Validate and checkpoint every N steps (default: 200).", show_default=False)] = None,
+    log_every: Annotated[Optional[int], typer.Option(help="Report progress every N steps (default: 10).", show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation and dropout (default: 1337).", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (default: auto).", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, or bf16 autocast with fp32 master weights (default: fp32).", show_default=False)] = None,
     encoding: Annotated[str, typer.Option(help="For a text input: utf-8 or bytes.")] = "utf-8",
     split: Annotated[str, typer.Option(help="For a text input: train,val,test fractions.")] = "0.9,0.05,0.05",
+    tokenizer: TokenizerOpt = None,
+    spm_vocab_size: VocabSizeOpt = None,
+    character_coverage: CoverageOpt = None,
     glob: Annotated[Optional[str], typer.Option(help="For a directory input: files to include.")] = None,
     mirror: Annotated[Optional[Path], typer.Option(help="Corpus mirror dir, for corpus names.")] = None,
     nproc: Annotated[Optional[int], typer.Option(help="Data-parallel on N processes of this machine (runs torchrun for you); --batch-size is per process.", show_default=False)] = None,
@@ -227,7 +279,8 @@ def train(
         model_cfg, train_cfg = config.resolve(*layers, base=base)
         out = out or Path("checkpoints") / _run_name(input)
 
-    prepare_input = functools.partial(_prepare_input, input, encoding=encoding, split=split, mirror=mirror, glob=glob)
+    spec = _tokenizer_spec(tokenizer, spm_vocab_size, character_coverage)
+    prepare_input = functools.partial(_prepare_input, input, encoding=encoding, split=split, mirror=mirror, glob=glob, tokenizer=spec)
     if nproc is not None and nproc != 1:
         # The launcher prepares the data once, then every rank reads that prepared dir, into one run dir.
         _launch_ranks(nproc, _forwarded_args(ctx, {"input": prepare_input(), "out": out, "nproc": None}))
@@ -251,14 +304,16 @@ def train(
             f"checkpoints in {result['out_dir']} (best.safetensors, last.safetensors)", soft_wrap=True)
 
 
-def _prepare_input(input: str, encoding: str, split: str, mirror: Optional[Path], glob: Optional[str], show: bool = True) -> Path:
+def _prepare_input(input: str, encoding: str, split: str, mirror: Optional[Path], glob: Optional[str],
+                   tokenizer: Optional[TokenizerSpec] = None, show: bool = True) -> Path:
     """The prepared dir to train on: given, or prepared (once, cached) from a text, directory or corpus."""
     files_total = None
     if not (Path(input).is_dir() and (Path(input) / "meta.json").exists()):
         files_total = sum(f.stat().st_size for f in prep.resolve_inputs(input, glob=glob, mirror=mirror))
     bar = _PrepareBar(files_total if show and files_total else 0)
     with bar.bar:
-        return prep.cached_prepare(input, encoding=encoding, fractions=_split(split), mirror=mirror, progress=bar, glob=glob)
+        return prep.cached_prepare(input, encoding=encoding, fractions=_split(split), mirror=mirror, progress=bar, glob=glob,
+                                   tokenizer=tokenizer)
 
 
 def _launch_ranks(nproc: int, rank_args: list[str]) -> None:
@@ -351,8 +406,9 @@ DtypeOpt = Annotated[str, typer.Option(help="fp32, or bf16 matrix products (much
 @friendly
 def sample(
     checkpoints: CkptArg,
-    length: Annotated[int, typer.Option(help="Characters to generate.")] = 500,
+    length: Annotated[int, typer.Option(help="Symbols to generate: characters, or pieces for a SentencePiece model.")] = 500,
     prime: Annotated[str, typer.Option(help="Text to start from (run through the network first, then printed).")] = "",
+    unknown: Annotated[str, typer.Option(help="Prime characters outside a char vocabulary: error, or skip (the model never sees them).")] = "error",
     temperature: Annotated[float, typer.Option(help="> 0; below 1 is more conservative.")] = 1.0,
     top_k: Annotated[Optional[int], typer.Option(help="Sample only among the k most likely characters.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Sample only within the top probability mass p.")] = None,
@@ -368,7 +424,7 @@ def sample(
     chain = processors(temperature, top_k, top_p)
     scorer, _ = _scorer(checkpoints, device, weights, combine, dtype)
     vocab = scorer.vocab
-    prime_t = _prime_ids(vocab, prime)
+    prime_t = _prime_ids(vocab, prime, unknown)
     generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
     out = sys.stdout
     if num_samples == 1:
@@ -389,12 +445,13 @@ def sample(
             out.flush()
 
 
-def _prime_ids(vocab, prime: str) -> torch.Tensor:
-    """The prime as ids; with no prime, start as if after a line break (or from the first symbol)."""
-    if prime:
-        ids = vocab.encode(prime)
-    else:
-        ids = vocab.encode("\n", unknown="skip")[:1] if vocab.kind == "char" else np.zeros(0, dtype=np.int64)
+def _prime_ids(vocab, prime: str, unknown: str = "error") -> torch.Tensor:
+    """The prime as ids; with no prime (or none left), start as if after a line break (or from the first symbol)."""
+    if unknown not in ("error", "skip"):
+        raise CharlmError(f"--unknown must be error or skip (got {unknown!r})")
+    ids = vocab.encode(prime, unknown) if prime else np.zeros(0, dtype=np.int64)
+    if len(ids) == 0:
+        ids = vocab.encode("\n", unknown="skip")[:1] if vocab.kind in ("char", "spm") else np.zeros(0, dtype=np.int64)
         if len(ids) == 0:
             ids = np.zeros(1, dtype=np.int64)
     return torch.from_numpy(np.asarray(ids, dtype=np.int64))
@@ -405,11 +462,12 @@ def _prime_ids(vocab, prime: str) -> torch.Tensor:
 def beam(
     checkpoints: CkptArg,
     prime: Annotated[str, typer.Option(help="Text to continue.")] = "",
-    length: Annotated[int, typer.Option(help="Characters to generate (at most).")] = 100,
+    length: Annotated[int, typer.Option(help="Symbols to generate at most: characters, or pieces for a SentencePiece model.")] = 100,
     beam_width: Annotated[int, typer.Option(help="Hypotheses kept at each step (K); 1 is greedy decoding.")] = 5,
     n_best: Annotated[int, typer.Option(help="How many of the best continuations to print (M <= K).")] = 1,
     length_penalty: Annotated[float, typer.Option(help="Rank by log-prob / length**A; 0 ranks by the total log-prob.")] = 0.0,
     stop_at: Annotated[Optional[str], typer.Option(help="End a hypothesis when it produces this text (e.g. a newline: $'\\n').")] = None,
+    unknown: Annotated[str, typer.Option(help="Prime characters outside a char vocabulary: error, or skip (the model never sees them).")] = "error",
     weights: WeightsOpt = None,
     combine: CombineOpt = "mean",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {text, logprob, bits_per_char}.")] = False,
@@ -425,11 +483,12 @@ def beam(
     if stop_at:  # accept a typed "\\n" or "\\t" as well as a real newline or tab
         stop_at = stop_at.replace("\\n", "\n").replace("\\t", "\t")
     stop = torch.from_numpy(np.asarray(vocab.encode(stop_at), dtype=np.int64)) if stop_at else None
-    results = beam_search(scorer, _prime_ids(vocab, prime), length, beam_width, n_best, length_penalty, stop)
+    results = beam_search(scorer, _prime_ids(vocab, prime, unknown), length, beam_width, n_best, length_penalty, stop)
     rows = []
     for ids, logprob in results:
-        rows.append({"text": prime + vocab.decode(ids), "logprob": logprob, "chars": len(ids),
-                     "bits_per_char": -logprob / math.log(2) / max(len(ids), 1)})
+        new = vocab.decode(ids)  # bits per character of the generated text, whatever the unit
+        rows.append({"text": prime + new, "logprob": logprob, "chars": len(new), "tokens": len(ids),
+                     "bits_per_char": -logprob / math.log(2) / max(len(new), 1)})
     if as_json:
         print(json.dumps(rows, ensure_ascii=False))
         return
@@ -440,29 +499,31 @@ def beam(
 
 
 def _eval_tokens(ckpt_path: Path, vocab, split: str, text: Optional[Path], data_dir: Optional[Path], unknown: str):
-    """The token stream to score and its characters per token."""
+    """The token stream to score and the number of characters of the text it spells."""
     if text is not None:
         try:
             raw = text.read_bytes()
         except FileNotFoundError:
             raise CharlmError(f"{text} does not exist") from None
         if vocab.kind == "bytes":
-            return vocab.encode_units(np.frombuffer(raw, dtype=np.uint8).astype(np.uint32), unknown), 1.0
+            ids = vocab.encode_units(np.frombuffer(raw, dtype=np.uint8).astype(np.uint32), unknown)
+            return ids, len(ids)
         try:
             s = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise CharlmError(f"{text} is not valid UTF-8 (byte offset {e.start})") from None
         if not s:
             raise CharlmError(f"{text} is empty")
-        return vocab.encode(s, unknown), 1.0
+        ids = vocab.encode(s, unknown)
+        # With --unknown skip (char vocabularies), the figure covers the kept characters only.
+        return ids, len(s) if vocab.kind == "spm" else len(ids)
     ckpt = checkpoint.load(ckpt_path)
     data = PreparedData(data_dir or ckpt.meta["provenance"]["data_dir"])
     if data.vocab != vocab:
         raise CharlmError(f"{data.dir} has a different vocabulary than {ckpt_path}")
     parts = split.split("+")
     tokens = np.concatenate([np.asarray(data.tokens(s)) for s in parts])
-    chars = sum(data.chars(s) for s in parts)
-    return tokens, chars / max(len(tokens), 1)
+    return tokens, sum(data.chars(s) for s in parts)
 
 
 @app.command("eval")
@@ -471,25 +532,29 @@ def eval_cmd(
     checkpoints: CkptArg,
     split: Annotated[str, typer.Option(help="val, test, train, or several joined with + (val+test = the last 10% by default).")] = "val",
     text: Annotated[Optional[Path], typer.Option(help="Score this UTF-8 file instead of a split.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Prepared dir to read the split from [default: the one recorded in the checkpoint].")] = None,
-    unknown: Annotated[str, typer.Option(help="Characters outside the vocabulary: error, or skip (drops them from the text scored).")] = "error",
+    data: Annotated[Optional[Path], typer.Option(help="Prepared dir to read the split from (default: the one recorded in the checkpoint).")] = None,
+    unknown: Annotated[str, typer.Option(help="Characters outside a char vocabulary: error, or skip (drops them from the text scored). SentencePiece models score any text.")] = "error",
     weights: WeightsOpt = None,
     combine: CombineOpt = "mean",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (ensemble figures at the top, members in 'members').")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
 ):
-    """Bits per character and perplexity, the text scored as one stream with the state carried through."""
+    """Bits per character and perplexity, the text scored as one stream with the state carried through.
+
+    Always per character of the text, whatever the model's unit; a SentencePiece model also gets bits per token.
+    """
     if unknown not in ("error", "skip"):
         raise CharlmError(f"--unknown must be error or skip (got {unknown!r})")
     scorer, members = _scorer(checkpoints, device, weights, combine, dtype)
-    tokens, cpt = _eval_tokens(checkpoints[0], scorer.vocab, split, text, data, unknown)
+    tokens, text_chars = _eval_tokens(checkpoints[0], scorer.vocab, split, text, data, unknown)
     if len(tokens) < 2:
         raise CharlmError("the text to score has fewer than 2 characters")
-    result = evaluate(scorer, tokens, cpt)
+    chars = scored_chars(scorer.vocab, tokens, text_chars)
+    result = _per_char(evaluate(scorer, tokens, chars=chars))
     rows = []
     if len(members) > 1:
-        rows = [{"checkpoint": str(p), **evaluate(m, tokens, cpt)} for p, m in zip(checkpoints, members)]
+        rows = [{"checkpoint": str(p), **_per_char(evaluate(m, tokens, chars=chars))} for p, m in zip(checkpoints, members)]
     source = str(text) if text else split
     if as_json:
         payload = {**result, "source": source}
@@ -498,12 +563,21 @@ def eval_cmd(
             payload["combine"] = combine
         print(json.dumps(payload))
         return
-    table = Table("model", "bits/char", "perplexity", "chars", title=f"charlm eval on {source}")
-    for r in rows:
-        table.add_row(r["checkpoint"], f"{r['bits_per_char']:.4f}", f"{r['perplexity']:.3f}", f"{r['chars']:,}")
+    per_token = "bits_per_token" in result
+    columns = ["model", "bits/char", "perplexity", "chars"] + (["bits/token", "tokens"] if per_token else [])
+    table = Table(*columns, title=f"charlm eval on {source}")
     name = f"ensemble ({combine}, {len(members)} models)" if rows else str(checkpoints[0])
-    table.add_row(name, f"{result['bits_per_char']:.4f}", f"{result['perplexity']:.3f}", f"{result['chars']:,}")
+    for label, r in [(r["checkpoint"], r) for r in rows] + [(name, result)]:
+        cells = [label, f"{r['bits_per_char']:.4f}", f"{r['perplexity']:.3f}", f"{r['chars']:,}"]
+        table.add_row(*cells, *([f"{r['bits_per_token']:.4f}", f"{r['tokens']:,}"] if per_token else []))
     Console().print(table)
+
+
+def _per_char(result: dict) -> dict:
+    """An evaluation record, with bits per token only where tokens are not characters."""
+    if result["tokens"] == result["chars"]:
+        result = {k: v for k, v in result.items() if k != "bits_per_token"}
+    return result
 
 
 @app.command()
@@ -520,7 +594,10 @@ def info(
     table = Table("field", "value", title=str(ckpt), show_lines=False)
     table.add_row("format", f"{checkpoint.FORMAT} v{checkpoint.VERSION}")
     vocab = c.vocab
-    table.add_row("vocabulary", f"{len(vocab)} {vocab.kind} symbols: {''.join(vocab.symbol(i) for i in range(min(len(vocab), 100)))!r}")
+    if vocab.kind == "spm":
+        table.add_row("vocabulary", vocab.describe()[0].upper() + vocab.describe()[1:])
+    else:
+        table.add_row("vocabulary", f"{len(vocab)} {vocab.kind} symbols: {''.join(vocab.symbol(i) for i in range(min(len(vocab), 100)))!r}")
     for section in ("model", "metrics", "provenance", "train"):
         for k, v in c.meta.get(section, {}).items():
             if isinstance(v, float):
@@ -550,7 +627,7 @@ def bench(
         return
     t, roof = r["train"], r["roof"]
     table = Table("what", "measured", "note", title=f"charlm bench ({r['machine']['threads']} threads, torch {r['machine']['torch']})")
-    table.add_row("roof fp32", f"{roof['fp32_gflops']:,.0f} GFLOP/s", "best of 2048^3 and 64x512x2048 products")
+    table.add_row("roof fp32", f"{roof['fp32_gflops']:,.0f} GFLOP/s", "best of torch.mm and oneDNN, square and LSTM-shaped products")
     table.add_row("roof bf16", f"{roof['bf16_gflops']:,.0f} GFLOP/s", f"{roof['bf16_gflops'] / roof['fp32_gflops']:.1f}x fp32")
     for key, label in (("reference_fp32", "train, plain nn.LSTM loop, fp32"), ("fp32", "train, charlm fp32"), ("bf16", "train, charlm bf16")):
         note = f"{t[key]['gflops']:,.0f} GFLOP/s = {t[key]['fraction_of_roof']:.0%} of the {'bf16' if key == 'bf16' else 'fp32'} roof"
@@ -565,6 +642,19 @@ def bench(
     table.add_row("prepare", f"{r['prepare']['mb_per_s']:,} MB/s", f"{r['prepare']['megabytes']} MiB synthetic ASCII text")
     Console().print(table)
     Console().print(f"model: {t['model']}")
+
+
+# -- plot -----------------------------------------------------------------------------------
+@app.command()
+@friendly
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="A training run's --out dir (holding metrics.jsonl).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The PNG to write; default RUN_DIR/loss.png.")] = None,
+):
+    """Draw train and validation bits/char against characters seen, from RUN_DIR/metrics.jsonl, as a PNG."""
+    from charlm.plot import plot_run  # imported here: matplotlib is optional and only this command needs it
+
+    err.print(f"wrote {plot_run(run_dir, out)}", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from charlm import CharlmError
 from charlm.prepare import DATA_FORMAT, SPLITS
-from charlm.vocab import Vocab
+from charlm.vocab import load_vocab
 
 
 class PreparedData:
@@ -27,7 +27,17 @@ class PreparedData:
             raise CharlmError(f"{meta_path} is corrupt; prepare the data again") from None
         if self.meta.get("format") != DATA_FORMAT:
             raise CharlmError(f"{meta_path} was not written by charlm prepare")
-        self.vocab = Vocab.from_meta(self.meta["vocab"])
+        self.vocab = load_vocab(self.meta["vocab"], self._tokenizer_model(), where=str(self.dir))
+
+    def _tokenizer_model(self) -> bytes | None:
+        """The serialized SentencePiece model meta.json names, if any."""
+        name = (self.meta.get("tokenizer") or {}).get("file")
+        if not name:
+            return None
+        path = self.dir / name
+        if not path.exists():
+            raise CharlmError(f"{path} is missing; prepare the data again")
+        return path.read_bytes()
 
     def tokens(self, split: str) -> np.ndarray:
         """The split's ids as a read-only memmap (an empty array for an empty split)."""

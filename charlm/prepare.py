@@ -1,7 +1,9 @@
 """Text (file, directory or named corpus) -> prepared dir: meta.json + train/val/test.bin.
 
 Streams in chunks, two passes: the first checks the encoding and collects the vocabulary, the
-second encodes and writes. The corpus never sits in memory as one Python string.
+second encodes and writes. The corpus never sits in memory as one Python string. A SentencePiece
+tokenizer adds a pass between them: the training split streamed to a temporary file of lines,
+which the SentencePiece trainer reads.
 """
 
 from __future__ import annotations
@@ -10,19 +12,22 @@ import codecs
 import hashlib
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from charlm import CharlmError, corpus
+from charlm import CharlmError, corpus, spm
+from charlm.spm import SpmVocab, TokenizerSpec
 from charlm.vocab import MAX_CODEPOINT, Vocab
 
 CHUNK = 1 << 23  # 8 MiB of bytes per read
 SPLITS = ("train", "val", "test")
 DATA_FORMAT = "charlm-data"
 DATA_VERSION = 1
+TOKENIZER_FILE = "tokenizer.model"  # the serialized SentencePiece model, in the prepared dir
 
 Progress = Callable[[str, int, int], None]  # (phase, bytes done, bytes total)
 
@@ -83,6 +88,13 @@ def _decode(chunk: bytes, decoder, final: bool, path: Path, offset: int) -> np.n
     return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
 
 
+def units_to_text(units: np.ndarray) -> str:
+    """Code points (uint32, or uint8 from the ASCII fast path) back to a string."""
+    if units.dtype == np.uint8:
+        return units.tobytes().decode("latin-1")
+    return units.astype("<u4", copy=False).tobytes().decode("utf-32-le")
+
+
 def _total_bytes(files: list[Path]) -> int:
     return sum(p.stat().st_size for p in files)
 
@@ -106,10 +118,14 @@ def prepare(
     encoding: str = "utf-8",
     fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
     progress: Progress | None = None,
+    tokenizer: TokenizerSpec | None = None,
 ) -> dict:
-    """Write out_dir/{train,val,test}.bin and meta.json; return the meta record."""
+    """Write out_dir/{train,val,test}.bin and meta.json (plus tokenizer.model for SentencePiece); return the meta record."""
     if encoding not in ("utf-8", "bytes"):
         raise CharlmError(f"--encoding must be utf-8 or bytes (got {encoding!r})")
+    spec = (tokenizer or TokenizerSpec()).checked()
+    if spec.is_spm and encoding != "utf-8":
+        raise CharlmError(f"--tokenizer {spec.kind} reads UTF-8 text: drop --encoding bytes (byte fallback already covers any character)")
     fractions = check_fractions(fractions)
     total = _total_bytes(files)
     if total == 0:
@@ -130,45 +146,37 @@ def prepare(
         with open(path, "rb") as f:
             while chunk := f.read(CHUNK):
                 sha.update(chunk)
-    vocab = Vocab("char" if encoding == "utf-8" else "bytes", np.flatnonzero(seen))
 
-    # Pass 2: encode and write each split.
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # meta.json last: its presence means complete
     bounds = (0, *split_bounds(n_units, fractions), n_units)
+    if spec.is_spm:
+        vocab = _train_tokenizer(files, out_dir, bounds[1], spec, int(seen.sum()), progress, total)
+        tokenizer_meta = {**spec.to_meta(), "vocab_size": len(vocab), "sha256": vocab.sha256, "file": TOKENIZER_FILE}
+        encoders = {s: _SpmEncoder(vocab) for s in SPLITS}
+    else:
+        vocab = Vocab("char" if encoding == "utf-8" else "bytes", np.flatnonzero(seen))
+        tokenizer_meta = {"kind": vocab.kind}
+        encoders = {s: _CharEncoder(vocab) for s in SPLITS}
+        (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)  # from an earlier SentencePiece run: not this data's
+
+    # Pass 2: encode and write each split.
     dtype = vocab.id_dtype
-    outs = {s: open(out_dir / f"{s}.bin.part", "wb") for s in SPLITS}
-    counts = dict.fromkeys(SPLITS, 0)
-    pos = 0
-    try:
-        for units, done in _units(files, encoding):
-            ids = vocab.encode_units(units).astype(dtype)
-            for i, s in enumerate(SPLITS):
-                lo, hi = max(bounds[i] - pos, 0), min(bounds[i + 1] - pos, len(ids))
-                if hi > lo:
-                    outs[s].write(ids[lo:hi].tobytes())
-                    counts[s] += hi - lo
-            pos += len(ids)
-            if progress:
-                progress("encode", done, total)
-    finally:
-        for f in outs.values():
-            f.close()
-    for s in SPLITS:
-        os.replace(out_dir / f"{s}.bin.part", out_dir / f"{s}.bin")
+    counts = _encode_splits(files, encoding, bounds, encoders, out_dir, dtype, progress, total)
 
     meta = {
         "format": DATA_FORMAT,
         "version": DATA_VERSION,
-        "tokenizer": {"kind": vocab.kind},
+        "tokenizer": tokenizer_meta,
         "vocab": vocab.to_meta(),
         "vocab_size": len(vocab),
         "dtype": np.dtype(dtype).name,
         "encoding": encoding,
         "split_fractions": list(fractions),
-        # For a character vocabulary every token is one character; for bytes, a 'char' is a byte.
-        "splits": {s: {"tokens": counts[s], "chars": counts[s]} for s in SPLITS},
+        # Characters per split are counted on the text itself: for a character vocabulary they equal
+        # the tokens (for bytes, a 'char' is a byte); a SentencePiece piece may span several.
+        "splits": {s: {"tokens": counts[s], "chars": bounds[i + 1] - bounds[i]} for i, s in enumerate(SPLITS)},
         "source": {
             "paths": [str(p.resolve()) for p in files],
             "sha256": sha.hexdigest(),
@@ -183,8 +191,105 @@ def prepare(
     return meta
 
 
-def options_key(encoding: str, fractions) -> str:
-    return hashlib.sha256(json.dumps([DATA_VERSION, encoding, list(fractions)]).encode()).hexdigest()[:8]
+class _CharEncoder:
+    """Units to ids, one per unit: nothing to carry between chunks."""
+
+    def __init__(self, vocab: Vocab):
+        self.feed = vocab.encode_units
+
+    def finish(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)
+
+
+class _SpmEncoder:
+    """Units to text to SentencePiece ids; the open line is held back until it is complete."""
+
+    def __init__(self, vocab: SpmVocab):
+        self.inner = vocab.stream_encoder()
+
+    def feed(self, units: np.ndarray) -> np.ndarray:
+        return self.inner.feed(units_to_text(units))
+
+    def finish(self) -> np.ndarray:
+        return self.inner.finish()
+
+
+def _encode_splits(files, encoding, bounds, encoders, out_dir: Path, dtype, progress, total) -> dict[str, int]:
+    """Pass 2: each split's units through its own encoder into SPLIT.bin; the tokens written per split."""
+    outs = {s: open(out_dir / f"{s}.bin.part", "wb") for s in SPLITS}
+    counts = dict.fromkeys(SPLITS, 0)
+
+    def write(split: str, ids: np.ndarray) -> None:
+        outs[split].write(ids.astype(dtype).tobytes())
+        counts[split] += len(ids)
+
+    pos = 0
+    try:
+        for units, done in _units(files, encoding):
+            for i, s in enumerate(SPLITS):
+                lo, hi = max(bounds[i] - pos, 0), min(bounds[i + 1] - pos, len(units))
+                if hi > lo:
+                    write(s, encoders[s].feed(units[lo:hi]))
+            pos += len(units)
+            if progress:
+                progress("encode", done, total)
+        for s in SPLITS:
+            write(s, encoders[s].finish())
+    finally:
+        for f in outs.values():
+            f.close()
+    for s in SPLITS:
+        os.replace(out_dir / f"{s}.bin.part", out_dir / f"{s}.bin")
+    return counts
+
+
+def _train_tokenizer(files, out_dir: Path, n_train: int, spec: TokenizerSpec, distinct: int, progress, total) -> SpmVocab:
+    """Train SentencePiece on the training split only (streamed to a temporary file of lines); keep its model in out_dir."""
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".tokenizer-train.", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:  # newline="": a "\r" stays a "\r"
+            pos, column = 0, 0
+            for units, done in _units(files, "utf-8"):
+                take = min(len(units), n_train - pos)
+                if take > 0:
+                    text, column = spm.fold_lines(units_to_text(units[:take]), column)
+                    f.write(text)
+                pos += len(units)
+                if progress:
+                    progress("tokenizer", done, total)
+                if pos >= n_train:
+                    break
+        model = spm.train(Path(tmp), spec, distinct)
+    finally:
+        os.unlink(tmp)
+    vocab = SpmVocab(model, spec.kind)
+    part = out_dir / (TOKENIZER_FILE + ".part")
+    part.write_bytes(model)
+    os.replace(part, out_dir / TOKENIZER_FILE)
+    return vocab
+
+
+def options_key(encoding: str, fractions, tokenizer: TokenizerSpec | None = None) -> str:
+    """A short hash of the prepare options, part of a cache dir's name (unchanged for the char tokenizer)."""
+    options = [DATA_VERSION, encoding, list(fractions)]
+    if tokenizer is not None and tokenizer.is_spm:
+        options.append(tokenizer.to_meta())
+    return hashlib.sha256(json.dumps(options).encode()).hexdigest()[:8]
+
+
+def _check_tokenizer(prepared: Path, tokenizer: TokenizerSpec | None) -> None:
+    """A prepared dir keeps its own tokenizer: asking for another one is a mistake worth a word."""
+    if tokenizer is None:
+        return
+    try:
+        kind = json.loads((prepared / "meta.json").read_text()).get("tokenizer", {}).get("kind", "char")
+    except (OSError, ValueError, AttributeError):
+        return  # PreparedData reports a broken meta.json properly
+    if (kind if kind != "bytes" else "char") != tokenizer.kind:
+        raise CharlmError(
+            f"{prepared} is already prepared with the {kind} tokenizer; --tokenizer applies to text inputs "
+            f"(give the text, or prepare it again: charlm prepare TEXT -o DIR --tokenizer {tokenizer.kind})"
+        )
 
 
 def cached_prepare(
@@ -194,18 +299,21 @@ def cached_prepare(
     mirror: str | None = None,
     progress: Progress | None = None,
     glob: str | None = None,
+    tokenizer: TokenizerSpec | None = None,
 ) -> Path:
     """Train-on-the-fly: a prepared dir as given, or one prepared once into corpora/.cache/ and reused."""
     path = Path(source)
     if path.is_dir() and (path / "meta.json").exists():
+        _check_tokenizer(path, tokenizer)
         return path
+    spec = (tokenizer or TokenizerSpec()).checked()
     files = resolve_inputs(source, glob=glob, mirror=mirror)
     fractions = check_fractions(tuple(fractions))
     h = hashlib.sha256()
     for f in files:
         h.update(corpus.sha256_file(f).encode())
     stem = files[0].parent.name if files[0].name == "input.txt" else files[0].stem
-    cache = corpus.corpora_dir() / ".cache" / f"{stem}-{h.hexdigest()[:12]}-{options_key(encoding, fractions)}"
+    cache = corpus.corpora_dir() / ".cache" / f"{stem}-{h.hexdigest()[:12]}-{options_key(encoding, fractions, spec)}"
     if not (cache / "meta.json").exists():
-        prepare(files, cache, encoding=encoding, fractions=fractions, progress=progress)
+        prepare(files, cache, encoding=encoding, fractions=fractions, progress=progress, tokenizer=spec)
     return cache

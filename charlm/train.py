@@ -96,8 +96,12 @@ class Trainer:
         self.rows = cfg.batch_size * self.world.size  # rows of the training layout, over all ranks
         self.batcher = StreamBatcher(self.train_tokens, self.rows, cfg.seq_length, rows=self.world.rows(cfg.batch_size))
         self.val_tokens = data.tokens("val")
+        # Losses are per token; figures are per character of the text (a SentencePiece piece may
+        # span several), converted with each split's own ratio, counted at prepare time.
         split = data.meta["splits"]["train"]
         self.chars_per_token = split["chars"] / max(split["tokens"], 1)
+        val = data.meta["splits"]["val"]
+        self.val_chars_per_token = val["chars"] / max(val["tokens"], 1)
 
         torch.manual_seed(cfg.seed)
         self.model = CharRNN(model_cfg).to(self.device)
@@ -261,10 +265,10 @@ class Trainer:
         nll, tokens = 0.0, 0
         if hi > lo:
             mine = row_span(self.val_tokens, streams, lo, hi)
-            part = evaluate(scorer, mine, self.chars_per_token, streams=hi - lo, window=self.cfg.seq_length)
+            part = evaluate(scorer, mine, self.val_chars_per_token, streams=hi - lo, window=self.cfg.seq_length)
             nll, tokens = part["nll"], part["tokens"]
         nll, tokens = self.world.all_reduce_sum([nll, tokens])
-        return nll / LN2 / (tokens * self.chars_per_token) if tokens else math.nan
+        return nll / LN2 / (tokens * self.val_chars_per_token) if tokens else math.nan
 
     def _evaluate_and_save(self, train_bpc: float) -> None:
         p = self.progress
@@ -282,9 +286,10 @@ class Trainer:
         metrics = {**self._position(), "train_bpc": train_bpc, "val_bpc": val, "best_val_bpc": p.best_val, "best_step": p.best_step}
         hidden = self.world.gather_rows(self.state or ())  # every rank takes part; rank 0 gets all rows
         if self.world.is_main:
-            checkpoint.save(self.out_dir / "last.safetensors", self.model, self._meta(metrics), self._train_tensors(hidden))
+            checkpoint.save(self.out_dir / "last.safetensors", self.model, self._meta(metrics), self._train_tensors(hidden),
+                            vocab=self.data.vocab)
             if improved:
-                checkpoint.save(self.out_dir / "best.safetensors", self.model, self._meta(metrics))
+                checkpoint.save(self.out_dir / "best.safetensors", self.model, self._meta(metrics), vocab=self.data.vocab)
         self.report("saved", {"step": p.step, "improved": improved, "out_dir": str(self.out_dir)})
 
     # -- reporting -----------------------------------------------------------------------
@@ -321,7 +326,8 @@ class Trainer:
         return {
             **as_dict(self.model_cfg, self.cfg),
             "vocab": self.data.vocab.to_meta(),
-            "tokenizer": self.data.meta.get("tokenizer", {"kind": "char"}),
+            # The prepared dir's file name is left out: the model itself is the tokenizer.spm tensor.
+            "tokenizer": {k: v for k, v in self.data.meta.get("tokenizer", {"kind": "char"}).items() if k != "file"},
             "metrics": metrics,
             "provenance": {
                 "data_dir": str(self.data.dir.resolve()),

@@ -1,4 +1,7 @@
-"""Vocabularies: characters (Unicode code points) or raw bytes, with fast array encoding."""
+"""Vocabularies: characters (Unicode code points) or raw bytes, with fast array encoding.
+
+SentencePiece vocabularies live in spm.py; load_vocab builds either kind from a meta record.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,20 @@ import numpy as np
 from charlm import CharlmError
 
 MAX_CODEPOINT = 0x110000
+
+
+def id_dtype_for(size: int):
+    """Smallest unsigned dtype that holds every id of a vocabulary of this size."""
+    return np.uint8 if size <= 256 else np.uint16 if size <= 65536 else np.uint32
+
+
+def load_vocab(record: dict, model_bytes: bytes | None = None, where: str = "the vocabulary record"):
+    """The vocabulary a meta record describes: Vocab (char, bytes), or SpmVocab given its serialized model."""
+    if isinstance(record, dict) and record.get("kind") == "spm":
+        from charlm.spm import SpmVocab  # imported here: only SentencePiece vocabularies need sentencepiece
+
+        return SpmVocab.from_meta(record, model_bytes, where)
+    return Vocab.from_meta(record)
 
 
 class Vocab:
@@ -55,10 +72,14 @@ class Vocab:
         c = int(self.codes[i])
         return chr(c) if self.kind == "char" else f"<0x{c:02X}>"
 
+    def describe(self) -> str:
+        """In a few words, for messages."""
+        return f"a {'character' if self.kind == 'char' else 'byte'} vocabulary of {len(self)} symbols"
+
     @property
     def id_dtype(self):
         """Smallest unsigned dtype that holds every id."""
-        return np.uint8 if len(self) <= 256 else np.uint16 if len(self) <= 65536 else np.uint32
+        return id_dtype_for(len(self))
 
     # -- encoding ------------------------------------------------------------------------
     def units(self, text: str) -> np.ndarray:
@@ -79,7 +100,10 @@ class Vocab:
             missing = sorted(set(units[~known].tolist()))
             shown = ", ".join(repr(chr(c)) if self.kind == "char" else f"0x{c:02X}" for c in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise CharlmError(f"{len(missing)} character(s) not in the model's vocabulary: {shown}{more}")
+            raise CharlmError(
+                f"{len(missing)} character(s) not in the model's vocabulary: {shown}{more} "
+                "(--unknown skip drops them; a SentencePiece tokenizer, --tokenizer spm-char, encodes any text)"
+            )
         return idx.astype(np.int64)
 
     def encode(self, text: str, unknown: str = "error") -> np.ndarray:
