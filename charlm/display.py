@@ -80,6 +80,7 @@ class TrainDisplay:
         self.val = r["val_bpc"]
         line = f"step {r['step']:,}  val {_fmt_bpc(r['val_bpc'])} bits/char (best {_fmt_bpc(r['best_val_bpc'])})"
         if self.progress is not None:
+            self.progress.update(self.task, val=_fmt_bpc(self.val))
             self.progress.console.print(line, soft_wrap=True)
         else:
             self.console.print(line, soft_wrap=True)
