@@ -37,6 +37,7 @@ def main(argv=None) -> dict:
         ("beam width 1", f"{r['beam']['width1_ms_per_char']} ms/char"),
         ("beam width 10", f"{r['beam']['width10_ms_per_char']} ms/char ({r['beam']['width10_over_width1']}x width 1)"),
         ("ensemble of 3, 1 stream", f"{r['ensemble']['three_chars_per_s']:,} chars/s ({r['ensemble']['three_over_one']}x one model's time)"),
+        ("ensemble of 3, 64 streams", f"{r['ensemble']['three_batch64_chars_per_s']:,} chars/s ({r['ensemble']['three_over_one_batch64']}x one model's time)"),
     ]
     for name, value in rows:
         print(f"  {name:<28} {value}")

@@ -634,11 +634,15 @@ def bench(
         if key != "reference_fp32":
             note += f"; {t[key + '_over_reference']:.2f}x the reference"
         table.add_row(label, f"{t[key]['chars_per_s']:,} chars/s", note)
-    table.add_row("sample, 1 stream", f"{r['sample']['single']['chars_per_s']:,} chars/s", "")
-    table.add_row("sample, 64 streams", f"{r['sample']['batch64']['chars_per_s']:,} chars/s", "total over the batch")
-    table.add_row("beam, width 1 / 10", f"{r['beam']['width1_ms_per_char']} / {r['beam']['width10_ms_per_char']} ms/char",
-                  f"width 10 costs {r['beam']['width10_over_width1']}x width 1")
-    table.add_row("ensemble of 3, sampling", f"{r['ensemble']['three_chars_per_s']:,} chars/s", f"{r['ensemble']['three_over_one']}x one model's time")
+    for case, label in (("single", "sample, 1 stream"), ("batch64", "sample, 64 streams")):
+        row = r["sample"][case]
+        table.add_row(label, f"{row['chars_per_s']:,} chars/s", f"{row['dtype']} products" + (", total over the batch" if case == "batch64" else ""))
+    for dtype in ("fp32", "bf16"):
+        beam, ens = r["beam"][dtype], r["ensemble"][dtype]
+        table.add_row(f"beam width 1 / 10, {dtype}", f"{beam['width1_ms_per_char']} / {beam['width10_ms_per_char']} ms/char",
+                      f"width 10 costs {beam['width10_over_width1']}x width 1")
+        table.add_row(f"ensemble of 3, {dtype}", f"{ens['three_chars_per_s']:,} / {ens['three_batch64_chars_per_s']:,} chars/s",
+                      f"1 / 64 streams: {ens['three_over_one']}x / {ens['three_over_one_batch64']}x one model's time")
     table.add_row("prepare", f"{r['prepare']['mb_per_s']:,} MB/s", f"{r['prepare']['megabytes']} MiB synthetic ASCII text")
     Console().print(table)
     Console().print(f"model: {t['model']}")

@@ -210,3 +210,18 @@ def test_ensemble_vocabulary_mismatch_is_named(tmp_path, cli_run):
     r = run("train", f, "--out", tmp_path / "o", "--max-steps", "3", *FAST)
     assert r.exit_code == 0, r.output
     assert_clean_error(run("eval", cli_run / "best.safetensors", tmp_path / "o" / "best.safetensors"), "different vocabularies.*'%'")
+
+
+def test_bench_quick_json():
+    """charlm bench end to end on a tiny model: every documented key is there and positive."""
+    import json
+
+    r = run("bench", "--quick", "--json", "--rnn-size", "32", "--batch-size", "8", "--seq-length", "16")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    for path in ("roof.fp32_gflops", "roof.bf16_gflops", "train.reference_fp32.chars_per_s", "train.fp32.chars_per_s",
+                 "train.bf16.chars_per_s", "sample.single.chars_per_s", "sample.batch64.chars_per_s", "prepare.mb_per_s"):
+        value = report
+        for key in path.split("."):
+            value = value[key]
+        assert value > 0, path
