@@ -307,13 +307,13 @@ def train(
 def _prepare_input(input: str, encoding: str, split: str, mirror: Optional[Path], glob: Optional[str],
                    tokenizer: Optional[TokenizerSpec] = None, show: bool = True) -> Path:
     """The prepared dir to train on: given, or prepared (once, cached) from a text, directory or corpus."""
-    files_total = None
+    files = None
     if not (Path(input).is_dir() and (Path(input) / "meta.json").exists()):
-        files_total = sum(f.stat().st_size for f in prep.resolve_inputs(input, glob=glob, mirror=mirror))
-    bar = _PrepareBar(files_total if show and files_total else 0)
+        files = prep.resolve_inputs(input, glob=glob, mirror=mirror)  # once: for a corpus name this fetches and verifies
+    bar = _PrepareBar(sum(f.stat().st_size for f in files) if show and files else 0)
     with bar.bar:
         return prep.cached_prepare(input, encoding=encoding, fractions=_split(split), mirror=mirror, progress=bar, glob=glob,
-                                   tokenizer=tokenizer)
+                                   tokenizer=tokenizer, files=files)
 
 
 def _launch_ranks(nproc: int, rank_args: list[str]) -> None:

@@ -48,8 +48,11 @@ def resolve_inputs(source: str | Path, glob: str | None = None, mirror: str | No
     raise CharlmError(f"{source} is neither a file, a directory nor a registered corpus (see: charlm corpus list)")
 
 
-def _units(files: list[Path], encoding: str) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield (units, bytes consumed so far): code points for 'utf-8', byte values for 'bytes'."""
+def _units(files: list[Path], encoding: str, hasher=None) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield (units, bytes consumed so far): code points for 'utf-8', byte values for 'bytes'.
+
+    `hasher` (e.g. hashlib.sha256()), if given, is fed every raw chunk: the checksum needs no pass of its own.
+    """
     done = 0
     for path in files:
         decoder = codecs.getincrementaldecoder("utf-8")()
@@ -58,6 +61,8 @@ def _units(files: list[Path], encoding: str) -> Iterator[tuple[np.ndarray, int]]
             while True:
                 chunk = f.read(CHUNK)
                 final = len(chunk) < CHUNK
+                if hasher is not None:
+                    hasher.update(chunk)
                 if encoding == "bytes":
                     units = np.frombuffer(chunk, dtype=np.uint8)
                 else:
@@ -156,16 +161,12 @@ def prepare(
     sha = hashlib.sha256()
     seen = np.zeros(MAX_CODEPOINT if encoding == "utf-8" else 256, dtype=bool)
     n_units = 0
-    for units, done in _units(files, encoding):
+    for units, done in _units(files, encoding, hasher=sha):
         if len(units):
             seen[: int(units.max()) + 1] |= np.bincount(units) > 0
         n_units += len(units)
         if progress:
             progress("scan", done, total)
-    for path in files:  # hashing separately keeps pass 1 simple; it is cheap next to decoding
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK):
-                sha.update(chunk)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,14 +321,18 @@ def cached_prepare(
     progress: Progress | None = None,
     glob: str | None = None,
     tokenizer: TokenizerSpec | None = None,
+    files: list[Path] | None = None,
 ) -> Path:
-    """Train-on-the-fly: a prepared dir as given, or one prepared once into corpora/.cache/ and reused."""
+    """Train-on-the-fly: a prepared dir as given, or one prepared once into corpora/.cache/ and reused.
+
+    `files`: the source's files when the caller has resolved them already (saves fetching twice).
+    """
     path = Path(source)
     if path.is_dir() and (path / "meta.json").exists():
         _check_tokenizer(path, tokenizer)
         return path
     spec = (tokenizer or TokenizerSpec()).checked()
-    files = resolve_inputs(source, glob=glob, mirror=mirror)
+    files = files or resolve_inputs(source, glob=glob, mirror=mirror)
     fractions = check_fractions(tuple(fractions))
     h = hashlib.sha256()
     for f in files:

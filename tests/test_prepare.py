@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -23,6 +24,7 @@ def test_splits_are_contiguous_and_round_trip(tmp_path, text_file):
     assert sum(s["tokens"] for s in meta["splits"].values()) == n
     assert meta["dtype"] == "uint8"
     assert meta["source"]["chars"] == n
+    assert meta["source"]["sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
     assert json.loads((tmp_path / "p" / "meta.json").read_text())["vocab_size"] == len(set(text))
 
 
