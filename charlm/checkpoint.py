@@ -137,13 +137,20 @@ def read_header(path: str | Path) -> dict:
     return header
 
 
+def read_meta(path: str | Path) -> dict:
+    """The JSON metadata of a checkpoint (config, vocabulary, provenance ...), without reading the tensors."""
+    try:
+        return json.loads(read_header(path)["__metadata__"]["meta"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise CharlmError(f"{path} is corrupt (unreadable metadata); use another checkpoint") from None
+
+
 def load(path: str | Path) -> Checkpoint:
     """Read a checkpoint onto the CPU, whatever device wrote it."""
     path = Path(path)
-    header = read_header(path)
+    meta = read_meta(path)
     try:
         tensors = st_load(path.read_bytes())
-        meta = json.loads(header["__metadata__"]["meta"])
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise CharlmError(f"{path} is corrupt ({type(e).__name__}); use another checkpoint") from None
     return Checkpoint(path=path, meta=meta, tensors=tensors)

@@ -517,8 +517,8 @@ def _eval_tokens(ckpt_path: Path, vocab, split: str, text: Optional[Path], data_
         ids = vocab.encode(s, unknown)
         # With --unknown skip (char vocabularies), the figure covers the kept characters only.
         return ids, len(s) if vocab.kind == "spm" else len(ids)
-    ckpt = checkpoint.load(ckpt_path)
-    data = PreparedData(data_dir or ckpt.meta["provenance"]["data_dir"])
+    meta = checkpoint.read_meta(ckpt_path)  # the scorer holds the weights already: only the recorded data dir is needed
+    data = PreparedData(data_dir or meta["provenance"]["data_dir"])
     if data.vocab != vocab:
         raise CharlmError(f"{data.dir} has a different vocabulary than {ckpt_path}")
     parts = split.split("+")
