@@ -2,10 +2,10 @@
 
     python benchmarks/step_kernels.py [--old PATH_TO_OLD_cells.py]
 
-Compares, on a 2x512 LSTM, batch 1: nn.LSTM called once per character (the naive path), the
-first single-step kernel (two products per layer, PyTorch gate order, a stacked state), and the
-current one (stacked [x, h] product, (i, f, o, g) gate order, state written in place), in fp32 and
-bf16. Medians of ABBA-ordered rounds.
+Compares, on a 2x512 LSTM, batch 1 (or --batch N): nn.LSTM called once per character (the naive
+path), an older single-step kernel given with --old (e.g. the first one: two products per layer,
+PyTorch gate order; or the one before oneDNN-packed weights: git show d3007bc:charlm/cells.py),
+and the current one, in fp32 and bf16. Medians of ABBA-ordered rounds.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def per_step_ms(fn, steps: int = 300, rounds: int = 5) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--old", help="an older charlm/cells.py to compare (e.g. from git show 9866693:charlm/cells.py)")
+    ap.add_argument("--old", help="an older charlm/cells.py to compare, in fp32 and bf16 (e.g. from git show 9866693:charlm/cells.py)")
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -53,8 +53,9 @@ def main(argv=None):
         spec = importlib.util.spec_from_file_location("old_cells", args.old)
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
-        old_step = old.Stepper(model)
-        kernels["first Stepper (fp32)"] = lambda: old_step(ids, state)
+        for dtype in ("fp32", "bf16"):
+            old_step = old.Stepper(model, dtype)
+            kernels[f"--old Stepper ({dtype})"] = (lambda s: lambda: s(ids, state))(old_step)
     for dtype in ("fp32", "bf16"):
         step = Stepper(model, dtype)
         kernels[f"current Stepper ({dtype})"] = (lambda s: lambda: s(ids, state))(step)
