@@ -9,7 +9,6 @@ which the SentencePiece trainer reads.
 from __future__ import annotations
 
 import codecs
-import functools
 import hashlib
 import json
 import os
@@ -48,10 +47,12 @@ def resolve_inputs(source: str | Path, glob: str | None = None, mirror: str | No
     raise CharlmError(f"{source} is neither a file, a directory nor a registered corpus (see: charlm corpus list)")
 
 
-def _units(files: list[Path], encoding: str, hasher=None) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield (units, bytes consumed so far): code points for 'utf-8', byte values for 'bytes'.
+def _chunks(files: list[Path], encoding: str, hasher=None) -> Iterator[tuple[bytes, str | None, int]]:
+    """Yield (raw chunk, its text, bytes consumed so far), checking the encoding on the way.
 
-    `hasher` (e.g. hashlib.sha256()), if given, is fed every raw chunk: the checksum needs no pass of its own.
+    The text is None when the raw bytes are the units themselves: --encoding bytes, or a chunk of
+    plain ASCII. `hasher` (e.g. hashlib.sha256()), if given, is fed every raw chunk: the checksum
+    needs no pass of its own.
     """
     done = 0
     for path in files:
@@ -63,18 +64,25 @@ def _units(files: list[Path], encoding: str, hasher=None) -> Iterator[tuple[np.n
                 final = len(chunk) < CHUNK
                 if hasher is not None:
                     hasher.update(chunk)
-                if encoding == "bytes":
-                    units = np.frombuffer(chunk, dtype=np.uint8)
-                else:
-                    units = _decode(chunk, decoder, final, path, offset)
+                text = None if encoding == "bytes" else _decode(chunk, decoder, final, path, offset)
                 offset += len(chunk)
                 done += len(chunk)
-                yield units, done
+                yield chunk, text, done
                 if final:
                     break
 
 
-def _decode(chunk: bytes, decoder, final: bool, path: Path, offset: int) -> np.ndarray:
+def _units(files: list[Path], encoding: str) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield (units, bytes consumed so far): code points for 'utf-8', byte values for 'bytes'."""
+    for chunk, text, done in _chunks(files, encoding):
+        if text is None:
+            yield np.frombuffer(chunk, dtype=np.uint8), done
+        else:
+            yield np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32), done
+
+
+def _decode(chunk: bytes, decoder, final: bool, path: Path, offset: int) -> str | None:
+    """The chunk's text, or None if it is plain ASCII (its bytes are its code points)."""
     nul = chunk.find(b"\x00")
     if nul >= 0:
         raise CharlmError(
@@ -83,15 +91,129 @@ def _decode(chunk: bytes, decoder, final: bool, path: Path, offset: int) -> np.n
         )
     # ASCII fast path: no decoding needed when no multi-byte sequence is pending.
     if chunk.isascii() and not decoder.getstate()[0]:
-        return np.frombuffer(chunk, dtype=np.uint8)
+        return None
     try:
-        text = decoder.decode(chunk, final=final)
+        return decoder.decode(chunk, final=final)
     except UnicodeDecodeError as e:
         raise CharlmError(
             f"{path} is not valid UTF-8 (byte offset {offset + e.start}); convert it "
             "(e.g. iconv -f latin1 -t utf-8) or use --encoding bytes for a byte-level vocabulary"
         ) from None
-    return np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+
+
+_ASCII_BYTES = bytes(range(0x80))
+_NON_ASCII_BYTES = bytes(range(0x80, 0x100))  # in UTF-8 text, never symbols by themselves
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))  # the 2nd-4th bytes of a UTF-8 character
+
+
+class _Scan:
+    """Pass 1's tally: units counted and symbols seen, without turning the text into arrays.
+
+    Copying each chunk's text into UTF-32 code points and counting them all took most of this
+    pass. Instead, bytes.translate (fast, in C) drops the byte values already seen: what is left
+    is short, new ASCII symbols and the bytes of the non-ASCII characters, which a second UTF-8
+    decoder reads (ASCII bytes never occur inside a multi-byte sequence, so dropping them leaves
+    those sequences whole, and one split across chunks is joined by the incremental decoder).
+    """
+
+    def __init__(self, encoding: str):
+        self.seen = np.zeros(MAX_CODEPOINT if encoding == "utf-8" else 256, dtype=bool)
+        self.utf8 = encoding == "utf-8"
+        self.ascii_seen = b""  # ASCII (or, for bytes, any) byte values seen so far
+        self.wide = codecs.getincrementaldecoder("utf-8")()  # for the non-ASCII bytes only
+        self.units = 0
+
+    def add(self, chunk: bytes, text: str | None) -> None:
+        new = chunk.translate(None, self.ascii_seen)  # unseen byte values, and (UTF-8) the non-ASCII bytes
+        if not new:
+            self.units += len(chunk) if text is None else len(text)
+            return
+        if self.utf8:
+            narrow = set(new.translate(None, _NON_ASCII_BYTES))  # the new ASCII byte values
+            wide = self.wide.decode(new.translate(None, _ASCII_BYTES))
+            if wide:
+                self.seen[np.unique(np.frombuffer(wide.encode("utf-32-le"), dtype=np.uint32))] = True
+        else:
+            narrow = set(new)
+        if narrow:
+            self.seen[sorted(narrow)] = True
+            self.ascii_seen += bytes(sorted(narrow))
+        self.units += len(chunk) if text is None else len(text)
+
+    def codes(self) -> np.ndarray:
+        return np.flatnonzero(self.seen)
+
+
+def _char_ids(files: list[Path], encoding: str, vocab: Vocab, sha256: str) -> Iterator[tuple[np.ndarray, int]]:
+    """Pass 2 for a character vocabulary: (ids, one per unit, bytes consumed so far).
+
+    Pass 1 has checked the encoding, so the bytes are turned into ids without Python's decoder
+    and a UTF-32 copy (together about as costly as the rest of prepare): bytes.translate drops
+    the UTF-8 continuation bytes and maps every remaining byte to its id in one C loop (ASCII
+    symbols, and any byte of a byte vocabulary, have ids below 256); the few multi-byte
+    characters get theirs by array arithmetic at their lead bytes. The input is hashed again and
+    must match pass 1's sha256: a file changed in between is an error, not a wrong encoding.
+    """
+    lut = vocab.lookup_table()
+    if lut is None:  # code points too large for a dense table: the general path
+        for units, done in _units(files, encoding):
+            yield vocab.encode_units(units, dtype=vocab.id_dtype), done
+        return
+    top = 0x80 if encoding == "utf-8" else 0x100  # byte values that are symbols by themselves
+    table = np.zeros(256, dtype=np.uint8)
+    table[: min(top, len(lut))] = np.maximum(lut[:top], 0)
+    table = table.tobytes()
+    sha, done = hashlib.sha256(), 0
+    for path in files:
+        carry = b""
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(CHUNK)
+                final = len(chunk) < CHUNK
+                sha.update(chunk)
+                done += len(chunk)
+                data = carry + chunk if carry else chunk
+                carry = b""
+                if encoding == "utf-8" and not final:
+                    data, carry = _complete_utf8(data)
+                if encoding == "bytes" or data.isascii():
+                    ids = np.frombuffer(data.translate(table), dtype=np.uint8)
+                else:
+                    ids = _utf8_ids(data, table, lut)
+                yield ids.astype(vocab.id_dtype, copy=False), done
+                if final:
+                    break
+    if sha.hexdigest() != sha256:
+        raise CharlmError(f"the input changed while it was being prepared ({files[0] if len(files) == 1 else 'one of the files'}): run the command again")
+
+
+def _complete_utf8(data: bytes) -> tuple[bytes, bytes]:
+    """Split off an incomplete multi-byte sequence at the end (it continues in the next chunk)."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return data, b""
+        if byte >= 0xC0:  # the last sequence's lead byte: complete if all its bytes are here
+            need = 4 if byte >= 0xF0 else 3 if byte >= 0xE0 else 2
+            return (data, b"") if need == back else (data[:-back], data[-back:])
+    return data, b""
+
+
+def _utf8_ids(data: bytes, table: bytes, lut: np.ndarray) -> np.ndarray:
+    """Ids of valid UTF-8 text made of whole characters: one per character."""
+    ids = np.frombuffer(data.translate(table, _CONTINUATION_BYTES), dtype=np.uint8).astype(lut.dtype)
+    b = np.frombuffer(data, dtype=np.uint8)
+    lead = np.flatnonzero(b >= 0xC0)  # where each multi-byte character starts
+    first = b[lead].astype(np.uint32)
+    length = 2 + (first >= 0xE0) + (first >= 0xF0)
+    code = first & np.where(length == 4, 0x07, np.where(length == 3, 0x0F, 0x1F)).astype(np.uint32)
+    for k in (1, 2, 3):
+        more = length > k
+        code[more] = (code[more] << 6) | (b[lead[more] + k] & 0x3F)
+    # A character's position among characters: its byte offset less the continuation bytes before it.
+    skipped = np.concatenate([[0], np.cumsum(length - 1)[:-1]])
+    ids[lead - skipped] = lut[np.minimum(code, len(lut) - 1)]
+    return ids
 
 
 def units_to_text(units: np.ndarray) -> str:
@@ -159,32 +281,32 @@ def prepare(
 
     # Pass 1: validate, hash, count, collect the vocabulary.
     sha = hashlib.sha256()
-    seen = np.zeros(MAX_CODEPOINT if encoding == "utf-8" else 256, dtype=bool)
-    n_units = 0
-    for units, done in _units(files, encoding, hasher=sha):
-        if len(units):
-            seen[: int(units.max()) + 1] |= np.bincount(units) > 0
-        n_units += len(units)
+    scan = _Scan(encoding)
+    for chunk, text, done in _chunks(files, encoding, hasher=sha):
+        scan.add(chunk, text)
         if progress:
             progress("scan", done, total)
+    n_units = scan.units
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)  # meta.json last: its presence means complete
     bounds = (0, *split_bounds(n_units, fractions), n_units)
     if spec.is_spm:
-        vocab = _train_tokenizer(files, out_dir, bounds[1], spec, int(seen.sum()), progress, total)
+        vocab = _train_tokenizer(files, out_dir, bounds[1], spec, len(scan.codes()), progress, total)
         tokenizer_meta = {**spec.to_meta(), "vocab_size": len(vocab), "sha256": vocab.sha256, "file": TOKENIZER_FILE}
         encoders = {s: _SpmEncoder(vocab) for s in SPLITS}
+        pieces = _units(files, encoding)
     else:
-        vocab = Vocab("char" if encoding == "utf-8" else "bytes", np.flatnonzero(seen))
+        vocab = Vocab("char" if encoding == "utf-8" else "bytes", scan.codes())
         tokenizer_meta = {"kind": vocab.kind}
-        encoders = {s: _CharEncoder(vocab) for s in SPLITS}
+        encoders = {s: _CharEncoder() for s in SPLITS}
+        pieces = _char_ids(files, encoding, vocab, sha.hexdigest())
         (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)  # from an earlier SentencePiece run: not this data's
 
     # Pass 2: encode and write each split.
     dtype = vocab.id_dtype
-    counts = _encode_splits(files, encoding, bounds, encoders, out_dir, dtype, progress, total)
+    counts = _encode_splits(pieces, bounds, encoders, out_dir, dtype, progress, total)
 
     meta = {
         "format": DATA_FORMAT,
@@ -213,10 +335,11 @@ def prepare(
 
 
 class _CharEncoder:
-    """Units to ids, one per unit: nothing to carry between chunks."""
+    """The pieces are ids already (_char_ids), one per unit: nothing to do or carry between chunks."""
 
-    def __init__(self, vocab: Vocab):
-        self.feed = functools.partial(vocab.encode_units, dtype=vocab.id_dtype)
+    @staticmethod
+    def feed(ids: np.ndarray) -> np.ndarray:
+        return ids
 
     def finish(self) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
@@ -235,18 +358,18 @@ class _SpmEncoder:
         return self.inner.finish()
 
 
-def _encode_splits(files, encoding, bounds, encoders, out_dir: Path, dtype, progress, total) -> dict[str, int]:
-    """Pass 2: each split's units through its own encoder into SPLIT.bin; the tokens written per split."""
+def _encode_splits(pieces, bounds, encoders, out_dir: Path, dtype, progress, total) -> dict[str, int]:
+    """Pass 2: (units, bytes done) pieces, each split's through its own encoder into SPLIT.bin; the tokens written per split."""
     outs = {s: open(out_dir / f"{s}.bin.part", "wb") for s in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
 
     def write(split: str, ids: np.ndarray) -> None:
-        outs[split].write(ids.astype(dtype, copy=False).tobytes())
+        outs[split].write(np.ascontiguousarray(ids, dtype=dtype).data)
         counts[split] += len(ids)
 
     pos = 0
     try:
-        for units, done in _units(files, encoding):
+        for units, done in pieces:
             for i, s in enumerate(SPLITS):
                 lo, hi = max(bounds[i] - pos, 0), min(bounds[i + 1] - pos, len(units))
                 if hi > lo:
@@ -256,9 +379,13 @@ def _encode_splits(files, encoding, bounds, encoders, out_dir: Path, dtype, prog
                 progress("encode", done, total)
         for s in SPLITS:
             write(s, encoders[s].finish())
-    finally:
-        for f in outs.values():
-            f.close()
+    except BaseException:
+        for s in SPLITS:
+            outs[s].close()
+            (out_dir / f"{s}.bin.part").unlink(missing_ok=True)  # nothing half-written left behind
+        raise
+    for f in outs.values():
+        f.close()
     for s in SPLITS:
         os.replace(out_dir / f"{s}.bin.part", out_dir / f"{s}.bin")
     return counts

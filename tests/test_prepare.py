@@ -36,11 +36,13 @@ def test_split_is_configurable(tmp_path, text_file):
         prep.prepare([text_file], tmp_path / "q", fractions=(0.8, 0.3, 0.1))
 
 
-def test_chunked_encoding_handles_multibyte_boundaries(tmp_path, monkeypatch):
-    text = "héllo wörld — ünïcödé ✓ 日本語\n" * 50
+@pytest.mark.parametrize("chunk", [7, 8, 9, 4096])
+def test_chunked_encoding_handles_multibyte_boundaries(tmp_path, monkeypatch, chunk):
+    # 1-, 2-, 3- and 4-byte characters, and all-ASCII stretches longer than a chunk
+    text = ("héllo wörld — ünïcödé ✓ 日本語 😀🎉\n" + "plain ascii line\n" * 3) * 50
     f = tmp_path / "u.txt"
     f.write_text(text)
-    monkeypatch.setattr(prep, "CHUNK", 7)  # splits most multi-byte characters across reads
+    monkeypatch.setattr(prep, "CHUNK", chunk)  # small chunks split multi-byte characters across reads
     prep.prepare([f], tmp_path / "p")
     data = PreparedData(tmp_path / "p")
     assert decode_all(data) == text
@@ -111,3 +113,17 @@ def test_cached_prepare_reuses_the_cache(tmp_path, text_file):
     assert prep.cached_prepare(text_file) == first
     assert (first / "train.bin").stat().st_mtime_ns == stamp
     assert prep.cached_prepare(first) == first  # a prepared dir is used as given
+
+
+def test_input_changed_between_passes_is_an_error_and_leaves_no_parts(tmp_path, monkeypatch):
+    f = tmp_path / "t.txt"
+    f.write_text("hello world\n" * 100)
+    original = prep._char_ids
+
+    def changed(files, encoding, vocab, sha256):  # as if the file changed after pass 1 hashed it
+        yield from original(files, encoding, vocab, "0" * 64)
+
+    monkeypatch.setattr(prep, "_char_ids", changed)
+    with pytest.raises(CharlmError, match="changed while it was being prepared"):
+        prep.prepare([f], tmp_path / "p")
+    assert not list((tmp_path / "p").glob("*.part")) and not (tmp_path / "p" / "meta.json").exists()
