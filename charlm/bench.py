@@ -267,7 +267,7 @@ def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progre
     for dtype in ("fp32", "bf16"):
         say(f"generation ({dtype} products)")
         gen[dtype] = generation(layers, hidden, length=300 if quick else 1000, rounds=2 if quick else 5, dtype=dtype)
-    # Sampling: the faster decoding dtype for each case, named (fp32 wins for one stream, bf16 for batches).
+    # Sampling: the faster decoding dtype for each case, named (which one wins depends on the CPU).
     report["sample"] = {}
     for case in ("single", "batch64"):
         dtype = max(gen, key=lambda d: gen[d]["sample"][case]["chars_per_s"])
