@@ -198,6 +198,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Seed for initialisation and dropout (default: 1337).", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (default: auto).", show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, or bf16 autocast with fp32 master weights (default: fp32).", show_default=False)] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the model for training: meant for CUDA; the first steps are slow while it compiles (default: off).", show_default=False)] = None,
     encoding: Annotated[str, typer.Option(help="For a text input: utf-8 or bytes.")] = "utf-8",
     split: Annotated[str, typer.Option(help="For a text input: train,val,test fractions.")] = "0.9,0.05,0.05",
     tokenizer: TokenizerOpt = None,

@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 1337  # seeds initialisation and dropout
     device: str = "auto"  # auto, cpu, cuda or mps
     dtype: str = "fp32"  # fp32, or bf16 autocast (fp32 master weights)
+    compile: bool = False  # torch.compile the training module (meant for CUDA)
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig}
@@ -166,6 +167,7 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
         (train.log_every >= 1, "log_every must be at least 1"),
         (train.device in DEVICES, f"device must be one of {', '.join(DEVICES)} (got {train.device!r})"),
         (train.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {train.dtype!r})"),
+        (isinstance(train.compile, bool), f"compile must be true or false (got {train.compile!r})"),
     ]
     for ok, message in checks:
         if not ok:

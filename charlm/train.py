@@ -117,6 +117,8 @@ class Trainer:
             self._restore(resume)
         self.world.reseed(cfg.seed, self.progress.step)
         self.net = self.world.wrap(self.model)  # the module that trains: DDP averages gradients over ranks
+        if cfg.compile:  # compiled lazily, on the first step; checkpoints keep using self.model
+            self.net = torch.compile(self.net)
 
     # -- limits and schedule -------------------------------------------------------------
     def planned_steps(self) -> int | None:

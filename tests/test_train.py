@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from charlm import checkpoint
+from charlm import CharlmError, checkpoint, config
 from charlm.config import TrainConfig
 from charlm.train import Trainer, TrainingStopped, learning_rate
 
@@ -175,3 +175,20 @@ def test_bf16_runs_the_recurrent_kernel_in_bf16(tmp_path, prepared):
     assert all(v == {torch.bfloat16} for v in rnn_ops.values()), rnn_ops
     assert any("backward" in k for k in rnn_ops)
     assert trainer.model.head.weight.dtype == torch.float32  # fp32 master weights
+
+
+def test_compile_trains_through_torch_compile_and_saves_plain_weights(tmp_path, prepared, monkeypatch):
+    # A spy stands in for torch.compile (a real compile takes minutes on CPU): it must wrap the
+    # module that trains, while checkpoints keep the model's own parameter names.
+    compiled = []
+
+    def spy(module):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", spy)
+    trainer = train_small(prepared, tmp_path / "run", compile=True, max_steps=3)
+    assert compiled and compiled[0] is trainer.model
+    assert set(checkpoint.load(tmp_path / "run" / "last.safetensors").model_state()) == set(trainer.model.state_dict())
+    with pytest.raises(CharlmError, match="compile must be true or false"):
+        config.resolve({"compile": "yes"})
