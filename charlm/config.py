@@ -137,6 +137,12 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
             return int(value)
         if kind.startswith("float"):
             return float(value)
+        if kind.startswith("bool"):  # from YAML or a checkpoint: a real bool (or its spelling)
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
         return str(value)
     except (TypeError, ValueError):
         raise CharlmError(f"option {f.name} expects {kind.split(' ')[0]}, got {value!r}") from None
@@ -167,7 +173,6 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
         (train.log_every >= 1, "log_every must be at least 1"),
         (train.device in DEVICES, f"device must be one of {', '.join(DEVICES)} (got {train.device!r})"),
         (train.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {train.dtype!r})"),
-        (isinstance(train.compile, bool), f"compile must be true or false (got {train.compile!r})"),
     ]
     for ok, message in checks:
         if not ok:

@@ -190,5 +190,7 @@ def test_compile_trains_through_torch_compile_and_saves_plain_weights(tmp_path, 
     trainer = train_small(prepared, tmp_path / "run", compile=True, max_steps=3)
     assert compiled and compiled[0] is trainer.model
     assert set(checkpoint.load(tmp_path / "run" / "last.safetensors").model_state()) == set(trainer.model.state_dict())
-    with pytest.raises(CharlmError, match="compile must be true or false"):
+    with pytest.raises(CharlmError, match="option compile expects bool"):
         config.resolve({"compile": "yes"})
+    # a checkpoint's saved config (resume) carries compile as a JSON bool
+    assert config.resolve(base={"model": {}, "train": {"compile": False}})[1].compile is False
