@@ -47,16 +47,14 @@ def resolve_inputs(source: str | Path, glob: str | None = None, mirror: str | No
     raise CharlmError(f"{source} is neither a file, a directory nor a registered corpus (see: charlm corpus list)")
 
 
-def _chunks(files: list[Path], encoding: str, hasher=None) -> Iterator[tuple[bytes, str | None, int]]:
-    """Yield (raw chunk, its text, bytes consumed so far), checking the encoding on the way.
+def _reads(files: list[Path], hasher=None) -> Iterator[tuple[Path, bytes, bool, int, int]]:
+    """Yield (path, raw chunk, last of its file?, its offset in the file, bytes consumed so far).
 
-    The text is None when the raw bytes are the units themselves: --encoding bytes, or a chunk of
-    plain ASCII. `hasher` (e.g. hashlib.sha256()), if given, is fed every raw chunk: the checksum
-    needs no pass of its own.
+    `hasher` (e.g. hashlib.sha256()), if given, is fed every raw chunk: the checksum needs no
+    pass of its own.
     """
     done = 0
     for path in files:
-        decoder = codecs.getincrementaldecoder("utf-8")()
         offset = 0
         with open(path, "rb") as f:
             while True:
@@ -64,12 +62,25 @@ def _chunks(files: list[Path], encoding: str, hasher=None) -> Iterator[tuple[byt
                 final = len(chunk) < CHUNK
                 if hasher is not None:
                     hasher.update(chunk)
-                text = None if encoding == "bytes" else _decode(chunk, decoder, final, path, offset)
-                offset += len(chunk)
                 done += len(chunk)
-                yield chunk, text, done
+                yield path, chunk, final, offset, done
+                offset += len(chunk)
                 if final:
                     break
+
+
+def _chunks(files: list[Path], encoding: str, hasher=None) -> Iterator[tuple[bytes, str | None, int]]:
+    """Yield (raw chunk, its text, bytes consumed so far), checking the encoding on the way.
+
+    The text is None when the raw bytes are the units themselves: --encoding bytes, or a chunk of
+    plain ASCII.
+    """
+    decoder = None
+    for path, chunk, final, offset, done in _reads(files, hasher):
+        if offset == 0:
+            decoder = codecs.getincrementaldecoder("utf-8")()  # each file decodes on its own
+        text = None if encoding == "bytes" else _decode(chunk, decoder, final, path, offset)
+        yield chunk, text, done
 
 
 def _units(files: list[Path], encoding: str) -> Iterator[tuple[np.ndarray, int]]:
@@ -124,9 +135,9 @@ class _Scan:
         self.units = 0
 
     def add(self, chunk: bytes, text: str | None) -> None:
+        self.units += len(chunk) if text is None else len(text)
         new = chunk.translate(None, self.ascii_seen)  # unseen byte values, and (UTF-8) the non-ASCII bytes
         if not new:
-            self.units += len(chunk) if text is None else len(text)
             return
         if self.utf8:
             narrow = set(new.translate(None, _NON_ASCII_BYTES))  # the new ASCII byte values
@@ -138,7 +149,6 @@ class _Scan:
         if narrow:
             self.seen[sorted(narrow)] = True
             self.ascii_seen += bytes(sorted(narrow))
-        self.units += len(chunk) if text is None else len(text)
 
     def codes(self) -> np.ndarray:
         return np.flatnonzero(self.seen)
@@ -163,26 +173,17 @@ def _char_ids(files: list[Path], encoding: str, vocab: Vocab, sha256: str) -> It
     table = np.zeros(256, dtype=np.uint8)
     table[: min(top, len(lut))] = np.maximum(lut[:top], 0)
     table = table.tobytes()
-    sha, done = hashlib.sha256(), 0
-    for path in files:
+    sha, carry = hashlib.sha256(), b""
+    for _, chunk, final, _, done in _reads(files, sha):
+        data = carry + chunk if carry else chunk
         carry = b""
-        with open(path, "rb") as f:
-            while True:
-                chunk = f.read(CHUNK)
-                final = len(chunk) < CHUNK
-                sha.update(chunk)
-                done += len(chunk)
-                data = carry + chunk if carry else chunk
-                carry = b""
-                if encoding == "utf-8" and not final:
-                    data, carry = _complete_utf8(data)
-                if encoding == "bytes" or data.isascii():
-                    ids = np.frombuffer(data.translate(table), dtype=np.uint8)
-                else:
-                    ids = _utf8_ids(data, table, lut)
-                yield ids.astype(vocab.id_dtype, copy=False), done
-                if final:
-                    break
+        if encoding == "utf-8" and not final:
+            data, carry = _complete_utf8(data)
+        if encoding == "bytes" or data.isascii():
+            ids = np.frombuffer(data.translate(table), dtype=np.uint8)
+        else:
+            ids = _utf8_ids(data, table, lut)
+        yield ids.astype(vocab.id_dtype, copy=False), done
     if sha.hexdigest() != sha256:
         raise CharlmError(f"the input changed while it was being prepared ({files[0] if len(files) == 1 else 'one of the files'}): run the command again")
 
