@@ -84,7 +84,7 @@ class Stepper:
         if self.cell == "gru":
             # GRU keeps the recurrent product apart: its n gate is tanh(W_in x + b_in + r * (W_hn h + b_hn)).
             self.table0 = model.embed.weight @ w_ih[0].t() + b_ih[0]  # (V, 3H)
-            self.w_ih = [mat(w) for w in w_ih]
+            self.w_ih = [None] + [mat(w) for w in w_ih[1:]]  # layer 0's input product is table0
             self.b_ih = b_ih
             self.w_hh = [mat(w) for w in w_hh]
             self.b_hh = b_hh

@@ -58,6 +58,7 @@ WeightsOpt = Annotated[Optional[str], typer.Option(help="Ensemble weights, one p
 CombineOpt = Annotated[str, typer.Option(help="Ensemble rule: mean (of probabilities) or geometric (normalized).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="fp32, or bf16 matrix products: faster on CPUs with bf16 units (for one stream, and more so for batches and beams); the figures differ slightly from fp32.")]
+PrimeUnknownOpt = Annotated[str, typer.Option(help="Prime characters outside a char vocabulary: error, or skip (the model never sees them).")]
 
 
 @app.command()
@@ -66,7 +67,7 @@ def sample(
     checkpoints: CkptArg,
     length: Annotated[int, typer.Option(help="Symbols to generate: characters, or pieces for a SentencePiece model.")] = 500,
     prime: Annotated[str, typer.Option(help="Text to start from (run through the network first, then printed).")] = "",
-    unknown: Annotated[str, typer.Option(help="Prime characters outside a char vocabulary: error, or skip (the model never sees them).")] = "error",
+    unknown: PrimeUnknownOpt = "error",
     temperature: Annotated[float, typer.Option(help="> 0; below 1 is more conservative.")] = 1.0,
     top_k: Annotated[Optional[int], typer.Option(help="Sample only among the k most likely characters.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Sample only within the top probability mass p.")] = None,
@@ -103,10 +104,14 @@ def sample(
             out.flush()
 
 
-def _prime_ids(vocab, prime: str, unknown: str = "error") -> torch.Tensor:
-    """The prime as ids; with no prime (or none left), start as if after a line break (or from the first symbol)."""
+def _check_unknown(unknown: str) -> None:
     if unknown not in ("error", "skip"):
         raise CharlmError(f"--unknown must be error or skip (got {unknown!r})")
+
+
+def _prime_ids(vocab, prime: str, unknown: str = "error") -> torch.Tensor:
+    """The prime as ids; with no prime (or none left), start as if after a line break (or from the first symbol)."""
+    _check_unknown(unknown)
     ids = vocab.encode(prime, unknown) if prime else np.zeros(0, dtype=np.int64)
     if len(ids) == 0:
         ids = vocab.encode("\n", unknown="skip")[:1] if vocab.kind in ("char", "spm") else np.zeros(0, dtype=np.int64)
@@ -125,7 +130,7 @@ def beam(
     n_best: Annotated[int, typer.Option(help="How many of the best continuations to print (M <= K).")] = 1,
     length_penalty: Annotated[float, typer.Option(help="Rank by log-prob / length**A; 0 ranks by the total log-prob.")] = 0.0,
     stop_at: Annotated[Optional[str], typer.Option(help="End a hypothesis when it produces this text (e.g. a newline: $'\\n').")] = None,
-    unknown: Annotated[str, typer.Option(help="Prime characters outside a char vocabulary: error, or skip (the model never sees them).")] = "error",
+    unknown: PrimeUnknownOpt = "error",
     weights: WeightsOpt = None,
     combine: CombineOpt = "mean",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list of {text, logprob, bits_per_char}.")] = False,
@@ -202,8 +207,7 @@ def eval_cmd(
 
     Always per character of the text, whatever the model's unit; a SentencePiece model also gets bits per token.
     """
-    if unknown not in ("error", "skip"):
-        raise CharlmError(f"--unknown must be error or skip (got {unknown!r})")
+    _check_unknown(unknown)
     scorer, members = _scorer(checkpoints, device, weights, combine, dtype)
     tokens, text_chars = _eval_tokens(checkpoints[0], scorer.vocab, split, text, data, unknown)
     if len(tokens) < 2:
