@@ -5,7 +5,9 @@
 Both loops run on the same prepared data (tiny Shakespeare if present, else synthetic text), the
 same model shape (embedding -> LSTM -> linear), Adam, gradient clipping, and the state carried and
 detached between windows. They alternate in ABBA-ordered rounds so machine noise hits all alike;
-the report gives median chars/s and the ratios to the plain fp32 loop. (`charlm bench` runs the
+the report gives median chars/s and the ratios to the plain fp32 loop, which runs twice: in this
+process (sharing charlm's allocator settings, charlm/allocator.py) and in a child process with
+glibc's defaults, the way a hand-written script runs. (`charlm bench` runs the
 same comparison on synthetic data, along with the other measurements.)
 """
 
@@ -44,20 +46,27 @@ def main(argv=None) -> dict:
         rates = bench.training(data, args.num_layers, args.rnn_size, args.embed_size, args.batch_size,
                                args.seq_length, steps=args.steps, rounds=args.rounds, work_dir=tmp)
     ref = rates["reference_fp32"]["chars_per_s"]
+    own = rates["reference_fp32_default_allocator"]["chars_per_s"]
     report = {
         "model": f"{args.num_layers}x{args.rnn_size} LSTM, embed {args.embed_size}, batch {args.batch_size}, seq {args.seq_length}",
         "threads": torch.get_num_threads(),
         **{k: v["chars_per_s"] for k, v in rates.items()},
         "fp32_over_reference": round(rates["fp32"]["chars_per_s"] / ref, 3),
         "bf16_over_reference": round(rates["bf16"]["chars_per_s"] / ref, 3),
+        "fp32_over_default_allocator_reference": round(rates["fp32"]["chars_per_s"] / own, 3),
+        "bf16_over_default_allocator_reference": round(rates["bf16"]["chars_per_s"] / own, 3),
     }
     if args.json:
         print(json.dumps(report))
     else:
         print(f"{report['model']}, {report['threads']} threads, median of {args.rounds} rounds x {args.steps} steps")
-        print(f"  plain nn.LSTM loop, fp32 : {report['reference_fp32']:>8,} chars/s")
-        print(f"  charlm, fp32             : {report['fp32']:>8,} chars/s  ({report['fp32_over_reference']:.3f}x)")
-        print(f"  charlm, bf16 autocast    : {report['bf16']:>8,} chars/s  ({report['bf16_over_reference']:.3f}x)")
+        print(f"  plain nn.LSTM loop, fp32, own process (glibc's default allocator): "
+              f"{report['reference_fp32_default_allocator']:>8,} chars/s  (B)")
+        print(f"  plain nn.LSTM loop, fp32, in this process (charlm's allocator)   : "
+              f"{report['reference_fp32']:>8,} chars/s  (A)")
+        for key, label in (("fp32", "charlm, fp32"), ("bf16", "charlm, bf16 autocast")):
+            print(f"  {label:<65}: {report[key]:>8,} chars/s  ({report[key + '_over_reference']:.3f}x A, "
+                  f"{report[key + '_over_default_allocator_reference']:.3f}x B)")
     return report
 
 

@@ -6,8 +6,11 @@ and reporting medians, because shared machines are noisy.
 
 from __future__ import annotations
 
+import os
 import statistics
 import string
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from charlm import prepare as prep
+from charlm.allocator import keep_freed_memory
 from charlm.config import ModelConfig, TrainConfig
 from charlm.data import PreparedData
 from charlm.decode import beam_search, processors, sample
@@ -44,7 +48,9 @@ def median_time(fn: Callable[[], object], rounds: int, warmup: int = 1) -> float
 
 
 def interleaved_rates(runners: dict[str, Callable[[], object]], work: float, rounds: int) -> dict[str, float]:
-    """work / median time of each runner, timed in ABBA-ordered rounds."""
+    """work / median time of each runner, timed in ABBA-ordered rounds.
+
+    A runner that returns a float has timed itself (a child process leaves out its start-up)."""
     for fn in runners.values():
         fn()
     times: dict[str, list[float]] = {k: [] for k in runners}
@@ -53,8 +59,8 @@ def interleaved_rates(runners: dict[str, Callable[[], object]], work: float, rou
         order.reverse()
         for name in order:
             start = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - start)
+            own = runners[name]()
+            times[name].append(own if isinstance(own, float) else time.perf_counter() - start)
     return {k: work / statistics.median(v) for k, v in times.items()}
 
 
@@ -153,6 +159,32 @@ def charlm_step(data: PreparedData, layers: int, hidden: int, embed: int, batch:
     return lambda: trainer._train_step(loss_sum)
 
 
+def plain_step_elsewhere(data: PreparedData, layers: int, hidden: int, embed: int, batch: int, seq: int, steps: int):
+    """The plain loop as one runs it by hand: in its own process, with glibc's default allocator.
+
+    Each call starts a child that builds the loop, takes one untimed step, then times `steps`
+    steps and prints the seconds; the call returns them (so the child's start-up is not counted)."""
+    args = [str(data.dir), layers, hidden, embed, batch, seq, steps, torch.get_num_threads()]
+    code = f"from charlm.bench import _time_plain_steps; _time_plain_steps(*{args!r})"
+    env = {**os.environ, "CHARLM_MALLOC": "system"}
+
+    def run() -> float:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return float(done.stdout.split()[-1])
+
+    return run
+
+
+def _time_plain_steps(data_dir: str, layers: int, hidden: int, embed: int, batch: int, seq: int, steps: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    step = plain_step(PreparedData(Path(data_dir)), layers, hidden, embed, batch, seq)
+    step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    print(time.perf_counter() - start)
+
+
 def synthetic_data(directory: Path, chars: int = 2_000_000) -> PreparedData:
     """A prepared dir of random text over 65 symbols (speed does not depend on the text)."""
     src = directory / "synthetic.txt"
@@ -169,13 +201,17 @@ def flops_per_char(layers: int, hidden: int, embed: int, vocab: int = 65) -> flo
 
 
 def training(data: PreparedData, layers=2, hidden=512, embed=64, batch=64, seq=100, steps=10, rounds=6, work_dir=None) -> dict:
-    """chars/s of the plain fp32 loop, charlm fp32 and charlm bf16, measured side by side."""
+    """chars/s of the plain fp32 loop, charlm fp32 and charlm bf16, measured side by side.
+
+    The plain loop runs twice: in this process, where it shares charlm's allocator settings, and
+    in a child process with glibc's defaults, as a hand-written script runs."""
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         def repeat(step):
             return lambda: [step() for _ in range(steps)]
 
         runners = {
             "reference_fp32": repeat(plain_step(data, layers, hidden, embed, batch, seq)),
+            "reference_fp32_default_allocator": plain_step_elsewhere(data, layers, hidden, embed, batch, seq, steps),
             "fp32": repeat(charlm_step(data, layers, hidden, embed, batch, seq, "fp32", Path(tmp) / "a")),
             "bf16": repeat(charlm_step(data, layers, hidden, embed, batch, seq, "bf16", Path(tmp) / "b")),
         }
@@ -248,7 +284,9 @@ def prepare_speed(megabytes: int = 64, work_dir=None) -> dict:
 def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progress: Callable[[str], None] | None = None) -> dict:
     """Everything `charlm bench` reports, as one nested dict."""
     say = progress or (lambda s: None)
-    report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
+    # The plain reference loop runs in this process too, so it gets the same allocator settings.
+    allocator = "charlm (freed memory kept)" if keep_freed_memory() else "system default"
+    report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "allocator": allocator}}
     say("matrix-product roof")
     report["roof"] = roof(quick)
     with tempfile.TemporaryDirectory() as tmp:
@@ -259,9 +297,10 @@ def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progre
     for k, v in report["train"].items():
         peak = report["roof"]["bf16_gflops" if k == "bf16" else "fp32_gflops"]
         v["fraction_of_roof"] = round(v["gflops"] / peak, 2)
-    ref = report["train"]["reference_fp32"]["chars_per_s"]
-    report["train"]["fp32_over_reference"] = round(report["train"]["fp32"]["chars_per_s"] / ref, 3)
-    report["train"]["bf16_over_reference"] = round(report["train"]["bf16"]["chars_per_s"] / ref, 3)
+    for suffix, ref_key in (("reference", "reference_fp32"), ("default_allocator_reference", "reference_fp32_default_allocator")):
+        ref = report["train"][ref_key]["chars_per_s"]
+        for dtype in ("fp32", "bf16"):
+            report["train"][f"{dtype}_over_{suffix}"] = round(report["train"][dtype]["chars_per_s"] / ref, 3)
     report["train"]["model"] = f"{layers}x{hidden} LSTM, embed 64, batch {batch}, seq {seq}"
     gen = {}
     for dtype in ("fp32", "bf16"):

@@ -23,6 +23,7 @@ from typing_extensions import Annotated
 
 from charlm import CharlmError, checkpoint, config, corpus, distributed
 from charlm import prepare as prep
+from charlm.allocator import keep_freed_memory
 from charlm.cliapp import UsageError, app, corpus_app, err, friendly
 from charlm.data import PreparedData
 from charlm.display import TrainDisplay
@@ -331,6 +332,7 @@ from charlm import cli_decode, cli_tools  # noqa: E402,F401
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: usage errors become one line and exit code 1, like every other error."""
+    keep_freed_memory()
     try:
         code = app(args=argv, standalone_mode=False)
     except UsageError as e:

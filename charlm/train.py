@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import charlm
 from charlm import CharlmError, checkpoint
+from charlm.allocator import keep_freed_memory
 from charlm.config import ModelConfig, TrainConfig, as_dict
 from charlm.data import PreparedData, StreamBatcher, row_span
 from charlm.distributed import World
@@ -83,6 +84,7 @@ class Trainer:
         report: Callable[[str, dict], None] | None = None,
         world: World | None = None,
     ):
+        keep_freed_memory()  # each step reuses the last step's pages instead of faulting in new ones
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.world = world or World()
         quiet = lambda kind, info: None  # noqa: E731

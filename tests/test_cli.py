@@ -220,7 +220,8 @@ def test_bench_quick_json():
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     for path in ("roof.fp32_gflops", "roof.bf16_gflops", "train.reference_fp32.chars_per_s", "train.fp32.chars_per_s",
-                 "train.bf16.chars_per_s", "sample.single.chars_per_s", "sample.batch64.chars_per_s", "prepare.mb_per_s"):
+                 "train.bf16.chars_per_s", "train.reference_fp32_default_allocator.chars_per_s",
+                 "train.bf16_over_default_allocator_reference", "sample.single.chars_per_s", "sample.batch64.chars_per_s", "prepare.mb_per_s"):
         value = report
         for key in path.split("."):
             value = value[key]
