@@ -23,7 +23,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rnn-size", type=int, default=512)
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "int8"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     r = bench.generation(args.num_layers, args.rnn_size, args.length, args.rounds, args.dtype)

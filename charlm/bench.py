@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from charlm import prepare as prep
 from charlm.allocator import keep_freed_memory
-from charlm.config import ModelConfig, TrainConfig
+from charlm.config import DECODE_DTYPES, ModelConfig, TrainConfig
 from charlm.data import PreparedData
 from charlm.decode import beam_search, processors, sample
 from charlm.ensemble import Ensemble
@@ -303,14 +303,16 @@ def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progre
             report["train"][f"{dtype}_over_{suffix}"] = round(report["train"][dtype]["chars_per_s"] / ref, 3)
     report["train"]["model"] = f"{layers}x{hidden} LSTM, embed 64, batch {batch}, seq {seq}"
     gen = {}
-    for dtype in ("fp32", "bf16"):
+    for dtype in DECODE_DTYPES:
         say(f"generation ({dtype} products)")
         gen[dtype] = generation(layers, hidden, length=300 if quick else 1000, rounds=2 if quick else 5, dtype=dtype)
-    # Sampling: the faster decoding dtype for each case, named (which one wins depends on the CPU).
+    # Sampling: the faster of fp32 and bf16 for each case, named (which one wins depends on the CPU);
+    # int8 (approximate weights) is reported on its own.
     report["sample"] = {}
     for case in ("single", "batch64"):
-        dtype = max(gen, key=lambda d: gen[d]["sample"][case]["chars_per_s"])
+        dtype = max(("fp32", "bf16"), key=lambda d: gen[d]["sample"][case]["chars_per_s"])
         report["sample"][case] = {**gen[dtype]["sample"][case], "dtype": dtype}
+    report["sample_int8"] = gen["int8"]["sample"]
     report["beam"] = {d: g["beam"] for d, g in gen.items()}
     report["ensemble"] = {d: g["ensemble"] for d, g in gen.items()}
     say("prepare")

@@ -26,9 +26,10 @@ from charlm.scorer import ModelScorer
 from charlm.train import pick_device
 
 
-def _load_scorers(paths: list[Path], device: str, dtype: str) -> list[ModelScorer]:
-    if dtype not in config.DTYPES:
-        raise CharlmError(f"--dtype must be one of {', '.join(config.DTYPES)} (got {dtype!r})")
+def _load_scorers(paths: list[Path], device: str, dtype: str, allowed: tuple[str, ...] = config.DECODE_DTYPES) -> list[ModelScorer]:
+    if dtype not in allowed:
+        hint = " (int8 is for step-by-step decoding: sample and beam)" if dtype == "int8" else ""
+        raise CharlmError(f"--dtype must be one of {', '.join(allowed)} (got {dtype!r}){hint}")
     dev = pick_device(device)
     scorers = []
     for p in paths:
@@ -46,8 +47,9 @@ def _parse_weights(weights: Optional[str]) -> Optional[list[float]]:
         raise CharlmError(f"--weights expects numbers separated by commas, e.g. 0.5,0.3,0.2 (got {weights!r})") from None
 
 
-def _scorer(paths: list[Path], device: str, weights: Optional[str], combine: str, dtype: str = "fp32"):
-    members = _load_scorers(paths, device, dtype)
+def _scorer(paths: list[Path], device: str, weights: Optional[str], combine: str, dtype: str = "fp32",
+            allowed: tuple[str, ...] = config.DECODE_DTYPES):
+    members = _load_scorers(paths, device, dtype, allowed)
     if len(members) == 1 and weights is None:
         return members[0], members
     return Ensemble(members, _parse_weights(weights), combine), members
@@ -57,7 +59,8 @@ CkptArg = Annotated[List[Path], typer.Argument(help="One checkpoint, or several 
 WeightsOpt = Annotated[Optional[str], typer.Option(help="Ensemble weights, one per model, e.g. 0.5,0.3,0.2.")]
 CombineOpt = Annotated[str, typer.Option(help="Ensemble rule: mean (of probabilities) or geometric (normalized).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
-DtypeOpt = Annotated[str, typer.Option(help="fp32, or bf16 matrix products: faster on CPUs with bf16 units (for one stream, and more so for batches and beams); the figures differ slightly from fp32.")]
+DtypeOpt = Annotated[str, typer.Option(help="fp32; bf16 matrix products: faster on CPUs with bf16 units (for one stream, and more so for batches and beams), figures differ slightly from fp32; int8 weights (one scale per row, bf16 activations): the least memory read per step, fastest for one stream and for ensembles, figures differ more (the prime still runs in bf16).")]
+EvalDtypeOpt = Annotated[str, typer.Option(help="fp32, or bf16 matrix products: faster on CPUs with bf16 units; the figures differ slightly from fp32.")]
 PrimeUnknownOpt = Annotated[str, typer.Option(help="Prime characters outside a char vocabulary: error, or skip (the model never sees them).")]
 
 
@@ -201,14 +204,14 @@ def eval_cmd(
     combine: CombineOpt = "mean",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (ensemble figures at the top, members in 'members').")] = False,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "fp32",
+    dtype: EvalDtypeOpt = "fp32",
 ):
     """Bits per character and perplexity, the text scored as one stream with the state carried through.
 
     Always per character of the text, whatever the model's unit; a SentencePiece model also gets bits per token.
     """
     _check_unknown(unknown)
-    scorer, members = _scorer(checkpoints, device, weights, combine, dtype)
+    scorer, members = _scorer(checkpoints, device, weights, combine, dtype, allowed=config.DTYPES)
     tokens, text_chars = _eval_tokens(checkpoints[0], scorer.vocab, split, text, data, unknown)
     if len(tokens) < 2:
         raise CharlmError("the text to score has fewer than 2 characters")

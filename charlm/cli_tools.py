@@ -51,7 +51,10 @@ def bench(
     for case, label in (("single", "sample, 1 stream"), ("batch64", "sample, 64 streams")):
         row = r["sample"][case]
         table.add_row(label, f"{row['chars_per_s']:,} chars/s", f"{row['dtype']} products" + (", total over the batch" if case == "batch64" else ""))
-    for dtype in ("fp32", "bf16"):
+    s8 = r["sample_int8"]
+    table.add_row("sample, int8 weights", f"{s8['single']['chars_per_s']:,} / {s8['batch64']['chars_per_s']:,} chars/s",
+                  "1 / 64 streams; int8 weights with a scale per row, bf16 activations")
+    for dtype in r["beam"]:
         beam, ens = r["beam"][dtype], r["ensemble"][dtype]
         table.add_row(f"beam width 1 / 10, {dtype}", f"{beam['width1_ms_per_char']} / {beam['width10_ms_per_char']} ms/char",
                       f"width 10 costs {beam['width10_over_width1']}x width 1")

@@ -15,7 +15,8 @@ from charlm import CharlmError
 
 CELLS = ("lstm", "gru", "rnn")
 SCHEDULES = ("constant", "step", "cosine")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16")  # training, and whole-window scoring (eval)
+DECODE_DTYPES = DTYPES + ("int8",)  # step-by-step decoding (sample, beam): int8 weights, charlm/cells.py
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 

@@ -35,8 +35,9 @@ class Scorer(Protocol):
 
 
 def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on the given device, or nothing for fp32."""
-    if dtype == "bf16":
+    """bf16 autocast on the given device, or nothing for fp32. Whole windows (the prime, eval)
+    have no int8 path: with dtype int8 they run in bf16, and only the single steps use int8."""
+    if dtype in ("bf16", "int8"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

@@ -20,7 +20,7 @@ for _ in range(10):  # like training steps: the same large blocks allocated and 
     b = a * 2
     del a, b
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(applied, sum(counts[4:]))  # after the first few steps have grown the heap
+print(applied, sorted(counts[4:])[3])  # the median step, once the first few have grown the heap
 """
 
 
@@ -36,5 +36,5 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
         pytest.skip("not glibc: the settings do not apply")
     system_applied, system = faults("system")
     assert system_applied == "False"
-    assert system > 6 * 2 * 16_384 * 0.9  # the default: each 64 MB block is mapped afresh, 16,384 pages
+    assert system > 2 * 16_384 * 0.9  # the default: each 64 MB block is mapped afresh, 16,384 pages
     assert tuned < system / 20

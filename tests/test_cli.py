@@ -56,6 +56,8 @@ def test_train_sample_eval_info(tmp_path, text_file, cell):
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith("The ") and len(r.stdout) == 4 + 50 + 1
     assert r.stdout == run("sample", out / "best.safetensors", "--length", "50", "--seed", "3", "--prime", "The ").stdout
+    r = run("sample", out / "best.safetensors", "--length", "50", "--seed", "3", "--prime", "The ", "--dtype", "int8")
+    assert r.exit_code == 0 and r.stdout.startswith("The ") and len(r.stdout) == 4 + 50 + 1, r.output
     r = run("eval", out / "best.safetensors", "--json")
     assert r.exit_code == 0, r.output
     import json
@@ -150,6 +152,8 @@ def test_bad_options_leave_checkpoints_intact(tmp_path, text_file, cli_run):
     assert_clean_error(run("train", text_file, "--out", cli_run, "--time-budget", "soon"), "duration")
     assert_clean_error(run("train", "--resume", cli_run / "best.safetensors"), "no training state")
     assert_clean_error(run("eval", best, "--split", "nosuch"), "unknown split")
+    assert_clean_error(run("eval", best, "--dtype", "int8"), "one of fp32, bf16.*int8 is for step-by-step decoding")
+    assert_clean_error(run("sample", best, "--dtype", "int4"), "one of fp32, bf16, int8")
     assert {p.name: digest(p) for p in cli_run.glob("*.safetensors")} == before
 
 

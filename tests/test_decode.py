@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from charlm import CharlmError, checkpoint
-from charlm.cells import Stepper
+from charlm.cells import Int8Product, Stepper
 from charlm.config import ModelConfig
 from charlm.decode import TopK, TopP, processors, sample
 from charlm.evaluate import evaluate
@@ -16,9 +16,9 @@ from charlm.vocab import Vocab
 VOCAB = Vocab.from_text("abcdefgh\n ")
 
 
-def model_for(cell, seed=0, layers=2):
+def model_for(cell, seed=0, layers=2, rnn_size=24):
     torch.manual_seed(seed)
-    return CharRNN(ModelConfig(cell=cell, num_layers=layers, rnn_size=24, embed_size=8, vocab_size=len(VOCAB))).eval()
+    return CharRNN(ModelConfig(cell=cell, num_layers=layers, rnn_size=rnn_size, embed_size=8, vocab_size=len(VOCAB))).eval()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
@@ -36,6 +36,53 @@ def test_single_step_cells_match_the_sequence_forward(cell):
     assert torch.allclose(torch.stack(outs, 1), ref, atol=1e-5)
     for a, b in zip(state, ref_state):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_int8_product_is_the_dequantized_product_and_close_to_fp32():
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 48), torch.randn(3, 48)
+    p = Int8Product(w)
+    dequantized = p.q.float() * p.scale.float()[:, None]
+    assert p.q.dtype == torch.int8 and (dequantized - w).abs().max() <= w.abs().amax(1).max() / 127  # one level
+    got = p(x).float()
+    assert torch.allclose(got, x.to(torch.bfloat16).float() @ dequantized.t(), rtol=2e-2, atol=2e-2)
+    assert (got - x @ w.t()).norm() / (x @ w.t()).norm() < 0.02
+
+
+def test_int8_product_without_the_kernel_gives_the_same_numbers(monkeypatch):
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 48), torch.randn(3, 48)
+    fast = Int8Product(w)
+    expected = fast(x).float()
+
+    def missing(*args):
+        raise NotImplementedError
+    monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", missing)
+    slow = Int8Product(w)
+    assert slow.fallback is not None and fast.fallback is None
+    assert torch.allclose(slow(x).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_int8_cells_stay_close_to_fp32(cell):
+    model = model_for(cell, rnn_size=32)  # a width the int8 kernel takes
+    ids = torch.randint(0, len(VOCAB), (2, 30))
+    exact, approx = Stepper(model), Stepper(model, "int8")
+    s1 = s2 = model.init_state(2)
+    for t in range(30):
+        a, s1 = exact(ids[:, t], s1)
+        b, s2 = approx(ids[:, t], s2)
+        la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        assert (la - lb).abs().max() < 0.05, t
+    assert not torch.equal(a, b)  # it really ran on rounded weights
+    assert approx.w_head.fallback is None  # through the int8 kernel
+
+
+def test_int8_kernel_only_for_widths_it_handles():
+    """The CPU kernel crashes for an input width that is not a multiple of 16: those use the fallback."""
+    assert Int8Product(torch.randn(8, 24)).fallback is not None
+    odd = Int8Product(torch.randn(8, 24))
+    assert odd(torch.randn(2, 24)).shape == (2, 8)
 
 
 def test_uniform_model_scores_log2_v():
