@@ -179,3 +179,50 @@ class Stepper:
             x = torch.add(n, z * (h - n), out=h_all[k])
         logits = self._affine(self.b_head, x, self.w_head)
         return logits, (h_all,)
+
+
+class StackedStepper:
+    """One step of several LSTM Steppers of the same shape at once (an ensemble's members).
+
+    The members' products stay separate (each has its own weights), but every pointwise operation
+    (gate nonlinearities, the cell update, the table gather) runs once over all members, stacked
+    along a leading member axis, instead of once per member. The state is the members' states
+    stacked: (M, L, B, H) for h and c. Logits come out as (M, B, V).
+    """
+
+    def __init__(self, steppers: list[Stepper]):
+        first = steppers[0]
+        assert all(s.cell == "lstm" and s.layers == first.layers and s.hidden == first.hidden for s in steppers)
+        self.layers, self.hidden = first.layers, first.hidden
+        self.table0 = torch.stack([s.table0 for s in steppers])  # (M, V, 4H)
+        self.w_hh0 = [s.w_hh0 for s in steppers]
+        self.w_cat = [None] + [[s.w_cat[k] for s in steppers] for k in range(1, self.layers)]
+        self.b = [None] + [torch.stack([s.b[k] for s in steppers]).unsqueeze(1) for k in range(1, self.layers)]
+        self.w_head = [s.w_head for s in steppers]
+        self.b_head = torch.stack([s.b_head for s in steppers]).unsqueeze(1)  # (M, 1, V)
+
+    @staticmethod
+    def _add_products(into: Tensor, products: list, inputs: Tensor) -> Tensor:
+        """into[m] += inputs[m] @ W_m.T for each member m, in place; returns into."""
+        for m, w in enumerate(products):
+            into[m].add_(w(inputs[m]))
+        return into
+
+    def __call__(self, ids: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ids (B,), h and c (M, L, B, H) -> logits (M, B, V), new h and c (M, L, B, H)."""
+        H = self.hidden
+        h_all, c_all = torch.empty_like(h), torch.empty_like(c)
+        x = None
+        for k in range(self.layers):
+            if k == 0:
+                gates = self._add_products(self.table0[:, ids], self.w_hh0, h[:, 0])  # (M, B, 4H)
+            else:
+                stacked_in = torch.cat([x, h[:, k]], dim=2)  # (M, B, 2H)
+                gates = self._add_products(self.b[k].expand(-1, ids.shape[0], -1).clone(), self.w_cat[k], stacked_in)
+            sig = gates[..., : 3 * H].sigmoid_()
+            g = gates[..., 3 * H :].tanh_()
+            i, f, o = sig[..., :H], sig[..., H : 2 * H], sig[..., 2 * H :]
+            cell = torch.addcmul(f * c[:, k], i, g, out=c_all[:, k])
+            x = torch.mul(o, torch.tanh(cell), out=h_all[:, k])
+        logits = self._add_products(self.b_head.expand(-1, ids.shape[0], -1).clone(), self.w_head, x)
+        return logits, h_all, c_all

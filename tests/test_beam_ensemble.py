@@ -121,6 +121,33 @@ def test_two_copies_equal_one(combine):
     assert torch.allclose(sa, sb, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
+def test_stacked_members_step_like_members_one_by_one(dtype):
+    """LSTM members of one shape step together (cells.StackedStepper); the numbers must not change."""
+    members = [scorer("lstm", seed, size=32) for seed in range(3)]
+    for m in members:
+        m.dtype = dtype
+    fused, separate = Ensemble(members, weights=[0.5, 0.3, 0.2]), Ensemble(members, weights=[0.5, 0.3, 0.2])
+    separate._stacked = False  # the member-by-member path
+    s1, s2 = fused.start(2), separate.start(2)
+    for t in range(6):
+        x = torch.tensor([t % 5, (3 * t) % 7])
+        a, s1 = fused.step(x, s1)
+        b, s2 = separate.step(x, s2)
+        assert torch.allclose(a, b, atol=1e-5), t
+    assert fused._stacked and isinstance(s1, tuple) and len(s1) == 3
+    for (h1, c1), (h2, c2) in zip(s1, s2):
+        assert torch.allclose(h1, h2, atol=1e-5) and torch.allclose(c1, c2, atol=1e-5)
+    moved = fused.reorder(s1, torch.tensor([1, 1]))  # beams gather the stacked path's states as before
+    assert torch.equal(moved[0][0][:, 0], s1[0][0][:, 1])
+
+
+def test_members_of_different_shapes_step_one_by_one():
+    ens = Ensemble([scorer("lstm", 0, size=24), scorer("lstm", 1, size=16)])
+    ens.step(torch.tensor([1]), ens.start(1))
+    assert ens._stacked is False
+
+
 @pytest.mark.parametrize("combine", ["mean", "geometric"])
 def test_ensemble_log_probs_normalise(combine):
     ens = Ensemble([scorer("lstm", 0), scorer("gru", 1), scorer("rnn", 2)], weights=[0.5, 0.3, 0.2], combine=combine)
@@ -139,6 +166,15 @@ def test_weighted_mean_matches_hand_computation():
     geo = Ensemble([a, b], weights=[3, 1], combine="geometric").score(x, ens.start(1))[0].exp()[0, 0]
     unnorm = pa**0.75 * pb**0.25
     assert torch.allclose(geo, unnorm / unnorm.sum(), atol=1e-6)
+
+
+def test_mean_of_vanishing_probabilities_stays_finite():
+    """A symbol every member gives less than 1e-38: exp underflows, the figure must not be -inf."""
+    ens = Ensemble([scorer("lstm", 0), scorer("gru", 1)], weights=[3, 1])
+    logps = [torch.tensor([[0.0, -200.0, -300.0]]), torch.tensor([[-1e-3, -7.0, -250.0]])]
+    got = ens._combine(logps)
+    want = torch.logsumexp(torch.stack(logps) + torch.tensor([0.75, 0.25]).log().view(2, 1, 1), dim=0)
+    assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5)
 
 
 def test_lstm_gru_ensemble_samples_beams_and_evaluates():
