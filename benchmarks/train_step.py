@@ -5,9 +5,9 @@
 Both loops run on the same prepared data (tiny Shakespeare if present, else synthetic text), the
 same model shape (embedding -> LSTM -> linear), Adam, gradient clipping, and the state carried and
 detached between windows. They alternate in ABBA-ordered rounds so machine noise hits all alike;
-the report gives median chars/s and the ratios to the plain fp32 loop, which runs twice: in this
-process (sharing charlm's allocator settings, charlm/allocator.py) and in a child process with
-glibc's defaults, the way a hand-written script runs. (`charlm bench` runs the
+the report gives median chars/s and the ratios to the plain fp32 loop, which runs twice: with
+charlm's allocator settings (charlm/allocator.py) and with glibc's defaults, the way a
+hand-written script runs. Every contender runs in a child process of its own. (`charlm bench` runs the
 same comparison on synthetic data, along with the other measurements.)
 """
 
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
         else:
             data = bench.synthetic_data(Path(tmp))
         rates = bench.training(data, args.num_layers, args.rnn_size, args.embed_size, args.batch_size,
-                               args.seq_length, steps=args.steps, rounds=args.rounds, work_dir=tmp)
+                               args.seq_length, steps=args.steps, rounds=args.rounds)
     ref = rates["reference_fp32"]["chars_per_s"]
     own = rates["reference_fp32_default_allocator"]["chars_per_s"]
     report = {
@@ -60,9 +60,9 @@ def main(argv=None) -> dict:
         print(json.dumps(report))
     else:
         print(f"{report['model']}, {report['threads']} threads, median of {args.rounds} rounds x {args.steps} steps")
-        print(f"  plain nn.LSTM loop, fp32, own process (glibc's default allocator): "
+        print(f"  plain nn.LSTM loop, fp32, glibc's default allocator              : "
               f"{report['reference_fp32_default_allocator']:>8,} chars/s  (B)")
-        print(f"  plain nn.LSTM loop, fp32, in this process (charlm's allocator)   : "
+        print(f"  plain nn.LSTM loop, fp32, charlm's allocator settings            : "
               f"{report['reference_fp32']:>8,} chars/s  (A)")
         for key, label in (("fp32", "charlm, fp32"), ("bf16", "charlm, bf16 autocast")):
             print(f"  {label:<65}: {report[key]:>8,} chars/s  ({report[key + '_over_reference']:.3f}x A, "

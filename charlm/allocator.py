@@ -3,10 +3,11 @@
 Why: each training step allocates and frees the same few hundred MB (activations, oneDNN's LSTM
 workspaces, gradients). By default glibc serves large blocks with fresh mmap'd pages and gives
 freed memory back to the kernel, so every step touches its memory for the first time again. On
-the development machine a 2x512 LSTM step (batch 64 x 100) took about 150,000 page faults and
-nearly half of its time in them; with the settings below it takes none and runs about 2x faster
-(docs/performance.md, "The allocator"). The cost: memory freed stays reserved by the process, so
-resident memory stays at the step's peak instead of dropping between steps.
+the development machine a 2x512 LSTM step (batch 64 x 100) took about 156,000 page faults; with
+the settings below it takes none and runs 1.55-1.86x faster (benchmarks/allocator_faults.py;
+docs/performance.md, "The allocator"). The cost: memory freed stays reserved by the process, so
+resident memory stays at its peak instead of dropping between steps (prepare of the Linux tree:
+peak RSS 307 -> 868 MiB, while 1.57x faster).
 
 `CHARLM_MALLOC=system` leaves the allocator alone (for comparison). Elsewhere than glibc (macOS,
 musl), this does nothing.

@@ -47,11 +47,12 @@ def median_time(fn: Callable[[], object], rounds: int, warmup: int = 1) -> float
     return statistics.median(times)
 
 
-def interleaved_rates(runners: dict[str, Callable[[], object]], work: float, rounds: int) -> dict[str, float]:
-    """work / median time of each runner, timed in ABBA-ordered rounds.
+def interleaved_rates(runners: dict[str, Callable[[], object]], work: float, rounds: int, warmup: bool = True) -> dict[str, float]:
+    """work / median time of each runner, timed in ABBA-ordered rounds, after one untimed call each.
 
-    A runner that returns a float has timed itself (a child process leaves out its start-up)."""
-    for fn in runners.values():
+    A runner that returns a float has timed itself (a child process leaves out its start-up, and
+    warms up on its own: warmup=False)."""
+    for fn in runners.values() if warmup else ():
         fn()
     times: dict[str, list[float]] = {k: [] for k in runners}
     order = list(runners)
@@ -159,14 +160,20 @@ def charlm_step(data: PreparedData, layers: int, hidden: int, embed: int, batch:
     return lambda: trainer._train_step(loss_sum)
 
 
-def plain_step_elsewhere(data: PreparedData, layers: int, hidden: int, embed: int, batch: int, seq: int, steps: int):
-    """The plain loop as one runs it by hand: in its own process, with glibc's default allocator.
+def step_elsewhere(kind: str, data: PreparedData, layers: int, hidden: int, embed: int, batch: int, seq: int,
+                   steps: int, allocator: str = "charlm"):
+    """Training steps timed in a child process of their own: `kind` is "plain" (the hand-written
+    loop, fp32) or a charlm dtype ("fp32", "bf16"); `allocator` is "charlm" or "system" (glibc's
+    defaults, as a hand-written script runs).
 
-    Each call starts a child that builds the loop, takes one untimed step, then times `steps`
-    steps and prints the seconds; the call returns them (so the child's start-up is not counted)."""
-    args = [str(data.dir), layers, hidden, embed, batch, seq, steps, torch.get_num_threads()]
-    code = f"from charlm.bench import _time_plain_steps; _time_plain_steps(*{args!r})"
-    env = {**os.environ, "CHARLM_MALLOC": "system"}
+    Why a process each: several models trained in one process share one heap, and their
+    different allocation patterns fragment it, so which contender pays for page faults depends
+    on the company it keeps. Each call starts a child that builds the step, takes up to five
+    untimed steps (while the heap grows), then times `steps` steps and prints the seconds; the
+    call returns them (the child's start-up is not counted)."""
+    args = [kind, str(data.dir), layers, hidden, embed, batch, seq, steps, torch.get_num_threads()]
+    code = f"from charlm.bench import _time_steps; _time_steps(*{args!r})"
+    env = {**os.environ, "CHARLM_MALLOC": allocator}
 
     def run() -> float:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -175,14 +182,22 @@ def plain_step_elsewhere(data: PreparedData, layers: int, hidden: int, embed: in
     return run
 
 
-def _time_plain_steps(data_dir: str, layers: int, hidden: int, embed: int, batch: int, seq: int, steps: int, threads: int) -> None:
+def _time_steps(kind: str, data_dir: str, layers: int, hidden: int, embed: int, batch: int, seq: int, steps: int,
+                threads: int) -> None:
+    keep_freed_memory()  # unless CHARLM_MALLOC=system
     torch.set_num_threads(threads)
-    step = plain_step(PreparedData(Path(data_dir)), layers, hidden, embed, batch, seq)
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    print(time.perf_counter() - start)
+    data = PreparedData(Path(data_dir))
+    with tempfile.TemporaryDirectory() as tmp:
+        if kind == "plain":
+            step = plain_step(data, layers, hidden, embed, batch, seq)
+        else:
+            step = charlm_step(data, layers, hidden, embed, batch, seq, kind, Path(tmp))
+        for _ in range(max(2, min(steps, 5))):  # untimed: the first steps grow the heap (page faults)
+            step()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        print(time.perf_counter() - start)
 
 
 def synthetic_data(directory: Path, chars: int = 2_000_000) -> PreparedData:
@@ -200,22 +215,20 @@ def flops_per_char(layers: int, hidden: int, embed: int, vocab: int = 65) -> flo
     return 6.0 * (recurrent + vocab * (hidden + 1))
 
 
-def training(data: PreparedData, layers=2, hidden=512, embed=64, batch=64, seq=100, steps=10, rounds=6, work_dir=None) -> dict:
+def training(data: PreparedData, layers=2, hidden=512, embed=64, batch=64, seq=100, steps=10, rounds=6) -> dict:
     """chars/s of the plain fp32 loop, charlm fp32 and charlm bf16, measured side by side.
 
-    The plain loop runs twice: in this process, where it shares charlm's allocator settings, and
-    in a child process with glibc's defaults, as a hand-written script runs."""
-    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-        def repeat(step):
-            return lambda: [step() for _ in range(steps)]
-
-        runners = {
-            "reference_fp32": repeat(plain_step(data, layers, hidden, embed, batch, seq)),
-            "reference_fp32_default_allocator": plain_step_elsewhere(data, layers, hidden, embed, batch, seq, steps),
-            "fp32": repeat(charlm_step(data, layers, hidden, embed, batch, seq, "fp32", Path(tmp) / "a")),
-            "bf16": repeat(charlm_step(data, layers, hidden, embed, batch, seq, "bf16", Path(tmp) / "b")),
-        }
-        rates = interleaved_rates(runners, steps * batch * seq, rounds)
+    Each contender runs in a process of its own (see step_elsewhere), in ABBA-ordered rounds. The
+    plain loop runs twice: with charlm's allocator settings (the reference) and with glibc's
+    defaults, as a hand-written script runs."""
+    args = (data, layers, hidden, embed, batch, seq, steps)
+    runners = {
+        "reference_fp32": step_elsewhere("plain", *args),
+        "reference_fp32_default_allocator": step_elsewhere("plain", *args, allocator="system"),
+        "fp32": step_elsewhere("fp32", *args),
+        "bf16": step_elsewhere("bf16", *args),
+    }
+    rates = interleaved_rates(runners, steps * batch * seq, rounds, warmup=False)
     fpc = flops_per_char(layers, hidden, embed)
     return {k: {"chars_per_s": round(v), "gflops": round(v * fpc / 1e9, 1)} for k, v in rates.items()}
 
@@ -284,7 +297,6 @@ def prepare_speed(megabytes: int = 64, work_dir=None) -> dict:
 def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progress: Callable[[str], None] | None = None) -> dict:
     """Everything `charlm bench` reports, as one nested dict."""
     say = progress or (lambda s: None)
-    # The plain reference loop runs in this process too, so it gets the same allocator settings.
     allocator = "charlm (freed memory kept)" if keep_freed_memory() else "system default"
     report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "allocator": allocator}}
     say("matrix-product roof")
@@ -293,7 +305,7 @@ def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progre
         data = synthetic_data(Path(tmp), 600_000 if quick else 2_000_000)
         say(f"training {layers}x{hidden} LSTM, batch {batch}, seq {seq}")
         report["train"] = training(data, layers, hidden, 64, batch, seq, steps=3 if quick else 10,
-                                   rounds=2 if quick else 6, work_dir=tmp)
+                                   rounds=2 if quick else 6)
     for k, v in report["train"].items():
         peak = report["roof"]["bf16_gflops" if k == "bf16" else "fp32_gflops"]
         v["fraction_of_roof"] = round(v["gflops"] / peak, 2)

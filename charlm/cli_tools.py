@@ -35,18 +35,18 @@ def bench(
     table = Table("what", "measured", "note", title=f"charlm bench ({r['machine']['threads']} threads, torch {r['machine']['torch']})")
     table.add_row("roof fp32", f"{roof['fp32_gflops']:,.0f} GFLOP/s", "best of torch.mm and oneDNN, square and LSTM-shaped products")
     table.add_row("roof bf16", f"{roof['bf16_gflops']:,.0f} GFLOP/s", f"{roof['bf16_gflops'] / roof['fp32_gflops']:.1f}x fp32")
-    rows = (("reference_fp32_default_allocator", "train, plain nn.LSTM loop, fp32, own process"),
-            ("reference_fp32", "train, plain nn.LSTM loop, fp32, in this process"),
+    rows = (("reference_fp32_default_allocator", "train, plain nn.LSTM loop, fp32, glibc malloc"),
+            ("reference_fp32", "train, plain nn.LSTM loop, fp32"),
             ("fp32", "train, charlm fp32"), ("bf16", "train, charlm bf16"))
     for key, label in rows:
         note = f"{t[key]['gflops']:,.0f} GFLOP/s = {t[key]['fraction_of_roof']:.0%} of the {'bf16' if key == 'bf16' else 'fp32'} roof"
         if key == "reference_fp32_default_allocator":
             note += "; glibc's default allocator, as a hand-written script runs"
         elif key == "reference_fp32":
-            note += "; with charlm's allocator settings (the reference below)"
+            note += "; with charlm's allocator settings: the reference"
         else:
             note += (f"; {t[key + '_over_reference']:.2f}x the reference, "
-                     f"{t[key + '_over_default_allocator_reference']:.2f}x the own-process loop")
+                     f"{t[key + '_over_default_allocator_reference']:.2f}x with glibc malloc")
         table.add_row(label, f"{t[key]['chars_per_s']:,} chars/s", note)
     for case, label in (("single", "sample, 1 stream"), ("batch64", "sample, 64 streams")):
         row = r["sample"][case]
