@@ -12,6 +12,7 @@ then copied out in sorted order: memory stays at one chunk plus the index, whate
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import lzma
 import os
@@ -169,8 +170,13 @@ def _spool_members(path: Path, reader, spool, subset, extensions) -> tuple[dict[
     index: dict[str, tuple[int, int]] = {}
     tops: set[str] = set()
     loose = False  # a non-directory member at the top level: then there is no common top dir
+    with open(path, "rb") as f:
+        gzipped = f.read(2) == b"\x1f\x8b"
     try:
-        with tarfile.open(fileobj=reader, mode="r|*", tarinfo=_StrictTarInfo) as tar:  # '|': a forward-only stream
+        # tarfile's own gzip reader never checks the CRC-32 in the gzip trailer, so a flipped byte
+        # that still inflates would pass: gzip.GzipFile checks it, at the end of the stream.
+        source = gzip.GzipFile(fileobj=reader, mode="rb") if gzipped else reader
+        with tarfile.open(fileobj=source, mode="r|" if gzipped else "r|*", tarinfo=_StrictTarInfo) as tar:  # '|': a forward-only stream
             while (member := tar.next()) is not None:
                 tar.members.clear()  # a stream keeps every TarInfo otherwise (~80k for a kernel); none is looked up again
                 name = _normalize(member.name)
@@ -191,7 +197,11 @@ def _spool_members(path: Path, reader, spool, subset, extensions) -> tuple[dict[
                             "unpack the tarball and pass the directory instead"
                         )
                     index[name] = index[target]
-    except (tarfile.TarError, _Damaged, EOFError, lzma.LZMAError, zlib.error) as e:
+            # The end-of-archive blocks can come before the end of the compressed stream, and the
+            # stream's integrity check (gzip's CRC-32, xz's CRC-64) sits at its very end: read on.
+            while tar.fileobj.read(1 << 20):
+                pass
+    except (tarfile.TarError, _Damaged, EOFError, lzma.LZMAError, zlib.error, gzip.BadGzipFile) as e:
         hint = ""
         if path.suffix == ".deb":
             hint = "; a .deb holds the tarball: dpkg-deb -x FILE.deb pkg, then --from pkg/usr/src/linux-source-*.tar.xz"

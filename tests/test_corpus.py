@@ -168,6 +168,15 @@ def test_subset_selects_whole_path_components(tree):
 
 
 # -- errors ------------------------------------------------------------------------------------
+def test_gzip_checksum_is_checked(tree, tmp_path):
+    """tarfile alone never reads the CRC-32 at the end of a gzip stream: a wrong one must be an error."""
+    whole = bytearray(make_tarball(tree, tmp_path / "t.tar.gz").read_bytes())
+    whole[-8] ^= 0xFF  # the trailer: CRC-32, then the size
+    (tmp_path / "badcrc.tar.gz").write_bytes(bytes(whole))
+    with pytest.raises(CharlmError, match="corrupt or truncated"):
+        build(tmp_path / "badcrc.tar.gz")
+
+
 def test_build_errors_are_clear(tree, tmp_path):
     with pytest.raises(CharlmError, match="does not exist"):
         build(tmp_path / "missing")
