@@ -169,7 +169,7 @@ def test_weighted_mean_matches_hand_computation():
 
 
 def test_mean_of_vanishing_probabilities_stays_finite():
-    """A symbol every member gives less than 1e-38: exp underflows, the figure must not be -inf."""
+    """A symbol every member gives less than 1e-38 (exp would underflow) keeps a finite, exact log-probability."""
     ens = Ensemble([scorer("lstm", 0), scorer("gru", 1)], weights=[3, 1])
     logps = [torch.tensor([[0.0, -200.0, -300.0]]), torch.tensor([[-1e-3, -7.0, -250.0]])]
     got = ens._combine(logps)
