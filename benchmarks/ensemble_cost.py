@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
@@ -38,16 +37,7 @@ def main() -> None:
         separate._stacked = False  # the members stepped one by one (before cells.StackedStepper)
         runs = {name: (lambda s=scorer: sample(s, prime, args.length, chain, generator=torch.Generator().manual_seed(0)))
                 for name, scorer in (("one", members[0]), ("three", Ensemble(members)), ("separate", separate))}
-        for run in runs.values():
-            run()
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        order = list(runs)
-        for _ in range(args.rounds):
-            order.reverse()
-            for name in order:
-                start = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - start)
+        times = bench.interleaved_times(runs, args.rounds)
         one, three, sep = (statistics.median(times[k]) for k in ("one", "three", "separate"))
         per_round = sorted(b / a for a, b in zip(times["one"], times["three"]))
         print(f"{dtype}: one model {args.length / one:,.0f} chars/s, ensemble of 3 {args.length / three:,.0f} chars/s, "

@@ -47,8 +47,8 @@ def median_time(fn: Callable[[], object], rounds: int, warmup: int = 1) -> float
     return statistics.median(times)
 
 
-def interleaved_rates(runners: dict[str, Callable[[], object]], work: float, rounds: int, warmup: bool = True) -> dict[str, float]:
-    """work / median time of each runner, timed in ABBA-ordered rounds, after one untimed call each.
+def interleaved_times(runners: dict[str, Callable[[], object]], rounds: int, warmup: bool = True) -> dict[str, list[float]]:
+    """Each runner's wall time per round, the runners in ABBA order, after one untimed call each.
 
     A runner that returns a float has timed itself (a child process leaves out its start-up, and
     warms up on its own: warmup=False)."""
@@ -62,7 +62,12 @@ def interleaved_rates(runners: dict[str, Callable[[], object]], work: float, rou
             start = time.perf_counter()
             own = runners[name]()
             times[name].append(own if isinstance(own, float) else time.perf_counter() - start)
-    return {k: work / statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def interleaved_rates(runners: dict[str, Callable[[], object]], work: float, rounds: int, warmup: bool = True) -> dict[str, float]:
+    """work / median time of each runner (interleaved_times)."""
+    return {k: work / statistics.median(v) for k, v in interleaved_times(runners, rounds, warmup).items()}
 
 
 # -- the roof -------------------------------------------------------------------------------

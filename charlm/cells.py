@@ -104,6 +104,17 @@ def product(w: Tensor, dtype: str) -> Product | Int8Product:
     return Product(w, torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
+def _lstm_update(gates: Tensor, c_prev: Tensor, c_out: Tensor, h_out: Tensor, hidden: int) -> Tensor:
+    """The LSTM cell after its products: gates (..., 4H) in (i, f, o, g) order, activated in place;
+    the new cell state written into c_out and the new h into h_out, which is returned."""
+    H = hidden
+    sig = gates[..., : 3 * H].sigmoid_()
+    g = gates[..., 3 * H :].tanh_()
+    i, f, o = sig[..., :H], sig[..., H : 2 * H], sig[..., 2 * H :]
+    c = torch.addcmul(f * c_prev, i, g, out=c_out)
+    return torch.mul(o, torch.tanh(c), out=h_out)
+
+
 class Stepper:
     """Single-step forward of a CharRNN: ids (B,) and state -> logits (B, V) and state."""
 
@@ -154,12 +165,7 @@ class Stepper:
             else:
                 gates = self._affine(self.b[k], torch.cat([x, h], dim=1), self.w_cat[k])
             if lstm:
-                H = self.hidden
-                sig = gates[:, : 3 * H].sigmoid_()
-                g = gates[:, 3 * H :].tanh_()
-                i, f, o = sig[:, :H], sig[:, H : 2 * H], sig[:, 2 * H :]
-                c = torch.addcmul(f * state[1][k], i, g, out=c_all[k])
-                x = torch.mul(o, torch.tanh(c), out=h_all[k])
+                x = _lstm_update(gates, state[1][k], c_all[k], h_all[k], self.hidden)
             else:
                 x = torch.tanh(gates, out=h_all[k])
         logits = self._affine(self.b_head, x, self.w_head)  # (B, V)
@@ -219,10 +225,6 @@ class StackedStepper:
             else:
                 stacked_in = torch.cat([x, h[:, k]], dim=2)  # (M, B, 2H)
                 gates = self._add_products(self.b[k].expand(-1, ids.shape[0], -1).clone(), self.w_cat[k], stacked_in)
-            sig = gates[..., : 3 * H].sigmoid_()
-            g = gates[..., 3 * H :].tanh_()
-            i, f, o = sig[..., :H], sig[..., H : 2 * H], sig[..., 2 * H :]
-            cell = torch.addcmul(f * c[:, k], i, g, out=c_all[:, k])
-            x = torch.mul(o, torch.tanh(cell), out=h_all[:, k])
+            x = _lstm_update(gates, c[:, k], c_all[:, k], h_all[:, k], H)
         logits = self._add_products(self.b_head.expand(-1, ids.shape[0], -1).clone(), self.w_head, x)
         return logits, h_all, c_all

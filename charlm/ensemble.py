@@ -48,8 +48,8 @@ class Ensemble:
     def start(self, batch_size: int):
         return tuple(m.start(batch_size) for m in self.members)
 
-    def _combine(self, logps: list[Tensor]) -> Tensor:
-        stacked = torch.stack(logps)  # (M, ..., V)
+    def _combine(self, stacked: Tensor) -> Tensor:
+        """The members' log-probs (M, ..., V) -> the ensemble's (..., V)."""
         shape = (-1,) + (1,) * (stacked.dim() - 1)
         if self.combine == "mean":
             return torch.logsumexp(stacked + self.log_weights.view(shape).to(stacked.device), dim=0)
@@ -62,7 +62,7 @@ class Ensemble:
         if self._stacked:
             return self._stacked_step(ids, state)
         outs = [m.step(ids, s) for m, s in zip(self.members, state)]
-        return self._combine([o[0] for o in outs]), tuple(o[1] for o in outs)
+        return self._combine(torch.stack([o[0] for o in outs])), tuple(o[1] for o in outs)
 
     @torch.inference_mode()
     def _stacked_step(self, ids: Tensor, state):
@@ -70,12 +70,12 @@ class Ensemble:
         h = torch.stack([s[0] for s in state])  # (M, L, B, H)
         c = torch.stack([s[1] for s in state])
         logits, h, c = self._stacked(ids, h, c)
-        logps = torch.log_softmax(logits.float(), dim=-1)
-        return self._combine(list(logps.unbind(0))), tuple((h[m], c[m]) for m in range(len(self.members)))
+        logps = torch.log_softmax(logits.float(), dim=-1)  # (M, B, V)
+        return self._combine(logps), tuple((h[m], c[m]) for m in range(len(self.members)))
 
     def score(self, ids: Tensor, state):
         outs = [m.score(ids, s) for m, s in zip(self.members, state)]
-        return self._combine([o[0] for o in outs]), tuple(o[1] for o in outs)
+        return self._combine(torch.stack([o[0] for o in outs])), tuple(o[1] for o in outs)
 
     def reorder(self, state, index: Tensor):
         return tuple(m.reorder(s, index) for m, s in zip(self.members, state))

@@ -170,8 +170,7 @@ def _spool_members(path: Path, reader, spool, subset, extensions) -> tuple[dict[
     index: dict[str, tuple[int, int]] = {}
     tops: set[str] = set()
     loose = False  # a non-directory member at the top level: then there is no common top dir
-    with open(path, "rb") as f:
-        gzipped = f.read(2) == b"\x1f\x8b"
+    gzipped = reader.raw.peek(2)[:2] == b"\x1f\x8b"
     try:
         # tarfile's own gzip reader never checks the CRC-32 in the gzip trailer, so a flipped byte
         # that still inflates would pass: gzip.GzipFile checks it, at the end of the stream.
