@@ -13,7 +13,7 @@ DEMO_RUN ?= checkpoints/demo
 CHARLM_CORPUS_MIRROR ?= $(firstword $(wildcard ../shared/corpora))
 export CHARLM_CORPUS_MIRROR
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test wheel-check venv bench clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+# Build a wheel, install it into a fresh venv beside the pinned torch, use it from an empty directory.
+wheel-check: venv
+	PYTHON="$(PYTHON)" TORCH_SPEC="$(TORCH_SPEC)" TORCH_PIP_ARGS="$(TORCH_PIP_ARGS)" bash .ci/wheel_check.sh
 
 bench: venv
 	$(CHARLM) bench

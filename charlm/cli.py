@@ -21,15 +21,17 @@ from rich.table import Table
 from rich.text import Text
 from typing_extensions import Annotated
 
-from charlm import CharlmError, checkpoint, config, corpus, distributed
+from charlm import CharlmError, checkpoint, config, corpus, distributed, rundir
 from charlm import prepare as prep
 from charlm.allocator import keep_freed_memory
 from charlm.cliapp import UsageError, app, corpus_app, err, friendly
 from charlm.data import PreparedData
 from charlm.display import TrainDisplay
 from charlm.spm import KINDS as TOKENIZER_KINDS
+from charlm.stop import StopRequests
 from charlm.spm import TokenizerSpec
-from charlm.train import Trainer, TrainingStopped, pick_device
+from charlm.devices import check_dtype, pick_device
+from charlm.train import Trainer, TrainingStopped
 
 
 def _bytes_progress(description: str) -> Progress:
@@ -56,9 +58,9 @@ def corpus_get(
     mirror: Annotated[Optional[Path], typer.Option(help=f"Local mirror dir with NAME/input.txt; default ${corpus.MIRROR_ENV}.")] = None,
     source: Annotated[Optional[Path], typer.Option("--from", help="Build it from a kernel source tree or tarball (.tar.xz/.tar.gz/.tar), read as a stream.")] = None,
     subset: Annotated[Optional[str], typer.Option(help="With --from: only these paths of the tree, e.g. kernel,mm (default: the corpus's own).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --from: write here instead of corpora/NAME/input.txt (needed for a custom --subset).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --from: write here instead of CORPORA/NAME/input.txt (needed for a custom --subset).")] = None,
 ):
-    """Fetch a corpus into corpora/NAME/input.txt from a mirror or its URL (or build it --from a tree), verifying its sha256."""
+    """Fetch a corpus into CORPORA/NAME/input.txt (the corpora dir: see charlm corpus list) from a mirror or its URL (or build it --from a tree), verifying its sha256."""
     if source is None and (subset is not None or out is not None):
         raise CharlmError("--subset and --out go with --from PATH (building from a source tree)")
     if source is not None and mirror is not None:
@@ -174,9 +176,10 @@ def train(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir for checkpoints and metrics.jsonl (default: checkpoints/RUN).")] = None,
     preset: Annotated[Optional[str], typer.Option(help=f"A shipped preset: {', '.join(config.list_presets())}.")] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="A YAML file of option: value (explicit flags win).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue exactly from a last.safetensors (optimizer, step, data position, state).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="Continue exactly from a last.safetensors (optimizer, step, data position, state); 'auto': from OUT/last.safetensors if it exists, else start fresh (for preemptible queues).", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out (its checkpoints and metrics.jsonl) instead of refusing to.")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's weights only (fresh optimizer and schedule).")] = None,
-    cell: Annotated[Optional[str], typer.Option(help="lstm, gru or rnn.", show_default=False)] = None,
+    cell: Annotated[Optional[str], typer.Option(help=f"{', '.join(config.CELLS)} (default: lstm).", show_default=False)] = None,
     num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers (default: 2).", show_default=False)] = None,
     rnn_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer (default: 256).", show_default=False)] = None,
     embed_size: Annotated[Optional[int], typer.Option(help="Embedding width (default: 64).", show_default=False)] = None,
@@ -222,14 +225,14 @@ def train(
         layers.append(config.load_config_file(config_file))
     layers.append(explicit)
 
-    resumed = checkpoint.load(resume) if resume else None
+    resume_path = _resume_target(resume, out)
+    resumed = checkpoint.load(resume_path) if resume_path else None
     init = checkpoint.load(init_from) if init_from else None
+    if resumed is not None and init is not None:
+        raise CharlmError("give --resume (continue a run) or --init-from (a new run from its weights), not both")
     if resumed is not None:
-        model_flags = {k for layer in layers for k, v in layer.items() if v is not None and k in config.field_names(config.ModelConfig)}
-        if model_flags:
-            raise CharlmError(f"--resume keeps the checkpoint's model; drop {', '.join(sorted(model_flags))} (or use --init-from)")
-        model_cfg, train_cfg = config.resolve(*layers, base={"model": resumed.meta["model"], "train": resumed.meta["train"]})
-        input = input or resumed.meta["provenance"]["data_dir"]
+        model_cfg, train_cfg = _resume_config(resumed, layers)
+        input = input or _recorded_data(resumed)
         out = out or resumed.path.parent
     else:
         if input is None:
@@ -237,19 +240,28 @@ def train(
         base = {"model": init.meta["model"]} if init is not None else None
         model_cfg, train_cfg = config.resolve(*layers, base=base)
         out = out or Path("checkpoints") / _run_name(input)
+    check_dtype(pick_device(train_cfg.device), train_cfg.dtype)  # before any data is fetched or prepared
 
     spec = _tokenizer_spec(tokenizer, spm_vocab_size, character_coverage)
     prepare_input = functools.partial(_prepare_input, input, encoding=encoding, split=split, mirror=mirror, glob=glob, tokenizer=spec)
+    if nproc is not None and nproc < 1:
+        raise CharlmError(f"--nproc must be at least 1 (got {nproc})")
     if nproc is not None and nproc != 1:
         # The launcher prepares the data once, then every rank reads that prepared dir, into one run dir.
-        _launch_ranks(nproc, _forwarded_args(ctx, {"input": prepare_input(), "out": out, "nproc": None}))
+        prepared = prepare_input()
+        rundir.claim(out, resuming=resumed is not None, overwrite=overwrite)
+        _launch_ranks(nproc, _forwarded_args(ctx, {"input": prepared, "out": out, "nproc": None, "overwrite": None}))
         return
     world = distributed.setup(pick_device(train_cfg.device), backend)
     try:
         data = PreparedData(world.in_turn(lambda: prepare_input(show=world.is_main)))  # one writer per cache dir
         display = TrainDisplay(err) if world.is_main else None
         try:
-            result = Trainer(model_cfg, train_cfg, data, out, resume=resumed, init_from=init, report=display, world=world).run()
+            with StopRequests() as stop:
+                trainer = Trainer(model_cfg, train_cfg, data, out, resume=resumed, init_from=init, report=display, world=world, stop=stop)
+                if world.is_main:  # everything is checked: only now may another run's files be replaced
+                    rundir.claim(out, resuming=resumed is not None, overwrite=overwrite)
+                result = trainer.run()
         finally:
             if display is not None:
                 display.close()
@@ -261,6 +273,55 @@ def train(
         err.print(
             f"done: step {result['step']:,}, best val {result['best_val_bpc']:.4f} bits/char; "
             f"checkpoints in {result['out_dir']} (best.safetensors, last.safetensors)", soft_wrap=True)
+
+
+# Fixed by a checkpoint: the model's shape, and the seed (the random stream continues from the saved
+# state, so another seed would be silently ignored). Every other option may change on resume: the
+# limits, the learning-rate schedule, clipping, eval/log cadence, device, dtype, dropout, and even
+# batch size and window (the carried state then restarts from zero, at the same point of the epoch).
+FIXED_ON_RESUME = ("cell", "num_layers", "rnn_size", "embed_size", "seed")
+
+
+def _resume_target(resume: Optional[str], out: Optional[Path]) -> Optional[Path]:
+    """The checkpoint --resume names; 'auto': OUT/last.safetensors when it exists, else None (start fresh)."""
+    if resume is None or resume != "auto":
+        return None if resume is None else Path(resume)
+    if out is None:
+        raise CharlmError("--resume auto continues OUT/last.safetensors: give --out too")
+    last = out / rundir.LAST
+    return last if last.exists() else None
+
+
+def _resume_config(resumed: checkpoint.Checkpoint, layers: list[dict]) -> tuple[config.ModelConfig, config.TrainConfig]:
+    """The checkpoint's configuration with the given options over it; options equal to the checkpoint's are fine."""
+    saved = {"model": resumed.meta["model"], "train": resumed.meta["train"]}
+    saved_model, saved_train = config.resolve(base=saved)
+    kept = {**vars(saved_model), **vars(saved_train)}
+    model_cfg, train_cfg = config.resolve(*layers, base=saved)
+    asked = {**vars(model_cfg), **vars(train_cfg)}
+    conflicts = [f"--{k.replace('_', '-')} {asked[k]} (the checkpoint has {kept[k]})" for k in FIXED_ON_RESUME if asked[k] != kept[k]]
+    if conflicts:
+        raise CharlmError(
+            f"--resume continues the checkpoint's model and random stream, but {'; '.join(conflicts)}: drop "
+            f"{'it' if len(conflicts) == 1 else 'them'}, or start a new run from its weights with --init-from"
+        )
+    return model_cfg, train_cfg
+
+
+def _recorded_data(ckpt: checkpoint.Checkpoint) -> str:
+    """The prepared dir a checkpoint was trained on, when resuming without naming the data.
+
+    The path comes from the file, so it is trusted only as far as it is checked: it must be a
+    prepared dir (never a text or a tree to prepare) holding the same source text (sha256).
+    """
+    provenance = ckpt.meta.get("provenance") or {}
+    recorded = provenance.get("data_dir")
+    retry = f"give the data to continue on: charlm train DATA --resume {ckpt.path}"
+    if not isinstance(recorded, str) or not (Path(recorded) / "meta.json").is_file():
+        raise CharlmError(f"{ckpt.path} was trained on {recorded!r}, which is not a prepared data dir here; {retry}")
+    if PreparedData(recorded).meta.get("source", {}).get("sha256") != provenance.get("source_sha256"):
+        raise CharlmError(f"{recorded} now holds other data than {ckpt.path} was trained on; {retry}")
+    return recorded
 
 
 def _prepare_input(input: str, encoding: str, split: str, mirror: Optional[Path], glob: Optional[str],
@@ -295,6 +356,11 @@ def _forwarded_args(ctx: typer.Context, overrides: dict) -> list[str]:
             continue  # left out, the ranks resolve the same default
         if param.param_type_name == "argument":
             args.insert(0, str(value))
+        elif getattr(param, "is_flag", False):  # a flag is its name alone: --compile, not --compile True
+            if value:
+                args.append(param.opts[0])
+            elif param.secondary_opts:
+                args.append(param.secondary_opts[0])
         else:
             args += [param.opts[0], str(value)]
     return args

@@ -14,23 +14,27 @@ import torch
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from typing_extensions import Annotated
 
 from charlm import CharlmError, checkpoint, config
 from charlm.cliapp import app, err, friendly
 from charlm.data import PreparedData
+from charlm.devices import check_dtype, pick_device
 from charlm.decode import beam_search, processors, sample as sample_ids
 from charlm.ensemble import Ensemble
 from charlm.evaluate import evaluate, scored_chars
 from charlm.scorer import ModelScorer
-from charlm.train import pick_device
 
 
 def _load_scorers(paths: list[Path], device: str, dtype: str, allowed: tuple[str, ...] = config.DECODE_DTYPES) -> list[ModelScorer]:
     if dtype not in allowed:
         hint = " (int8 is for step-by-step decoding: sample and beam)" if dtype == "int8" else ""
         raise CharlmError(f"--dtype must be one of {', '.join(allowed)} (got {dtype!r}){hint}")
+    if device not in config.DEVICES:
+        raise CharlmError(f"--device must be one of {', '.join(config.DEVICES)} (got {device!r})")
     dev = pick_device(device)
+    check_dtype(dev, dtype)
     scorers = []
     for p in paths:
         ckpt = checkpoint.load(p)
@@ -62,6 +66,28 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="fp32; bf16 matrix products: faster on CPUs with bf16 units (for one stream, and more so for batches and beams), figures differ slightly from fp32; int8 weights (one scale per row, bf16 activations): the least memory read per step, fastest for one stream and for ensembles, figures differ more (the prime still runs in bf16).")]
 EvalDtypeOpt = Annotated[str, typer.Option(help="fp32, or bf16 matrix products: faster on CPUs with bf16 units; the figures differ slightly from fp32.")]
 PrimeUnknownOpt = Annotated[str, typer.Option(help="Prime characters outside a char vocabulary: error, or skip (the model never sees them).")]
+PrimeFileOpt = Annotated[Optional[Path], typer.Option("--prime-file", metavar="FILE", show_default=False, help="Read the prime from a UTF-8 file, newlines and all (used exactly as written, final newline included); instead of --prime.")]
+
+
+def _read_prime(prime: str, prime_file: Optional[Path]) -> str:
+    """The prime: --prime, or the whole of --prime-file as UTF-8 (a leading BOM dropped); not both."""
+    if prime_file is None:
+        return prime
+    if prime:
+        raise CharlmError("give either --prime TEXT or --prime-file FILE, not both")
+    if prime_file.is_dir():
+        raise CharlmError(f"--prime-file {prime_file} is a directory; give a text file")
+    try:
+        data = prime_file.read_bytes()
+    except FileNotFoundError:
+        raise CharlmError(f"--prime-file {prime_file} does not exist") from None
+    except OSError as e:
+        raise CharlmError(f"cannot read --prime-file {prime_file}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise CharlmError(f"--prime-file {prime_file} is not UTF-8 text (invalid byte at offset {e.start}); "
+                          "convert it, e.g. iconv -t UTF-8") from None
 
 
 @app.command()
@@ -70,6 +96,7 @@ def sample(
     checkpoints: CkptArg,
     length: Annotated[int, typer.Option(help="Symbols to generate: characters, or pieces for a SentencePiece model.")] = 500,
     prime: Annotated[str, typer.Option(help="Text to start from (run through the network first, then printed).")] = "",
+    prime_file: PrimeFileOpt = None,
     unknown: PrimeUnknownOpt = "error",
     temperature: Annotated[float, typer.Option(help="> 0; below 1 is more conservative.")] = 1.0,
     top_k: Annotated[Optional[int], typer.Option(help="Sample only among the k most likely characters.")] = None,
@@ -83,10 +110,13 @@ def sample(
     dtype: DtypeOpt = "fp32",
 ):
     """Generate text, streaming it to stdout as it is produced."""
+    prime = _read_prime(prime, prime_file)
     chain = processors(temperature, top_k, top_p)
     scorer, _ = _scorer(checkpoints, device, weights, combine, dtype)
     vocab = scorer.vocab
     prime_t = _prime_ids(vocab, prime, unknown)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise CharlmError(f"--seed must be between 0 and 2^63-1 (got {seed})")
     generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
     out = sys.stdout
     if num_samples == 1:
@@ -128,6 +158,7 @@ def _prime_ids(vocab, prime: str, unknown: str = "error") -> torch.Tensor:
 def beam(
     checkpoints: CkptArg,
     prime: Annotated[str, typer.Option(help="Text to continue.")] = "",
+    prime_file: PrimeFileOpt = None,
     length: Annotated[int, typer.Option(help="Symbols to generate at most: characters, or pieces for a SentencePiece model.")] = 100,
     beam_width: Annotated[int, typer.Option(help="Hypotheses kept at each step (K); 1 is greedy decoding.")] = 5,
     n_best: Annotated[int, typer.Option(help="How many of the best continuations to print (M <= K).")] = 1,
@@ -144,6 +175,7 @@ def beam(
 
     Deterministic: temperature, top-k and top-p apply to `charlm sample`, not to beam search.
     """
+    prime = _read_prime(prime, prime_file)
     scorer, _ = _scorer(checkpoints, device, weights, combine, dtype)
     vocab = scorer.vocab
     if stop_at:  # accept a typed "\\n" or "\\t" as well as a real newline or tab
@@ -156,7 +188,7 @@ def beam(
         rows.append({"text": prime + new, "logprob": logprob, "chars": len(new), "tokens": len(ids),
                      "bits_per_char": -logprob / math.log(2) / max(len(new), 1)})
     if as_json:
-        print(json.dumps(rows, ensure_ascii=False))
+        print(_json(rows, ensure_ascii=False))
         return
     for i, r in enumerate(rows):
         err.print(f"── {i + 1}/{len(rows)}: log-prob {r['logprob']:.3f}, {r['bits_per_char']:.3f} bits/char over {r['chars']} chars ──")
@@ -184,7 +216,10 @@ def _eval_tokens(ckpt_path: Path, vocab, split: str, text: Optional[Path], data_
         # With --unknown skip (char vocabularies), the figure covers the kept characters only.
         return ids, len(s) if vocab.kind == "spm" else len(ids)
     meta = checkpoint.read_meta(ckpt_path)  # the scorer holds the weights already: only the recorded data dir is needed
-    data = PreparedData(data_dir or meta["provenance"]["data_dir"])
+    recorded = (meta.get("provenance") or {}).get("data_dir")
+    if data_dir is None and not isinstance(recorded, str):
+        raise CharlmError(f"{ckpt_path} does not record the data it was trained on; give it with --data DIR, or score a file with --text")
+    data = PreparedData(data_dir or recorded)
     if data.vocab != vocab:
         raise CharlmError(f"{data.dir} has a different vocabulary than {ckpt_path}")
     parts = split.split("+")
@@ -216,24 +251,30 @@ def eval_cmd(
     if len(tokens) < 2:
         raise CharlmError("the text to score has fewer than 2 characters")
     chars = scored_chars(scorer.vocab, tokens, text_chars)
+    if chars < 1:
+        raise CharlmError("the text to score spells no character after its first token: nothing to score")
     result = _per_char(evaluate(scorer, tokens, chars=chars))
     rows = []
     if len(members) > 1:
         rows = [{"checkpoint": str(p), **_per_char(evaluate(m, tokens, chars=chars))} for p, m in zip(checkpoints, members)]
+    for r in rows + [result]:
+        if not math.isfinite(r["bits_per_char"]):
+            raise CharlmError(f"{r.get('checkpoint', 'the model')} gives a non-finite figure ({r['bits_per_char']} bits/char): "
+                              "its weights overflow float32 on this text")
     source = str(text) if text else split
     if as_json:
         payload = {**result, "source": source}
         if rows:
             payload["members"] = rows
             payload["combine"] = combine
-        print(json.dumps(payload))
+        print(_json(payload))
         return
     per_token = "bits_per_token" in result
     columns = ["model", "bits/char", "perplexity", "chars"] + (["bits/token", "tokens"] if per_token else [])
     table = Table(*columns, title=f"charlm eval on {source}")
     name = f"ensemble ({combine}, {len(members)} models)" if rows else str(checkpoints[0])
     for label, r in [(r["checkpoint"], r) for r in rows] + [(name, result)]:
-        cells = [label, f"{r['bits_per_char']:.4f}", f"{r['perplexity']:.3f}", f"{r['chars']:,}"]
+        cells = [Text(label), f"{r['bits_per_char']:.4f}", f"{r['perplexity']:.3f}", f"{r['chars']:,}"]
         table.add_row(*cells, *([f"{r['bits_per_token']:.4f}", f"{r['tokens']:,}"] if per_token else []))
     Console().print(table)
 
@@ -245,29 +286,57 @@ def _per_char(result: dict) -> dict:
     return result
 
 
+def _json(payload, **kwargs) -> str:
+    """Strict JSON (no NaN or Infinity, which JSON has no words for); a figure that is not finite is an error."""
+    try:
+        return json.dumps(payload, allow_nan=False, **kwargs)
+    except ValueError:
+        raise CharlmError("a figure is not a finite number (NaN or infinite): the model's outputs overflow") from None
+
+
+def _literal(text: str, limit: int = 500) -> Text:
+    """Text from a file, shown as it is: never rich markup, control characters (ANSI escapes) made visible."""
+    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text[:limit])
+    return Text(text)
+
+
+def _finite_or_null(value):
+    """Metadata for JSON output: NaN (no validation split) and Infinity (no evaluation yet) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
 @app.command()
 @friendly
 def info(
     ckpt: Annotated[Path, typer.Argument(help="A checkpoint file.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON (a figure that does not exist, such as the validation figure of a run without a validation split, is null).")] = False,
 ):
     """Show what a checkpoint holds: model, vocabulary, training config, metrics, provenance."""
     c = checkpoint.load(ckpt)
     if as_json:
-        print(json.dumps(c.meta, indent=1, ensure_ascii=False))
+        print(json.dumps(_finite_or_null(c.meta), indent=1, ensure_ascii=False, allow_nan=False))
         return
-    table = Table("field", "value", title=str(ckpt), show_lines=False)
+    table = Table("field", "value", title=_literal(str(ckpt)), show_lines=False)  # file contents are never rich markup
     table.add_row("format", f"{checkpoint.FORMAT} v{checkpoint.VERSION}")
+    checks = {"verified": "verified (sha256 of the weights, and of the metadata and training state)",
+              "none": "none (written before checksums; unchecked)"}
+    table.add_row("weights checksum", checks[c.checksum])
     vocab = c.vocab
     if vocab.kind == "spm":
-        table.add_row("vocabulary", vocab.describe()[0].upper() + vocab.describe()[1:])
+        table.add_row("vocabulary", _literal(vocab.describe()[0].upper() + vocab.describe()[1:]))
     else:
-        table.add_row("vocabulary", f"{len(vocab)} {vocab.kind} symbols: {''.join(vocab.symbol(i) for i in range(min(len(vocab), 100)))!r}")
+        table.add_row("vocabulary", _literal(f"{len(vocab)} {vocab.kind} symbols: {''.join(vocab.symbol(i) for i in range(min(len(vocab), 100)))!r}"))
     for section in ("model", "metrics", "provenance", "train"):
         for k, v in c.meta.get(section, {}).items():
             if isinstance(v, float):
                 v = f"{v:.4f}" if math.isfinite(v) else str(v)
-            table.add_row(f"{section}.{k}", str(v))
+            table.add_row(_literal(f"{section}.{k}"), _literal(str(v)))
     table.add_row("training state", "yes (resumable)" if c.has_train_state else "no (weights only)")
     table.add_row("tensors", f"{len(c.tensors)} ({sum(t.numel() for t in c.model_state().values()):,} model parameters)")
     Console().print(table)

@@ -6,23 +6,64 @@ Library code raises CharlmError; `friendly` turns it into one red line on stderr
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from charlm import CharlmError
+from charlm import CharlmError, __version__
 
 app = typer.Typer(
     help="Character-level recurrent language models: prepare, train, sample, evaluate.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion (bash, zsh, fish, PowerShell)
 )
 corpus_app = typer.Typer(help="Registered corpora: list them, fetch them (checksummed).", no_args_is_help=True)
 app.add_typer(corpus_app, name="corpus")
 
 err = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        import torch  # only here: the version line names the torch build (CPU or CUDA) it runs on
+
+        print(f"charlm {__version__} (torch {torch.__version__})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _global_options(
+    version: Optional[bool] = typer.Option(None, "--version", is_eager=True, callback=_print_version,
+                                           help="Print charlm's and torch's versions and exit."),
+    corpora_dir: Optional[Path] = typer.Option(
+        None, "--corpora-dir", metavar="DIR", show_default=False,
+        help="Where corpora are fetched to and the prepare cache lives (sets $CHARLM_CORPORA_DIR for this run). "
+             "Default: corpora/ in a checkout, else the per-user data dir (see: charlm corpus list)."),
+):
+    """Character-level recurrent language models: prepare, train, sample, evaluate."""
+    if corpora_dir is not None:
+        # The environment, not a global: torchrun's ranks (train --nproc) inherit it.
+        os.environ["CHARLM_CORPORA_DIR"] = str(corpora_dir.expanduser().resolve())
+
+
+@corpus_app.callback()
+def _corpus_options(ctx: typer.Context):
+    """Registered corpora: list them, fetch them (checksummed)."""
+    if ctx.invoked_subcommand == "list":
+        from charlm import corpus  # light: yaml, no torch
+
+        try:
+            corpus.registry()  # a bad registry file: the command's own one-line error, nothing before it
+        except CharlmError:
+            return
+        where, why = corpus.corpora_location()
+        err.print(f"corpora dir: {where} ({why}; set with --corpora-dir DIR or ${corpus.CORPORA_ENV})",
+                  soft_wrap=True, highlight=False)
 
 # Typer's usage-error class, found through a public name: typer has both depended on click and vendored it.
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")

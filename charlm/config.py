@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -18,6 +19,15 @@ SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("fp32", "bf16")  # training, and whole-window scoring (eval)
 DECODE_DTYPES = DTYPES + ("int8",)  # step-by-step decoding (sample, beam): int8 weights, charlm/cells.py
 DEVICES = ("auto", "cpu", "cuda", "mps")
+
+# Upper bounds, for flags, presets, YAML files and checkpoints alike. They are far above any
+# character model worth training and far below what would exhaust memory before a clear error.
+MAX_LAYERS = 64
+MAX_WIDTH = 16384  # rnn_size and embed_size: one 16384-wide LSTM layer alone has 2.1 billion weights
+MAX_VOCAB = 1 << 21  # every Unicode code point (1,114,112) fits, and any SentencePiece vocabulary
+MAX_PARAMETERS = 1 << 31  # 2,147,483,648 weights: 8 GiB in fp32, 32 GiB with gradients and AdamW moments
+MAX_STREAMS = 1 << 20  # batch_size and seq_length
+MAX_COUNT = (1 << 63) - 1  # seeds, step counts: what a signed 64-bit integer holds (torch's seeds, JSON readers)
 
 
 @dataclass
@@ -66,6 +76,8 @@ def all_keys() -> list[str]:
 
 def parse_duration(value: str | float | int | None) -> float | None:
     """'90s', '10m', '1.5h', '600' -> seconds."""
+    if isinstance(value, bool):
+        raise CharlmError(f"cannot read the duration {value!r}: use a number of seconds or e.g. 90s, 10m, 1h")
     if value is None or isinstance(value, (int, float)):
         return None if value is None else float(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(value))
@@ -87,17 +99,29 @@ def load_preset(name: str) -> dict[str, Any]:
 
 def load_config_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise CharlmError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise CharlmError(f"config file {path} is a directory; give a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise CharlmError(f"config file {path} is not UTF-8 text (byte offset {e.start})") from None
     except yaml.YAMLError as e:
         raise CharlmError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise CharlmError(f"config file {path} is nested too deeply: it must be a flat mapping of option: value") from None
     return _check_keys(data or {}, f"config file {path}")
 
 
 def _check_keys(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CharlmError(f"{where} must be a mapping of option: value")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:
+        raise CharlmError(f"{where}: option names must be text, got {odd[0]!r}; valid keys: {', '.join(all_keys())}")
+    nested = [k for k, v in data.items() if isinstance(v, (dict, list))]
+    if nested:
+        raise CharlmError(f"{where}: option {nested[0]} must be a single value, not a {type(data[nested[0]]).__name__}")
     unknown = sorted(set(data) - set(all_keys()))
     if unknown:
         raise CharlmError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(all_keys())}")
@@ -108,6 +132,8 @@ def resolve(*layers: dict[str, Any], base: dict[str, dict] | None = None) -> tup
     """Merge flat option layers (later wins; None means 'not given') over defaults or a saved config."""
     merged: dict[str, Any] = {}
     if base:
+        if not all(isinstance(section, dict) for section in base.values()):
+            raise CharlmError("a saved config section is not a mapping of option: value")
         for section in base.values():
             merged.update(section)
     for layer in layers:
@@ -131,7 +157,13 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
     kind = str(f.type)
     try:
         if value is None:
-            return None
+            if kind.endswith("None"):
+                return None
+            raise ValueError
+        if isinstance(value, (list, dict, tuple, set)):
+            raise ValueError
+        if isinstance(value, bool) and not kind.startswith("bool"):
+            raise ValueError  # YAML reads yes/no/on/off as booleans: never a number
         if kind.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -145,39 +177,90 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
                 raise ValueError
             return value
         return str(value)
-    except (TypeError, ValueError):
-        raise CharlmError(f"option {f.name} expects {kind.split(' ')[0]}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise CharlmError(f"option {f.name} expects {kind.split(' ')[0]}, got {shown}") from None
 
 
 def validate(model: ModelConfig, train: TrainConfig) -> None:
-    """Reject values that cannot work, with the option's name in the message."""
+    """Reject values that cannot work, with the option's name in the message.
+
+    Flags, presets, --config files and the configs read from checkpoints all come through here.
+    """
+    for cfg in (model, train):
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise CharlmError(f"{f.name} must be a finite number (got {value})")
     checks = [
         (model.cell in CELLS, f"cell must be one of {', '.join(CELLS)} (got {model.cell!r})"),
-        (model.num_layers >= 1, "num_layers must be at least 1"),
-        (model.rnn_size >= 1, "rnn_size must be at least 1"),
-        (model.embed_size >= 1, "embed_size must be at least 1"),
+        (1 <= model.num_layers <= MAX_LAYERS, f"num_layers must be between 1 and {MAX_LAYERS} (got {model.num_layers})"),
+        (1 <= model.rnn_size <= MAX_WIDTH, f"rnn_size must be between 1 and {MAX_WIDTH} (got {model.rnn_size})"),
+        (1 <= model.embed_size <= MAX_WIDTH, f"embed_size must be between 1 and {MAX_WIDTH} (got {model.embed_size})"),
+        (0 <= model.vocab_size <= MAX_VOCAB, f"vocab_size must be between 1 and {MAX_VOCAB} (got {model.vocab_size})"),
         (0 <= model.dropout < 1, "dropout must be in [0, 1)"),
-        (train.batch_size >= 1, "batch_size must be at least 1"),
-        (train.seq_length >= 1, "seq_length must be at least 1"),
+        (1 <= train.batch_size <= MAX_STREAMS, f"batch_size must be between 1 and {MAX_STREAMS} (got {train.batch_size})"),
+        (1 <= train.seq_length <= MAX_STREAMS, f"seq_length must be between 1 and {MAX_STREAMS} (got {train.seq_length})"),
         (train.lr > 0, "lr must be positive"),
         (train.weight_decay >= 0, "weight_decay must be >= 0"),
         (train.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
         (train.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)} (got {train.schedule!r})"),
-        (train.warmup_steps >= 0, "warmup_steps must be >= 0"),
+        (0 <= train.warmup_steps <= MAX_COUNT, f"warmup_steps must be between 0 and 2^63-1 (got {train.warmup_steps})"),
         (0 < train.lr_decay <= 1, "lr_decay must be in (0, 1]"),
-        (train.decay_every >= 1, "decay_every must be at least 1"),
+        (1 <= train.decay_every <= MAX_COUNT, f"decay_every must be between 1 and 2^63-1 (got {train.decay_every})"),
         (0 <= train.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
-        (train.max_steps is None or train.max_steps >= 1, "max_steps must be at least 1"),
+        (train.max_steps is None or 1 <= train.max_steps <= MAX_COUNT, f"max_steps must be between 1 and 2^63-1 (got {train.max_steps})"),
         (train.max_epochs is None or train.max_epochs > 0, "max_epochs must be positive"),
         (train.time_budget is None or train.time_budget > 0, "time_budget must be positive"),
-        (train.eval_every >= 1, "eval_every must be at least 1"),
-        (train.log_every >= 1, "log_every must be at least 1"),
+        (1 <= train.eval_every <= MAX_COUNT, f"eval_every must be between 1 and 2^63-1 (got {train.eval_every})"),
+        (1 <= train.log_every <= MAX_COUNT, f"log_every must be between 1 and 2^63-1 (got {train.log_every})"),
+        (0 <= train.seed <= MAX_COUNT, f"seed must be between 0 and 2^63-1 = {MAX_COUNT} (got {train.seed})"),
         (train.device in DEVICES, f"device must be one of {', '.join(DEVICES)} (got {train.device!r})"),
         (train.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {train.dtype!r})"),
     ]
     for ok, message in checks:
         if not ok:
             raise CharlmError(message)
+    parameters = num_parameters(model)
+    if parameters > MAX_PARAMETERS:
+        raise CharlmError(
+            f"the model would have {parameters:,} parameters; at most 2^31 = {MAX_PARAMETERS:,} are allowed "
+            f"(lower rnn_size, num_layers or embed_size)"
+        )
+
+
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # weight rows per hidden unit: PyTorch's gate count
+
+
+def num_parameters(model: ModelConfig) -> int:
+    """The parameters of the network this config describes (Python ints: no overflow, nothing allocated)."""
+    g, h, e, v = GATES.get(model.cell, 4), model.rnn_size, model.embed_size, model.vocab_size
+    recurrent = g * h * (e + h + 2) + (model.num_layers - 1) * g * h * (2 * h + 2)
+    return v * e + recurrent + v * (h + 1)
+
+
+def from_record(model: Any, train: Any, where: str) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configs a checkpoint records, through the same checks as flags.
+
+    Unknown model options are refused (this charlm could not build that model); unknown training
+    options are ignored (they change nothing about the weights).
+    """
+    for name, section in (("model", model), ("train", train)):
+        if not isinstance(section, dict):
+            raise CharlmError(f"{where}: the recorded {name} config is not a mapping")
+    unknown = sorted(set(model) - set(field_names(ModelConfig)))
+    if unknown:
+        raise CharlmError(f"{where}: unknown model option(s) {', '.join(map(repr, unknown))[:200]}; "
+                          "written by a newer charlm, or corrupt")
+    known_train = {k: v for k, v in train.items() if k in field_names(TrainConfig)}
+    try:
+        model_cfg, train_cfg = resolve(base={"model": model, "train": known_train})
+    except CharlmError as e:
+        raise CharlmError(f"{where}: the recorded config is invalid: {e}") from None
+    if model_cfg.vocab_size < 1:
+        raise CharlmError(f"{where}: the recorded config is invalid: vocab_size must be between 1 and {MAX_VOCAB} "
+                          f"(got {model_cfg.vocab_size})")
+    return model_cfg, train_cfg
 
 
 def as_dict(model: ModelConfig, train: TrainConfig) -> dict[str, dict]:

@@ -1,14 +1,23 @@
-"""Named corpora: registry files in corpora/, checksummed fetch from a local mirror or the URL,
-or a build from a source tree (the Linux corpora: see sourcetree.py)."""
+"""Named corpora: a registry shipped in the package (charlm/corpora/*.yaml, plus any *.yaml in the
+corpora dir), checksummed fetch from a local mirror or the URL, or a build from a source tree (the
+Linux corpora: see sourcetree.py).
+
+Fetching is our own ~60 lines rather than pooch: pooch would add requests and its own cache layout
+yet still not know mirrors (DIR/NAME/input.txt), source-tree builds or size-only entries, and ours
+already hashes while writing a temp file that is renamed only once verified. The per-user data dir
+comes from platformdirs.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -63,36 +72,77 @@ class Fetched:
 
 
 def corpora_dir() -> Path:
-    """Where registry files live and corpora are fetched to.
+    """Where fetched corpora (NAME/input.txt), extra registry files and the prepare cache (.cache/) go."""
+    return corpora_location()[0]
 
-    $CHARLM_CORPORA_DIR, else ./corpora when it holds registry files, else the checkout's corpora/
-    (editable install), else ./corpora.
+
+def corpora_location() -> tuple[Path, str]:
+    """The corpora dir and why it was chosen, first match wins:
+
+    $CHARLM_CORPORA_DIR (also set by `charlm --corpora-dir DIR`); else ./corpora when the current
+    directory is a charlm checkout (its pyproject.toml names charlm) or already has a corpora/ dir;
+    else the corpora/ of the checkout the package runs from (an editable install); else the
+    per-user data dir, platformdirs.user_data_dir("charlm")/corpora (~/.local/share/charlm/corpora).
     """
     if os.environ.get(CORPORA_ENV):
-        return Path(os.environ[CORPORA_ENV])
-    here = Path.cwd() / "corpora"
-    if any(here.glob("*.yaml")):
-        return here
-    checkout = Path(charlm.__file__).resolve().parents[1] / "corpora"
-    if any(checkout.glob("*.yaml")):
-        return checkout
-    return here
+        return Path(os.environ[CORPORA_ENV]), f"from --corpora-dir or ${CORPORA_ENV}"
+    here = Path.cwd()
+    if _is_checkout(here) or (here / "corpora").is_dir():
+        return here / "corpora", "./corpora of the current directory"
+    checkout = Path(charlm.__file__).resolve().parents[1]
+    if _is_checkout(checkout):
+        return checkout / "corpora", "the checkout charlm runs from"
+    import platformdirs  # only here: most runs never get this far
+
+    return Path(platformdirs.user_data_dir("charlm")) / "corpora", "the per-user data dir: not in a checkout"
+
+
+def _is_checkout(path: Path) -> bool:
+    """A charlm source tree: its pyproject.toml names the project charlm."""
+    try:
+        text = (path / "pyproject.toml").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r'(?m)^name\s*=\s*["\']charlm["\']', text) is not None
+
+
+def registry_files() -> dict[str, tuple[str, str]]:
+    """{file name: (where it came from, its YAML text)}: the packaged entries, then *.yaml in the
+    corpora dir, which add corpora or replace a packaged file of the same name."""
+    files = {}
+    for res in sorted(resources.files("charlm").joinpath("corpora").iterdir(), key=lambda r: r.name):
+        if res.name.endswith(".yaml"):
+            files[res.name] = (f"charlm/corpora/{res.name} (packaged)", res.read_text(encoding="utf-8"))
+    for path in sorted(corpora_dir().glob("*.yaml")):
+        try:
+            files[path.name] = (str(path), path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as e:
+            raise CharlmError(f"cannot read registry file {path}: {e}") from None
+    return files
 
 
 def registry() -> dict[str, CorpusEntry]:
-    """Every registry file in corpora_dir(), by corpus name."""
+    """Every registered corpus (packaged, then the corpora dir's *.yaml), by corpus name."""
     entries = {}
-    for path in sorted(corpora_dir().glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
+    for where, text in registry_files().values():
         try:
+            data = yaml.safe_load(text) or {}
             fields = {k: data[k] for k in CorpusEntry.__dataclass_fields__ if k in data}
             if fields.get("build") is not None:
                 fields["build"] = _recipe(fields["build"])
             entry = CorpusEntry(**fields)
-        except (TypeError, AttributeError) as e:
-            raise CharlmError(f"registry file {path} is incomplete or malformed: {e}") from None
+        except (TypeError, AttributeError, yaml.YAMLError) as e:
+            raise CharlmError(f"registry file {where} is incomplete or malformed: {_yaml_problem(e)}") from None
         entries[entry.name] = entry
     return entries
+
+
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error (or a missing field) as one short line."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())
 
 
 def _recipe(data: dict) -> Recipe:

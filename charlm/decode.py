@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -17,10 +18,21 @@ class Temperature:
     def __init__(self, t: float):
         if not t > 0:
             raise CharlmError(f"--temperature must be > 0 (got {t}); for deterministic decoding use --greedy")
+        if not math.isfinite(t):
+            raise CharlmError(f"--temperature must be a finite number (got {t})")
+        if t < MIN_TEMPERATURE:
+            # Below this float32 cannot divide by it (1e-320 rounds to 0: every logit -inf, NaN
+            # probabilities); the limit of a temperature this small is greedy decoding anyway.
+            raise CharlmError(f"--temperature must be at least {MIN_TEMPERATURE} (got {t}); for deterministic decoding use --greedy")
         self.t = t
 
     def __call__(self, logits: Tensor) -> Tensor:
+        # Log-probs: the largest is at least -log(V), so it stays finite divided by any t >= 1e-30,
+        # and softmax (which subtracts the largest) gets a finite maximum.
         return logits if self.t == 1.0 else logits / self.t
+
+
+MIN_TEMPERATURE = 1e-30
 
 
 class TopK:
@@ -42,7 +54,7 @@ class TopP:
     """Keep the smallest set of most likely symbols whose probability reaches p (nucleus sampling)."""
 
     def __init__(self, p: float):
-        if not 0 < p <= 1:
+        if not 0 < p <= 1:  # NaN fails this too
             raise CharlmError(f"--top-p must be in (0, 1] (got {p})")
         self.p = p
 
@@ -92,6 +104,8 @@ def sample(
     logp, state = scorer.score(prime.view(1, -1).expand(num_samples, -1), state)
     logp = logp[:, -1]  # (N, V): the distribution after the whole prime
     for t in range(length):
+        # No finiteness check per step (it costs ~5% of a small model's step): checkpoint.load refuses
+        # weights whose outputs could overflow float32, so a loaded model's log-probs are finite.
         if greedy:
             nxt = logp.argmax(dim=-1)
         else:
@@ -105,6 +119,9 @@ def sample(
         if t + 1 < length:
             logp, state = scorer.step(nxt, state)
     return out
+
+
+MAX_LENGTH_PENALTY = 10.0  # len ** 10 stays finite for any length a beam reaches
 
 
 def beam_search(
@@ -128,6 +145,9 @@ def beam_search(
         raise CharlmError(f"--n-best must be between 1 and --beam-width ({beam_width}) (got {n_best})")
     if length < 1:
         raise CharlmError(f"--length must be at least 1 (got {length})")
+    if not -MAX_LENGTH_PENALTY <= length_penalty <= MAX_LENGTH_PENALTY:  # NaN fails this too
+        raise CharlmError(f"--length-penalty must be a number between -{MAX_LENGTH_PENALTY} and {MAX_LENGTH_PENALTY} "
+                          f"(got {length_penalty}); 0 ranks by the total log-prob, 1 by the mean")
     state = scorer.start(1)
     logp, state = scorer.score(prime.view(1, -1), state)
     logp = logp[:, -1]  # (1, V)
@@ -137,6 +157,7 @@ def beam_search(
     finished: list[tuple[list[int], float]] = []
     stop = stop_at.tolist() if stop_at is not None and len(stop_at) else None
     for t in range(length):
+        _check_finite(logp, t)
         candidates = (scores.unsqueeze(1) + logp.float().cpu()).view(-1)  # (K * V,)
         top = torch.topk(candidates, min(beam_width, candidates.numel()))
         rows = torch.div(top.indices, vocab_size, rounding_mode="floor")
@@ -160,6 +181,13 @@ def beam_search(
         return score / (max(len(ids), 1) ** length_penalty)
 
     return sorted(finished, key=rank, reverse=True)[:n_best]
+
+
+def _check_finite(logp: Tensor, t: int) -> None:
+    """Log-probs of finite weights are finite unless the weights overflow float32: then say so, never emit garbage."""
+    if not bool(torch.isfinite(logp).all()):
+        raise CharlmError(f"the model's output is not a finite number at step {t + 1} (NaN or infinite): "
+                          "its weights overflow float32; this checkpoint cannot be used")
 
 
 def _state_device(state) -> torch.device:

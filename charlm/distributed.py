@@ -233,8 +233,9 @@ def launch(nproc: int, train_args: Sequence[str]) -> None:
         how = f"signal {failure.signal_name()}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         raise RanksFailed(f"rank {rank} died ({how}); the other ranks were stopped", reported=False) from None
     except SignalException as e:
-        # Ctrl-C (or a kill) reached the launcher: torchrun passed it on to the ranks, which save and stop.
-        raise RanksFailed(f"stopped by {e.sigval.name}", reported=e.sigval.name == "SIGINT") from None
+        # Ctrl-C, SIGTERM or SIGHUP reached the launcher: torchrun passed it on to the ranks, which
+        # save, stop and say so (rank 0's one line); anything else killed the run unannounced.
+        raise RanksFailed(f"stopped by {e.sigval.name}", reported=e.sigval.name in ("SIGINT", "SIGTERM", "SIGHUP")) from None
 
 
 def _first_line(e: BaseException) -> str:

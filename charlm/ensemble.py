@@ -36,13 +36,16 @@ class Ensemble:
         if len(weights) != len(members):
             raise CharlmError(f"--weights has {len(weights)} value(s) for {len(members)} model(s); give one weight per model")
         if any(not (w > 0 and math.isfinite(w)) for w in weights):
-            raise CharlmError(f"--weights must all be positive (got {', '.join(map(str, weights))})")
-        total = sum(weights)
+            raise CharlmError(f"--weights must all be positive finite numbers (got {', '.join(map(str, weights))})")
+        # Scaled by the largest first: a plain sum overflows for weights near 1e308. The logs are
+        # taken of the weights themselves, so a weight of 1e-320 next to 1 stays finite (log 0 would not).
+        top = max(weights)
+        total = sum(w / top for w in weights)  # in [1, n]
         self.members = members
         self.vocab = first
         self.combine = combine
-        self.weights = [w / total for w in weights]
-        self.log_weights = torch.tensor([math.log(w) for w in self.weights])
+        self.weights = [w / top / total for w in weights]
+        self.log_weights = torch.tensor([math.log(w) - math.log(top) - math.log(total) for w in weights])
         self._stacked: StackedStepper | bool | None = None  # built on the first step, if the members allow
 
     def start(self, batch_size: int):

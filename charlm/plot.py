@@ -28,16 +28,20 @@ def read_curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     if not path.is_file():
         raise CharlmError(f"{run_dir} has no {METRICS} (give the --out dir of a charlm train run)")
     by_step: dict[str, dict[int, tuple[int, float]]] = {kind: {} for kind in SERIES}
-    lines = path.read_text().splitlines()
+    lines = path.read_text(errors="replace").splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            if number == len(lines):  # a run killed mid-write leaves a partial last line
-                break
-            raise CharlmError(f"{path} line {number} is not JSON; is it a charlm metrics file?") from None
+            # A run killed mid-write leaves a torn line (resume cuts it, but an older charlm did not):
+            # skip it. A file whose first line is not JSON at all is something else.
+            if number == 1 and not line.startswith("{"):
+                raise CharlmError(f"{path} line {number} is not JSON; is it a charlm metrics file?") from None
+            continue
+        if not isinstance(record, dict):
+            continue
         field = SERIES.get(record.get("kind"))
         value = record.get(field) if field else None
         if isinstance(value, (int, float)) and math.isfinite(value) and "chars_seen" in record:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -19,7 +20,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from charlm import CharlmError, corpus, spm
+from charlm import CharlmError, allocator, atomicdir, corpus, spm
 from charlm.spm import SpmVocab, TokenizerSpec
 from charlm.vocab import MAX_CODEPOINT, Vocab
 
@@ -28,6 +29,7 @@ SPLITS = ("train", "val", "test")
 DATA_FORMAT = "charlm-data"
 DATA_VERSION = 1
 TOKENIZER_FILE = "tokenizer.model"  # the serialized SentencePiece model, in the prepared dir
+PREPARED_FILES = ("meta.json", *(f"{s}.bin" for s in SPLITS), TOKENIZER_FILE)  # all a prepared dir holds
 
 Progress = Callable[[str, int, int], None]  # (phase, bytes done, bytes total)
 
@@ -224,24 +226,6 @@ def units_to_text(units: np.ndarray) -> str:
     return units.astype("<u4", copy=False).tobytes().decode("utf-32-le")
 
 
-def _return_big_buffers_to_the_os() -> None:
-    """Keep glibc from growing the heap with our chunk-sized temporaries.
-
-    glibc serves large allocations with mmap, but after the first one is freed it raises that
-    threshold (up to 32 MiB), so the next multi-megabyte buffers come from the heap, which
-    fragments and grows with the input: 1.1 GB of text peaked at 1.09 GB RSS. Pinning the threshold
-    at 1 MiB sends every chunk buffer back to the OS when freed. Elsewhere (no glibc) a no-op.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        M_MMAP_THRESHOLD = -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        pass
-
-
 def _total_bytes(files: list[Path]) -> int:
     return sum(p.stat().st_size for p in files)
 
@@ -254,7 +238,8 @@ def split_bounds(n: int, fractions: tuple[float, float, float]) -> tuple[int, in
 
 
 def check_fractions(fractions: tuple[float, float, float]) -> tuple[float, float, float]:
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
+    ok = len(fractions) == 3 and all(math.isfinite(f) and f >= 0 for f in fractions)  # NaN fails every comparison
+    if not ok or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
         raise CharlmError(f"--split needs three non-negative fractions summing to 1, train > 0 (got {fractions})")
     return tuple(float(f) for f in fractions)
 
@@ -267,7 +252,11 @@ def prepare(
     progress: Progress | None = None,
     tokenizer: TokenizerSpec | None = None,
 ) -> dict:
-    """Write out_dir/{train,val,test}.bin and meta.json (plus tokenizer.model for SentencePiece); return the meta record."""
+    """Write out_dir/{train,val,test}.bin and meta.json (plus tokenizer.model for SentencePiece); return the meta record.
+
+    Atomic: the dir is built beside out_dir and swapped in when complete, so a failure leaves an
+    existing prepared dir as it was. An existing out_dir holding other files is refused.
+    """
     if encoding not in ("utf-8", "bytes"):
         raise CharlmError(f"--encoding must be utf-8 or bytes (got {encoding!r})")
     spec = (tokenizer or TokenizerSpec()).checked()
@@ -278,8 +267,12 @@ def prepare(
     if total == 0:
         raise CharlmError(f"{files[0] if len(files) == 1 else 'the input'} is empty: there is nothing to train on")
     start = time.perf_counter()
-    _return_big_buffers_to_the_os()
+    with allocator.streaming(), atomicdir.building(Path(out_dir), PREPARED_FILES) as work:
+        return _prepare_into(work, files, encoding, fractions, progress, spec, total, start)
 
+
+def _prepare_into(out_dir: Path, files, encoding, fractions, progress, spec: TokenizerSpec, total: int, start: float) -> dict:
+    """prepare's passes, writing into a fresh work dir."""
     # Pass 1: validate, hash, count, collect the vocabulary.
     sha = hashlib.sha256()
     scan = _Scan(encoding)
@@ -289,9 +282,6 @@ def prepare(
             progress("scan", done, total)
     n_units = scan.units
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "meta.json").unlink(missing_ok=True)  # meta.json last: its presence means complete
     bounds = (0, *split_bounds(n_units, fractions), n_units)
     if spec.is_spm:
         vocab = _train_tokenizer(files, out_dir, bounds[1], spec, len(scan.codes()), progress, total)
@@ -303,7 +293,6 @@ def prepare(
         tokenizer_meta = {"kind": vocab.kind}
         encoders = {s: _CharEncoder() for s in SPLITS}
         pieces = _char_ids(files, encoding, vocab, sha.hexdigest())
-        (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)  # from an earlier SentencePiece run: not this data's
 
     # Pass 2: encode and write each split.
     dtype = vocab.id_dtype

@@ -6,7 +6,6 @@ several are interchangeable.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Protocol
 
 import torch
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from charlm.cells import Stepper
+from charlm.devices import autocast_for
 from charlm.model import CharRNN, State
 from charlm.vocab import Vocab
 
@@ -32,14 +32,6 @@ class Scorer(Protocol):
 
     def reorder(self, state: State, index: Tensor) -> State:
         """Gather streams: row i of the result is row index[i] of state (beam search)."""
-
-
-def autocast_for(device: torch.device, dtype: str):
-    """bf16 autocast on the given device, or nothing for fp32. Whole windows (the prime, eval)
-    have no int8 path: with dtype int8 they run in bf16, and only the single steps use int8."""
-    if dtype in ("bf16", "int8"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class ModelScorer:

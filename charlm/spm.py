@@ -174,9 +174,19 @@ class SpmVocab:
         """The vocabulary of a record plus its serialized model, checked against the record's sha256."""
         if model_bytes is None:
             raise CharlmError(f"{where} uses a SentencePiece tokenizer but holds no serialized model")
-        if meta.get("sha256") and hashlib.sha256(model_bytes).hexdigest() != meta["sha256"]:
+        digest = meta.get("sha256")
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise CharlmError(f"{where}: the SentencePiece vocabulary record has no valid sha256 (malformed)")
+        if hashlib.sha256(model_bytes).hexdigest() != digest:
             raise CharlmError(f"{where}: the SentencePiece model does not match its recorded sha256 (corrupt)")
-        return cls(model_bytes, meta.get("tokenizer", "bpe"))
+        tokenizer = meta.get("tokenizer", "bpe")
+        if not isinstance(tokenizer, str) or tokenizer not in MODEL_TYPES:
+            raise CharlmError(f"{where}: unknown SentencePiece tokenizer {str(tokenizer)[:40]!r} in the vocabulary record")
+        vocab = cls(model_bytes, tokenizer)
+        size = meta.get("vocab_size", len(vocab))
+        if type(size) is not int or size != len(vocab):
+            raise CharlmError(f"{where}: the vocabulary record says {str(size)[:40]} pieces, its SentencePiece model has {len(vocab)}")
+        return vocab
 
     def describe(self) -> str:
         """In a few words, for messages."""

@@ -2,33 +2,33 @@
 
 from __future__ import annotations
 
-import json
 import math
-import signal
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 import charlm
-from charlm import CharlmError, checkpoint
+from charlm import CharlmError, checkpoint, rundir
 from charlm.allocator import keep_freed_memory
 from charlm.config import ModelConfig, TrainConfig, as_dict
 from charlm.data import PreparedData, StreamBatcher, row_span
+from charlm.devices import autocast_for, check_dtype, pick_device
 from charlm.distributed import World
 from charlm.evaluate import evaluate
 from charlm.model import CharRNN, State, detach
-from charlm.scorer import ModelScorer, autocast_for
+from charlm.scorer import ModelScorer
+from charlm.stop import describe as describe_stop
 
 LN2 = math.log(2)
 
 
 class TrainingStopped(CharlmError):
-    """Training ended early (Ctrl-C or a non-finite loss); the message says what was kept."""
+    """Training ended early (a stop signal or a non-finite loss); the message says what was kept."""
 
 
 @dataclass
@@ -40,18 +40,6 @@ class Progress:
     elapsed: float = 0.0  # seconds of training so far, across resumes
     best_val: float = math.inf  # lowest validation bits/char so far
     best_step: int = 0
-
-
-def pick_device(name: str) -> torch.device:
-    """auto -> cuda, then mps, then cpu; an explicit device that is missing is an error."""
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CharlmError(f"--device cuda, but this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
-    if name == "mps" and not has_mps:
-        raise CharlmError("--device mps, but MPS is not available here; use --device cpu")
-    return torch.device(name)
 
 
 def learning_rate(cfg: TrainConfig, step: int, fraction_done: float) -> float:
@@ -83,13 +71,17 @@ class Trainer:
         init_from: checkpoint.Checkpoint | None = None,
         report: Callable[[str, dict], None] | None = None,
         world: World | None = None,
+        stop: Callable[[], str | None] | None = None,
     ):
         keep_freed_memory()  # each step reuses the last step's pages instead of faulting in new ones
         self.cfg, self.data, self.out_dir = cfg, data, Path(out_dir)
         self.world = world or World()
+        self.stop_requested = stop or (lambda: None)  # the CLI's signal handlers: 'SIGTERM', ... or None
+        self.resumed = resume is not None
         quiet = lambda kind, info: None  # noqa: E731
         self.report = (report or quiet) if self.world.is_main else quiet  # one voice: rank 0's
         self.device = self.world.place(pick_device(cfg.device))
+        check_dtype(self.device, cfg.dtype)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed window shapes: let cuDNN pick its fastest kernels
         model_cfg.vocab_size = len(data.vocab)
@@ -114,7 +106,7 @@ class Trainer:
             if ckpt is not None and ckpt.vocab != data.vocab:
                 raise CharlmError(f"{ckpt.path} was trained on a different vocabulary than {data.dir}")
         if init_from is not None:
-            self.model.load_state_dict(init_from.model_state())
+            load_weights(self.model, init_from)
         if resume is not None:
             self._restore(resume)
         self.world.reseed(cfg.seed, self.progress.step)
@@ -124,11 +116,14 @@ class Trainer:
 
     # -- limits and schedule -------------------------------------------------------------
     def planned_steps(self) -> int | None:
+        """The step limit; with no limit of any kind, one epoch (so a cosine schedule decays over it)."""
         limits = []
         if self.cfg.max_steps is not None:
             limits.append(self.cfg.max_steps)
         if self.cfg.max_epochs is not None:
             limits.append(max(1, int(self.cfg.max_epochs * len(self.batcher))))
+        if not limits and self.cfg.time_budget is None:
+            limits.append(len(self.batcher))
         return min(limits) if limits else None
 
     def fraction_done(self, elapsed: float) -> float:
@@ -140,34 +135,23 @@ class Trainer:
         return max(fractions)
 
     def _finished(self, elapsed: float) -> bool:
-        if self.planned_steps() is None and self.cfg.time_budget is None:
-            return self.progress.epoch >= 1  # no limit given: one epoch
         return self.fraction_done(elapsed) >= 1.0
 
     # -- the loop ------------------------------------------------------------------------
     def run(self) -> dict:
-        """Train until max_steps / max_epochs / time_budget; returns the final metrics."""
+        """Train until max_steps / max_epochs / time_budget, or until `stop` says so; returns the final metrics.
+
+        The run dir must be claimed first (rundir.claim; the CLI does it). On resume the metrics
+        log is cut back to the checkpoint's step, so that it reads as one run.
+        """
         if self.world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-        interrupted = []
-        previous = signal.getsignal(signal.SIGINT)
+            checkpoint.remove_stale_parts(self.out_dir)
+            if self.resumed:
+                rundir.continue_metrics(self.out_dir, self.progress.step)
+        return self._loop()
 
-        def on_sigint(signum, frame):  # finish the step in flight, then save: the checkpoint stays consistent
-            if interrupted:
-                raise KeyboardInterrupt
-            interrupted.append(True)
-
-        try:
-            signal.signal(signal.SIGINT, on_sigint)
-        except ValueError:  # not the main thread: Ctrl-C handling stays the caller's
-            previous = None
-        try:
-            return self._loop(interrupted)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
-
-    def _loop(self, interrupted: list) -> dict:
+    def _loop(self) -> dict:
         cfg, p = self.cfg, self.progress
         self.report("start", self.describe())
         start_time, start_elapsed = time.monotonic(), p.elapsed
@@ -179,13 +163,14 @@ class Trainer:
             self._train_step(loss_sum)
             steps_in_window += 1
             clock = start_elapsed + time.monotonic() - start_time
-            if solo:  # one process acts on its own clock and Ctrl-C at once
+            if solo:  # one process acts on its own clock and a stop signal at once
                 p.elapsed = clock
-            # Several ranks act on the clock and Ctrl-C only at a logging step, where sync_interval
+            # Several ranks act on the clock and a stop signal only at a logging step, where sync_interval
             # shares them, so that every rank takes the same branches with the same learning rate.
             finished = self._finished(p.elapsed)
-            if p.step % cfg.log_every == 0 or finished or (solo and interrupted):
-                mean_loss, p.elapsed, stop = self.world.sync_interval(loss_sum, clock, bool(interrupted))  # the one host sync per interval
+            if p.step % cfg.log_every == 0 or finished or (solo and self.stop_requested()):
+                # The one host sync per interval; several ranks agree here on the clock and on stopping.
+                mean_loss, p.elapsed, stop = self.world.sync_interval(loss_sum, clock, self.stop_requested() is not None)
                 finished = self._finished(p.elapsed)
                 train_bpc = self._check_loss(mean_loss / steps_in_window)
                 rate = steps_in_window * self.rows * cfg.seq_length * self.chars_per_token / (time.monotonic() - window_start)
@@ -193,15 +178,17 @@ class Trainer:
                 loss_sum.zero_()
                 window_start, steps_in_window = time.monotonic(), 0
             if solo:
-                stop = bool(interrupted)  # also a Ctrl-C that came while reporting
-            if p.step % cfg.eval_every == 0 or finished or stop:
-                self._evaluate_and_save(train_bpc)
-            if stop:
+                stop = self.stop_requested() is not None  # also a signal that came while reporting
+            if stop:  # no validation: a preempted run may have seconds left (torchrun waits 30 s)
+                self._save({**self._position(), "train_bpc": train_bpc}, improved=False)
                 ranks = f" --nproc {self.world.size}" if self.world.size > 1 else ""
+                reason = describe_stop(self.stop_requested() or "SIGINT")  # another rank may have been the one signalled
                 raise TrainingStopped(
-                    f"interrupted at step {p.step}; saved {self.out_dir / 'last.safetensors'} "
+                    f"{reason} at step {p.step}; saved {self.out_dir / 'last.safetensors'} "
                     f"(continue with: charlm train --resume {self.out_dir / 'last.safetensors'}{ranks})"
                 )
+            if p.step % cfg.eval_every == 0 or finished:
+                self._evaluate_and_save(train_bpc)
         return {**self._position(), "train_bpc": train_bpc, "best_val_bpc": p.best_val, "out_dir": str(self.out_dir)}
 
     def _train_step(self, loss_sum: torch.Tensor) -> None:
@@ -287,13 +274,18 @@ class Trainer:
         if improved:
             p.best_val, p.best_step = val_for_best, p.step
         self._log({"kind": "val", **self._position(), "val_bpc": val, "best_val_bpc": p.best_val})
-        metrics = {**self._position(), "train_bpc": train_bpc, "val_bpc": val, "best_val_bpc": p.best_val, "best_step": p.best_step}
+        self._save({**self._position(), "train_bpc": train_bpc, "val_bpc": val}, improved)
+
+    def _save(self, metrics: dict, improved: bool) -> None:
+        """last.safetensors (with the training state), and best.safetensors when validation improved."""
+        p = self.progress
+        metrics = {**metrics, "best_val_bpc": p.best_val, "best_step": p.best_step}
         hidden = self.world.gather_rows(self.state or ())  # every rank takes part; rank 0 gets all rows
         if self.world.is_main:
-            checkpoint.save(self.out_dir / "last.safetensors", self.model, self._meta(metrics), self._train_tensors(hidden),
+            checkpoint.save(self.out_dir / rundir.LAST, self.model, self._meta(metrics), self._train_tensors(hidden),
                             vocab=self.data.vocab)
             if improved:
-                checkpoint.save(self.out_dir / "best.safetensors", self.model, self._meta(metrics), vocab=self.data.vocab)
+                checkpoint.save(self.out_dir / rundir.BEST, self.model, self._meta(metrics), vocab=self.data.vocab)
         self.report("saved", {"step": p.step, "improved": improved, "out_dir": str(self.out_dir)})
 
     # -- reporting -----------------------------------------------------------------------
@@ -309,8 +301,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not self.world.is_main:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        rundir.append_record(self.out_dir, record)
         self.report(record["kind"], record)
 
     def describe(self) -> dict:
@@ -348,36 +339,12 @@ class Trainer:
         }
 
     def _train_tensors(self, hidden: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        tensors = {"rng.torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        for i, s in enumerate(hidden):
-            tensors[f"hidden.{i}"] = s  # (num_layers, all rows, H)
-        opt_state = self.optimizer.state_dict()["state"]
-        for idx, slots in opt_state.items():
-            for name, value in slots.items():
-                tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
-        return tensors
+        return checkpoint.pack_train_state(self.optimizer, hidden, cuda=self.device.type == "cuda")
 
     def _restore(self, ckpt: checkpoint.Checkpoint) -> None:
-        if "train_state" not in ckpt.meta or "rng.torch" not in ckpt.train_tensors():
-            raise CharlmError(f"{ckpt.path} holds no training state (a best/exported file); resume from last.safetensors or use --init-from")
-        self.model.load_state_dict(ckpt.model_state())
-        tensors = ckpt.train_tensors()
-        saved = self.optimizer.state_dict()
-        state: dict[int, dict[str, Any]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, idx, name = key.split(".", 2)
-                state.setdefault(int(idx), {})[name] = value
-        self.optimizer.load_state_dict({"state": state, "param_groups": saved["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        if self.device.type == "cuda":
-            cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-            if len(cuda_states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(cuda_states)
-        hidden = [tensors[k] for k in sorted(k for k in tensors if k.startswith("hidden."))]
-        self.progress = Progress(**ckpt.meta["train_state"])
+        # Checked against this model and optimizer before either (or the RNG) is touched.
+        fields, hidden = checkpoint.unpack_train_state(ckpt, self.model, self.optimizer, Progress, self.device)
+        self.progress = Progress(**fields)
         self.state = None
         if hidden and hidden[0].shape[1] == self.rows:  # same rows (ranks x batch): each rank takes its own back
             self.state = tuple(h[:, self.world.rows(self.cfg.batch_size)].contiguous().to(self.device) for h in hidden)
@@ -388,3 +355,18 @@ class Trainer:
             self.progress.window = self.progress.window * len(self.batcher) // max(saved_windows, 1)
         if self.progress.window >= len(self.batcher):  # batch layout changed: start the next epoch cleanly
             self.progress.window, self.progress.epoch, self.state = 0, self.progress.epoch + 1, None
+
+
+def load_weights(model: CharRNN, ckpt: checkpoint.Checkpoint) -> None:
+    """--init-from: the checkpoint's weights into a model of the same shape, or an error naming the shapes that differ."""
+    theirs, ours = ckpt.model_state(), model.state_dict()
+    differ = [f"{k} is {tuple(theirs[k].shape)} there, {tuple(v.shape)} here" for k, v in ours.items()
+              if k in theirs and theirs[k].shape != v.shape]
+    missing = sorted(set(ours) - set(theirs)) + sorted(set(theirs) - set(ours))
+    if differ or missing:
+        what = "; ".join(differ[:3] + [f"{k} is in only one of them" for k in missing[:3]])
+        raise CharlmError(
+            f"--init-from {ckpt.path}: its weights do not fit this model ({what}); leave out the --cell, --num-layers, "
+            "--rnn-size and --embed-size flags to take its shape"
+        )
+    model.load_state_dict(theirs)

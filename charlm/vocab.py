@@ -42,6 +42,8 @@ class Vocab:
         self.codes = np.array(sorted(set(int(c) for c in codes)), dtype=np.uint32)
         if len(self.codes) == 0:
             raise CharlmError("the vocabulary is empty")
+        if int(self.codes[-1]) >= (MAX_CODEPOINT if kind == "char" else 256):
+            raise CharlmError(f"the vocabulary holds {int(self.codes[-1]):#x}, which is not a {'character' if kind == 'char' else 'byte'}")
 
     # -- construction and serialisation ---------------------------------------------------
     @classmethod
@@ -55,12 +57,24 @@ class Vocab:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Vocab":
-        try:
-            if meta["kind"] == "char":
-                return cls("char", (ord(c) for c in meta["chars"]))
-            return cls(meta["kind"], meta["bytes"])
-        except (KeyError, TypeError):
-            raise CharlmError("the vocabulary record is malformed") from None
+        """The vocabulary of a record as to_meta writes it: symbols distinct, in increasing order (ids are positions)."""
+        if not isinstance(meta, dict) or meta.get("kind") not in ("char", "bytes"):
+            kind = meta.get("kind") if isinstance(meta, dict) else None
+            raise CharlmError(f"the vocabulary record is malformed (unknown kind {str(kind)[:40]!r})")
+        if meta["kind"] == "char":
+            chars = meta.get("chars")
+            if not isinstance(chars, str):
+                raise CharlmError("the vocabulary record is malformed (chars is not a string)")
+            codes = [ord(c) for c in chars]
+            if any(0xD800 <= c <= 0xDFFF for c in codes):
+                raise CharlmError("the vocabulary record is malformed (a lone surrogate is not a character)")
+        else:
+            codes = meta.get("bytes")
+            if not isinstance(codes, list) or not all(type(b) is int and 0 <= b <= 255 for b in codes):
+                raise CharlmError("the vocabulary record is malformed (bytes must be a list of integers 0..255)")
+        if any(a >= b for a, b in zip(codes, codes[1:])):
+            raise CharlmError("the vocabulary record is malformed (symbols must be distinct and in increasing order)")
+        return cls(meta["kind"], codes)
 
     def __len__(self) -> int:
         return len(self.codes)

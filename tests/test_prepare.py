@@ -1,5 +1,7 @@
 import hashlib
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -127,3 +129,40 @@ def test_input_changed_between_passes_is_an_error_and_leaves_no_parts(tmp_path, 
     with pytest.raises(CharlmError, match="changed while it was being prepared"):
         prep.prepare([f], tmp_path / "p")
     assert not list((tmp_path / "p").glob("*.part")) and not (tmp_path / "p" / "meta.json").exists()
+
+
+def test_a_failed_prepare_leaves_the_old_dir_intact(tmp_path, text_file):
+    out = tmp_path / "p"
+    prep.prepare([text_file], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"text\x00more")
+    with pytest.raises(CharlmError, match="binary"):
+        prep.prepare([binary], out)
+    with pytest.raises(CharlmError, match="--split"):
+        prep.prepare([text_file], out, fractions=(float("nan"), 0.5, 0.5))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no work dir left beside it
+
+
+def test_prepare_replaces_a_prepared_dir_whole_and_refuses_other_dirs(tmp_path, text_file):
+    out = tmp_path / "p"
+    prep.prepare([text_file], out, tokenizer=None)
+    (out / "tokenizer.model").write_bytes(b"from an older SentencePiece run")
+    prep.prepare([text_file], out)
+    assert not (out / "tokenizer.model").exists()  # nothing of the old run is left
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(CharlmError, match="holds other files.*notes.txt"):
+        prep.prepare([text_file], mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_an_abandoned_work_dir_is_cleaned_up(tmp_path, text_file):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".p.building-{dead}-abcd1234"
+    stale.mkdir()
+    (stale / "train.bin").write_bytes(b"\0" * 100)
+    prep.prepare([text_file], tmp_path / "p")
+    assert not stale.exists()

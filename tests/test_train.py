@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from charlm import CharlmError, checkpoint, config
+from charlm.devices import cpu_has_bf16
 from charlm.config import TrainConfig
+from charlm.stop import StopRequests
 from charlm.train import Trainer, TrainingStopped, learning_rate
 
 from conftest import small_configs, train_small
@@ -56,11 +58,14 @@ def test_exact_resume(tmp_path, prepared, cell):
     straight = Trainer(copy.deepcopy(model_cfg), copy.deepcopy(cfg), prepared, tmp_path / "straight")
     straight.run()
 
+    asked = []
+
     def stop_at_n(kind, record):
         if kind == "train" and record["step"] == n:
-            os.kill(os.getpid(), signal.SIGINT)
+            asked.append("SIGINT")
 
-    first = Trainer(copy.deepcopy(model_cfg), copy.deepcopy(cfg), prepared, tmp_path / "split", report=stop_at_n)
+    first = Trainer(copy.deepcopy(model_cfg), copy.deepcopy(cfg), prepared, tmp_path / "split", report=stop_at_n,
+                    stop=lambda: asked[0] if asked else None)
     with pytest.raises(TrainingStopped):
         first.run()
     last = checkpoint.load(tmp_path / "split" / "last.safetensors")
@@ -119,21 +124,24 @@ def test_nan_loss_stops_and_keeps_best(tmp_path, prepared):
     assert digest(out / "last.safetensors") == holder["last"]
 
 
-def test_sigint_saves_a_resumable_checkpoint(tmp_path, prepared):
+@pytest.mark.parametrize("signame, said", [("SIGINT", "interrupted"), ("SIGTERM", "stopped by SIGTERM"), ("SIGHUP", "stopped by SIGHUP")])
+def test_stop_signals_save_a_resumable_checkpoint(tmp_path, prepared, signame, said):
     model_cfg, cfg = small_configs(max_steps=100, eval_every=1000, log_every=1)
     out = tmp_path / "run"
+    sig = getattr(signal, signame)
 
     def interrupt(kind, record):
         if kind == "train" and record["step"] == 6:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
-    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
-    trainer = Trainer(model_cfg, cfg, prepared, out, report=interrupt)
-    with pytest.raises(TrainingStopped, match="interrupted at step 6.*--resume"):
-        trainer.run()
+    before = signal.getsignal(sig)  # e.g. default_int_handler, or SIG_IGN in a background job
+    with StopRequests() as stop:
+        trainer = Trainer(model_cfg, cfg, prepared, out, report=interrupt, stop=stop)
+        with pytest.raises(TrainingStopped, match=f"{said} at step 6.*--resume"):
+            trainer.run()
     last = checkpoint.load(out / "last.safetensors")
     assert last.meta["train_state"]["step"] == 6
-    assert signal.getsignal(signal.SIGINT) is before  # the handler is given back
+    assert signal.getsignal(sig) is before  # the handler is given back
 
 
 def test_schedules():
@@ -152,6 +160,7 @@ def test_time_budget_stops_training(tmp_path, prepared):
     assert 0 < trainer.progress.step and trainer.progress.elapsed >= 1.0
 
 
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no native bf16: charlm refuses --dtype bf16 here")
 def test_bf16_runs_the_recurrent_kernel_in_bf16(tmp_path, prepared):
     """Not just the flag: the recurrent kernel and the head product receive bf16 operands, forward and backward."""
     from torch.utils._python_dispatch import TorchDispatchMode

@@ -1,0 +1,82 @@
+"""A directory replaced as a whole: built beside the old one and swapped in only when complete.
+
+`charlm prepare` writes its output this way, so a failure (bad options found late, a full disk,
+Ctrl-C, an input that changed) leaves the previous prepared dir exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from charlm import CharlmError
+
+MARK = ".building-"  # hidden work dirs: .NAME.building-PID-XXXX
+
+
+@contextlib.contextmanager
+def building(target: Path, replaceable: Iterable[str]) -> Iterator[Path]:
+    """Yield an empty work dir beside `target`; on success it becomes `target`, on any failure it is removed.
+
+    An existing `target` is replaced only if it holds nothing but the names in `replaceable` (the
+    files this kind of dir is made of), so a user's directory of other files is never swapped away.
+    """
+    target = Path(target)
+    _check_replaceable(target, set(replaceable))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(target)
+    work = target.with_name(f".{target.name}{MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    work.mkdir()
+    try:
+        yield work
+        _swap_in(work, target)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _check_replaceable(target: Path, replaceable: set[str]) -> None:
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise CharlmError(f"{target} is a file; give a directory to write to")
+    others = sorted(name for name in os.listdir(target) if name not in replaceable)
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise CharlmError(f"{target} holds other files ({shown}) and would be replaced as a whole; give a new or empty directory")
+
+
+def _swap_in(work: Path, target: Path) -> None:
+    """Rename work to target; an old target is moved aside first and removed after."""
+    if not target.exists():
+        os.replace(work, target)
+        return
+    old = target.with_name(f".{target.name}{MARK}{os.getpid()}-old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, old)
+    os.replace(work, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_abandoned(target: Path) -> None:
+    """Work dirs beside target left by processes that no longer run (killed mid-build)."""
+    for stale in target.parent.glob(f".{target.name}{MARK}*"):
+        try:
+            pid = int(stale.name[len(f".{target.name}{MARK}"):].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
