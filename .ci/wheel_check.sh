@@ -35,7 +35,7 @@ BUILD_PIP="$ROOT/.venv/bin/pip"
 quiet $BUILD_PIP wheel --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
 WHEEL="$(ls "$WORK"/dist/charlm-*.whl)"
 step "built $(basename "$WHEEL")"
-unzip -l "$WHEEL" | grep -q "charlm/corpora/shakespeare.yaml" || die "the wheel has no charlm/corpora/shakespeare.yaml"
+unzip -l "$WHEEL" | grep -q "charlm/data/corpora/shakespeare.yaml" || die "the wheel has no charlm/data/corpora/shakespeare.yaml"
 
 step "fresh venv: $TORCH_SPEC first, then the wheel (its other dependencies from the index)"
 quiet "$PYTHON" -m venv "$WORK/venv"

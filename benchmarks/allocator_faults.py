@@ -22,7 +22,7 @@ from pathlib import Path
 from charlm.allocator import keep_freed_memory
 keep_freed_memory()
 import torch
-from charlm import bench
+from charlm.tools import bench
 which, steps = sys.argv[1], int(sys.argv[2])
 with tempfile.TemporaryDirectory() as tmp:
     data = bench.synthetic_data(Path(tmp), 1_000_000)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from charlm import prepare as prep
+from charlm.data import prepare as prep
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
 

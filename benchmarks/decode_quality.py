@@ -21,8 +21,8 @@ import torch
 from charlm import checkpoint
 from charlm.config import DECODE_DTYPES
 from charlm.data import PreparedData
-from charlm.ensemble import Ensemble
-from charlm.scorer import ModelScorer
+from charlm.decoding.ensemble import Ensemble
+from charlm.decoding.scorer import ModelScorer
 
 
 @torch.inference_mode()

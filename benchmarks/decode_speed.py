@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from charlm import bench
+from charlm.tools import bench
 
 
 def main(argv=None) -> dict:

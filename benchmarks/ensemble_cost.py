@@ -17,9 +17,9 @@ import statistics
 
 import torch
 
-from charlm import bench
-from charlm.decode import processors, sample
-from charlm.ensemble import Ensemble
+from charlm.decoding.ensemble import Ensemble
+from charlm.decoding.sampling import processors, sample
+from charlm.tools import bench
 
 
 def main() -> None:

@@ -398,9 +398,9 @@ def main() -> int:
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
         f"command: python benchmarks/faults.py {' '.join(sys.argv[1:])}",
         f"corpus: {source}; model: {' '.join(MODEL)} {' '.join(CADENCE)}",
-        f"kill -9 aims: random delay 0-3 s after the first checkpoint, 0-10 ms after a save, or during a save (.part present)",
-        f"median s: one trial (start, fault, info, resume to saved step + 3, plot); stop s: from the fault to the launcher's exit; "
-        f".part left: trials whose fault left a .part file (the resume must remove it)",
+        "kill -9 aims: random delay 0-3 s after the first checkpoint, 0-10 ms after a save, or during a save (.part present)",
+        "median s: one trial (start, fault, info, resume to saved step + 3, plot); stop s: from the fault to the launcher's exit; "
+        ".part left: trials whose fault left a .part file (the resume must remove it)",
         f"total {time.monotonic() - started:.0f} s",
         "",
     ]

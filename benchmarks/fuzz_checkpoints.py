@@ -23,9 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import torch  # noqa: E402
-
 import fuzzcases  # noqa: E402
+import torch  # noqa: E402
 
 
 def main() -> int:

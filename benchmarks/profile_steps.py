@@ -4,7 +4,7 @@
 
 A 2x512 LSTM (embed 64, 65 symbols), batch 64 x sequence 100, the same synthetic data as
 `charlm bench`. Profiles, after a few warm-up steps:
-  1. charlm's training step (Trainer._train_step) in fp32 and in bf16 (autocast), --steps steps each;
+  1. charlm's training step (Trainer.step) in fp32 and in bf16 (autocast), --steps steps each;
   2. one single-stream decoding step (ModelScorer.step, fp32 and bf16 products), 200 steps each.
 Prints, for each, the profiler's table of operators sorted by self CPU time: which kernels run
 (e.g. mkldnn_rnn_layer in bf16 or not) and what share of the step they take.
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from charlm.bench import charlm_step, random_scorer, synthetic_data
+from charlm.tools.bench import charlm_step, random_scorer, synthetic_data
 
 
 def table(prof, rows: int) -> str:

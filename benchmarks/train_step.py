@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from charlm import bench
-from charlm import prepare as prep
 from charlm.data import PreparedData
+from charlm.data import prepare as prep
+from charlm.tools import bench
 
 
 def main(argv=None) -> dict:

@@ -13,11 +13,11 @@ from typing import Any
 import yaml
 
 from charlm import CharlmError
+from charlm.cells import cell_names
 
-CELLS = ("lstm", "gru", "rnn")
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("fp32", "bf16")  # training, and whole-window scoring (eval)
-DECODE_DTYPES = DTYPES + ("int8",)  # step-by-step decoding (sample, beam): int8 weights, charlm/cells.py
+DECODE_DTYPES = DTYPES + ("int8",)  # step-by-step decoding (sample, beam): int8 weights, charlm/cells/products.py
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 # Upper bounds, for flags, presets, YAML files and checkpoints alike. They are far above any
@@ -32,7 +32,7 @@ MAX_COUNT = (1 << 63) - 1  # seeds, step counts: what a signed 64-bit integer ho
 
 @dataclass
 class ModelConfig:
-    cell: str = "lstm"  # recurrent cell: lstm, gru or rnn (vanilla tanh)
+    cell: str = "lstm"  # recurrent cell: a name in the registry (charlm/cells/: lstm, gru, rnn, ...)
     num_layers: int = 2  # stacked recurrent layers
     rnn_size: int = 256  # hidden units per layer
     embed_size: int = 64  # character embedding width fed to the first layer
@@ -193,7 +193,7 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise CharlmError(f"{f.name} must be a finite number (got {value})")
     checks = [
-        (model.cell in CELLS, f"cell must be one of {', '.join(CELLS)} (got {model.cell!r})"),
+        (model.cell in cell_names(), f"cell must be one of {', '.join(cell_names())} (got {model.cell!r})"),
         (1 <= model.num_layers <= MAX_LAYERS, f"num_layers must be between 1 and {MAX_LAYERS} (got {model.num_layers})"),
         (1 <= model.rnn_size <= MAX_WIDTH, f"rnn_size must be between 1 and {MAX_WIDTH} (got {model.rnn_size})"),
         (1 <= model.embed_size <= MAX_WIDTH, f"embed_size must be between 1 and {MAX_WIDTH} (got {model.embed_size})"),
@@ -229,14 +229,11 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
         )
 
 
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}  # weight rows per hidden unit: PyTorch's gate count
-
-
 def num_parameters(model: ModelConfig) -> int:
-    """The parameters of the network this config describes (Python ints: no overflow, nothing allocated)."""
-    g, h, e, v = GATES.get(model.cell, 4), model.rnn_size, model.embed_size, model.vocab_size
-    recurrent = g * h * (e + h + 2) + (model.num_layers - 1) * g * h * (2 * h + 2)
-    return v * e + recurrent + v * (h + 1)
+    """The parameters of the network this config describes, for any registered cell (nothing allocated)."""
+    from charlm.model import parameter_shapes  # here: model imports this module
+
+    return sum(math.prod(shape) for shape in parameter_shapes(model).values())
 
 
 def from_record(model: Any, train: Any, where: str) -> tuple[ModelConfig, TrainConfig]:

@@ -1,15 +1,14 @@
-"""CharRNN: embedding -> LSTM/GRU/RNN stack -> linear head. Pure: no I/O, no loss, no sampling."""
+"""CharRNN: embedding -> a stack of recurrent cells -> linear head. Pure: no I/O, no loss, no sampling."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, nn
 
+from charlm.cells import State, cell_class
 from charlm.config import ModelConfig
-
-State = tuple[Tensor, ...]  # LSTM: (h, c); GRU/RNN: (h,); each (num_layers, B, H)
-
-RNN_CLASSES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
 class CharRNN(nn.Module):
@@ -17,37 +16,34 @@ class CharRNN(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size)
-        self.rnn = RNN_CLASSES[cfg.cell](
-            cfg.embed_size,
-            cfg.rnn_size,
-            num_layers=cfg.num_layers,
-            dropout=cfg.dropout if cfg.num_layers > 1 else 0.0,
-            batch_first=True,
-        )
+        self.rnn = cell_class(cfg.cell)(cfg.embed_size, cfg.rnn_size, cfg.num_layers, cfg.dropout)  # charlm/cells/
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.rnn_size, cfg.vocab_size)
 
-    @property
-    def is_lstm(self) -> bool:
-        return self.cfg.cell == "lstm"
-
     def init_state(self, batch_size: int, device=None) -> State:
-        """The zero state a stream starts from."""
-        shape = (self.cfg.num_layers, batch_size, self.cfg.rnn_size)
-        device = device or self.head.weight.device
-        return tuple(torch.zeros(shape, device=device) for _ in range(2 if self.is_lstm else 1))
+        """The zero state a stream starts from: one (num_layers, B, H) tensor per state name of the cell."""
+        return self.rnn.zero_state(batch_size, device or self.head.weight.device)
 
     def forward(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """ids (B, T) -> logits (B, T, V), and the state after the last step."""
         if state is None:
             state = self.init_state(ids.shape[0], ids.device)
         x = self.drop(self.embed(ids))  # (B, T, E)
-        out, new = self.rnn(x, state if self.is_lstm else state[0])  # (B, T, H)
+        out, state = self.rnn(x, state)  # (B, T, H)
         logits = self.head(self.drop(out))  # (B, T, V)
-        return logits, (new if self.is_lstm else (new,))
+        return logits, state
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in model.parameters() order, for any registered cell: the
+    model is built on the meta device, so nothing is allocated whatever the sizes."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a zero size (refused by the caller) warns, and the warning would be a second line
+        model = CharRNN(cfg)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
 def detach(state: State) -> State:

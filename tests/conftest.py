@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from charlm import prepare as prep
 from charlm.config import ModelConfig, TrainConfig
 from charlm.data import PreparedData
-from charlm.train import Trainer
+from charlm.data import prepare as prep
+from charlm.training.trainer import Trainer
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
 

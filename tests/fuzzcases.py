@@ -38,11 +38,11 @@ import typer.testing
 from typer.testing import CliRunner
 
 from charlm import CharlmError, checkpoint
-from charlm import prepare as prep
 from charlm.cli import app
 from charlm.config import ModelConfig, TrainConfig
 from charlm.data import PreparedData
-from charlm.train import Trainer
+from charlm.data import prepare as prep
+from charlm.training.trainer import Trainer
 
 NAN, INF = float("nan"), float("inf")
 HUGE_DIGITS = "9" * 5000  # past Python's int-from-text limit (4300 digits)
@@ -760,7 +760,7 @@ BASE_SPECS = {  # name: (cell, tokenizer, file)
 
 def make_bases(root: Path, names: tuple[str, ...] = tuple(BASE_SPECS)) -> dict[str, Base]:
     """Tiny trained checkpoints (a few seconds in all): the good files every case starts from."""
-    from charlm.spm import TokenizerSpec
+    from charlm.tokenizers.spm import TokenizerSpec
 
     torch.set_num_threads(1)
     root.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ AFTER_PREPARE = """
 import resource, sys, torch
 from pathlib import Path
 from charlm.allocator import keep_freed_memory
-from charlm import prepare
+from charlm.data import prepare
 applied = keep_freed_memory()
 src = Path(sys.argv[1])
 prepare.prepare([src], src.parent / "prepared")  # in the same process, as `charlm train TEXT` does

@@ -41,14 +41,14 @@ from typing import Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file, save as st_save, save_file
+from conftest import make_text
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as st_save
 from typer.testing import CliRunner
 
 from charlm import cli
 from charlm.cli import app
 from charlm.devices import cpu_has_bf16
-
-from conftest import make_text
 
 runner = CliRunner()
 FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", "4", "--seq-length", "16", "--device", "cpu"]

@@ -9,12 +9,13 @@ import torch
 
 from charlm import CharlmError
 from charlm.config import ModelConfig
-from charlm.decode import beam_search, sample
-from charlm.ensemble import Ensemble
-from charlm.evaluate import evaluate
+from charlm.decoding.beam import beam_search
+from charlm.decoding.ensemble import Ensemble
+from charlm.decoding.evaluate import evaluate
+from charlm.decoding.sampling import sample
+from charlm.decoding.scorer import ModelScorer
 from charlm.model import CharRNN
-from charlm.scorer import ModelScorer
-from charlm.vocab import Vocab
+from charlm.tokenizers.vocab import Vocab
 
 VOCAB = Vocab.from_text("abcdefgh\n ")
 
@@ -119,33 +120,6 @@ def test_two_copies_equal_one(combine):
     sa, _ = s.step(x, s.start(2))
     sb, _ = ens.step(x, ens.start(2))
     assert torch.allclose(sa, sb, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", ["fp32", "bf16", "int8"])
-def test_stacked_members_step_like_members_one_by_one(dtype):
-    """LSTM members of one shape step together (cells.StackedStepper); the numbers must not change."""
-    members = [scorer("lstm", seed, size=32) for seed in range(3)]
-    for m in members:
-        m.dtype = dtype
-    fused, separate = Ensemble(members, weights=[0.5, 0.3, 0.2]), Ensemble(members, weights=[0.5, 0.3, 0.2])
-    separate._stacked = False  # the member-by-member path
-    s1, s2 = fused.start(2), separate.start(2)
-    for t in range(6):
-        x = torch.tensor([t % 5, (3 * t) % 7])
-        a, s1 = fused.step(x, s1)
-        b, s2 = separate.step(x, s2)
-        assert torch.allclose(a, b, atol=1e-5), t
-    assert fused._stacked and isinstance(s1, tuple) and len(s1) == 3
-    for (h1, c1), (h2, c2) in zip(s1, s2):
-        assert torch.allclose(h1, h2, atol=1e-5) and torch.allclose(c1, c2, atol=1e-5)
-    moved = fused.reorder(s1, torch.tensor([1, 1]))  # beams gather the stacked path's states as before
-    assert torch.equal(moved[0][0][:, 0], s1[0][0][:, 1])
-
-
-def test_members_of_different_shapes_step_one_by_one():
-    ens = Ensemble([scorer("lstm", 0, size=24), scorer("lstm", 1, size=16)])
-    ens.step(torch.tensor([1]), ens.start(1))
-    assert ens._stacked is False
 
 
 @pytest.mark.parametrize("combine", ["mean", "geometric"])

@@ -13,20 +13,21 @@ import time
 import warnings
 from pathlib import Path
 
+import fuzzcases
 import pytest
 import torch
+from fuzzcases import HUGE_DIGITS, compose, decompose, join, split
 from typer.testing import CliRunner
 
-import fuzzcases
 from charlm import CharlmError, checkpoint
 from charlm.cli import app
 from charlm.config import ModelConfig
-from charlm.decode import Temperature, TopP, beam_search
-from charlm.ensemble import Ensemble
+from charlm.decoding.beam import beam_search
+from charlm.decoding.ensemble import Ensemble
+from charlm.decoding.sampling import Temperature, TopP
+from charlm.decoding.scorer import ModelScorer
 from charlm.model import CharRNN
-from charlm.scorer import ModelScorer
-from charlm.train import Progress
-from fuzzcases import HUGE_DIGITS, compose, decompose, join, split
+from charlm.training.trainer import Progress
 
 COMPAT = Path(__file__).parent / "data" / "compat"
 runner = CliRunner()
@@ -354,7 +355,7 @@ def test_processors_and_beam_refuse_what_cannot_work():
     with pytest.raises(CharlmError, match="top-p must be in"):
         TopP(float("nan"))
     model = CharRNN(ModelConfig(vocab_size=5, rnn_size=8, embed_size=4, num_layers=1))
-    from charlm.vocab import Vocab
+    from charlm.tokenizers.vocab import Vocab
 
     scorer = ModelScorer(model, Vocab("char", range(97, 102)))
     for penalty in (float("nan"), float("inf"), 11.0, -1e308):
@@ -419,7 +420,7 @@ def test_info_prints_file_text_literally(bases, tmp_path):
 
 
 def test_json_output_refuses_nan():
-    from charlm.cli_decode import _json
+    from charlm.cli.decode import _json
 
     with pytest.raises(CharlmError, match="not a finite number"):
         _json({"bits_per_char": float("nan")})

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import make_text
 from typer.testing import CliRunner
 
 from charlm.cli import app
 from charlm.devices import cpu_has_bf16
-
-from conftest import make_text
 
 runner = CliRunner()
 FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", "4", "--seq-length", "16", "--device", "cpu"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from charlm import checkpoint
-from charlm.scorer import ModelScorer
+from charlm.decoding.scorer import ModelScorer
 
 COMPAT = Path(__file__).parent / "data" / "compat"
 EXPECTED = json.loads((COMPAT / "expected.json").read_text())

@@ -1,6 +1,7 @@
 import pytest
 
 from charlm import CharlmError, config
+from charlm.cells import cell_names
 
 
 def test_precedence_defaults_preset_file_flags(tmp_path):
@@ -120,6 +121,6 @@ def test_yaml_and_checkpoint_values_go_through_the_same_checks(tmp_path):
 def test_num_parameters_matches_the_model():
     from charlm.model import CharRNN
 
-    for cell in config.CELLS:
+    for cell in cell_names():
         cfg = config.ModelConfig(cell=cell, num_layers=3, rnn_size=12, embed_size=5, vocab_size=17)
         assert config.num_parameters(cfg) == CharRNN(cfg).num_parameters()

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from charlm import CharlmError, corpus, sourcetree
+from charlm import CharlmError
 from charlm.cli import app
+from charlm.data import corpus, sourcetree
 
 runner = CliRunner()
 PACKAGED = Path(corpus.__file__).parent / "corpora"  # the registry shipped in the package

@@ -13,15 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import small_configs
 from typer.testing import CliRunner
 
 from charlm import CharlmError, checkpoint
 from charlm.cli import app
 from charlm.data import PreparedData, StreamBatcher, eval_windows, row_span
-from charlm.distributed import World, pick_backend
-from charlm.train import Trainer
-
-from conftest import small_configs
+from charlm.training.distributed import World, pick_backend
+from charlm.training.trainer import Trainer
 
 B, K = 4, 6  # per-rank batch; steps per phase
 FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", str(B), "--seq-length", "16", "--device", "cpu"]
@@ -30,11 +29,11 @@ HOOK = """
     import os
     if os.environ.get("RANK") == "1" and os.environ.get("CHARLM_TEST_HOOK"):
         import torch
-        from charlm.train import Trainer
+        from charlm.training.trainer import Trainer
 
-        original = Trainer._train_step
+        original = Trainer.step
 
-        def _train_step(self, loss_sum):
+        def step(self, loss_sum):
             original(self, loss_sum)
             if self.progress.step == 7:
                 if os.environ["CHARLM_TEST_HOOK"] == "raise":
@@ -42,7 +41,7 @@ HOOK = """
                 with torch.no_grad():
                     self.model.head.bias.fill_(float("nan"))  # rank 1 only
 
-        Trainer._train_step = _train_step
+        Trainer.step = step
 """
 
 
@@ -60,7 +59,7 @@ def _rank_main(rank, port, data_dir, out, results):
     """One of two ranks: K steps, validate, then resume the 2-rank checkpoint for K more."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from charlm import distributed
+    from charlm.training import distributed
 
     world = distributed.setup(torch.device("cpu"), "gloo")
     try:

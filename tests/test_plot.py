@@ -3,11 +3,10 @@
 import json
 import sys
 
-import pytest
 from typer.testing import CliRunner
 
 from charlm.cli import app
-from charlm.plot import read_curves
+from charlm.tools.plot import read_curves
 
 runner = CliRunner()
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

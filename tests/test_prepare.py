@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from charlm import CharlmError
-from charlm import prepare as prep
-from charlm.data import PreparedData
-from charlm.vocab import Vocab
+from charlm.data import PreparedData, encode
+from charlm.data import prepare as prep
+from charlm.tokenizers.vocab import Vocab
 
 
 def decode_all(data: PreparedData) -> str:
@@ -44,7 +44,7 @@ def test_chunked_encoding_handles_multibyte_boundaries(tmp_path, monkeypatch, ch
     text = ("héllo wörld — ünïcödé ✓ 日本語 😀🎉\n" + "plain ascii line\n" * 3) * 50
     f = tmp_path / "u.txt"
     f.write_text(text)
-    monkeypatch.setattr(prep, "CHUNK", chunk)  # small chunks split multi-byte characters across reads
+    monkeypatch.setattr(encode, "CHUNK", chunk)  # small chunks split multi-byte characters across reads
     prep.prepare([f], tmp_path / "p")
     data = PreparedData(tmp_path / "p")
     assert decode_all(data) == text

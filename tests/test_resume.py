@@ -11,14 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import small_configs
 from typer.testing import CliRunner
 
-from charlm import checkpoint, cli
+from charlm import checkpoint
 from charlm.cli import app
-from charlm.plot import read_curves
-from charlm.train import Trainer, learning_rate
-
-from conftest import small_configs
+from charlm.cli import train as cli_train
+from charlm.tools.plot import read_curves
+from charlm.training.schedule import learning_rate
+from charlm.training.trainer import Trainer
 
 runner = CliRunner()
 FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", "4", "--seq-length", "16", "--device", "cpu"]
@@ -148,7 +149,7 @@ def test_recorded_data_dir_is_checked_before_it_is_read(tmp_path, text_file, pre
 
 def test_nproc_forwards_flags_as_the_user_wrote_them(tmp_path, text_file, monkeypatch):
     seen = {}
-    monkeypatch.setattr(cli, "_launch_ranks", lambda n, args: seen.update(n=n, args=args))
+    monkeypatch.setattr(cli_train, "_launch_ranks", lambda n, args: seen.update(n=n, args=args))
     r = run("train", text_file, "--out", tmp_path / "run", "--nproc", "2", "--compile", "--max-steps", "3", *FAST)
     assert r.exit_code == 0, r.output
     args = seen["args"]

@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_text, train_small
 from typer.testing import CliRunner
 
 from charlm import CharlmError, checkpoint
-from charlm import prepare as prep
 from charlm.cli import app
 from charlm.data import PreparedData
-from charlm.ensemble import Ensemble
-from charlm.evaluate import evaluate, scored_chars
-from charlm.scorer import ModelScorer
-from charlm.spm import BYTE_PIECES, TokenizerSpec
-
-from conftest import make_text, train_small
+from charlm.data import prepare as prep
+from charlm.decoding.ensemble import Ensemble
+from charlm.decoding.evaluate import evaluate, scored_chars
+from charlm.decoding.scorer import ModelScorer
+from charlm.tokenizers.spm import BYTE_PIECES, TokenizerSpec
 
 SPM_KINDS = ["spm-char", "bpe", "unigram"]
 FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", "4", "--seq-length", "16", "--device", "cpu"]

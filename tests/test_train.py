@@ -8,14 +8,14 @@ import signal
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_configs, train_small
 
 from charlm import CharlmError, checkpoint, config
-from charlm.devices import cpu_has_bf16
+from charlm.cli.stop import StopRequests
 from charlm.config import TrainConfig
-from charlm.stop import StopRequests
-from charlm.train import Trainer, TrainingStopped, learning_rate
-
-from conftest import small_configs, train_small
+from charlm.devices import cpu_has_bf16
+from charlm.training.schedule import learning_rate
+from charlm.training.trainer import Trainer, TrainingStopped
 
 
 def digest(path):
@@ -178,7 +178,7 @@ def test_bf16_runs_the_recurrent_kernel_in_bf16(tmp_path, prepared):
     model_cfg, cfg = small_configs(max_steps=2, dtype="bf16")
     trainer = Trainer(model_cfg, cfg, prepared, tmp_path / "run")
     with DtypeLog() as log:
-        trainer._train_step(torch.zeros(()))
+        trainer.step(torch.zeros(()))
     rnn_ops = {k: v for k, v in log.seen.items() if "rnn" in k}
     assert rnn_ops, f"no recurrent kernel seen: {sorted(log.seen)}"
     assert all(v == {torch.bfloat16} for v in rnn_ops.values()), rnn_ops

@@ -13,12 +13,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/ for conftest.make_text
 
-from charlm import prepare as prep  # noqa: E402
+from conftest import make_text  # noqa: E402
+
 from charlm.config import ModelConfig, TrainConfig  # noqa: E402
 from charlm.data import PreparedData  # noqa: E402
-from charlm.scorer import ModelScorer  # noqa: E402
-from charlm.train import Trainer  # noqa: E402
-from conftest import make_text  # noqa: E402
+from charlm.data import prepare as prep  # noqa: E402
+from charlm.decoding.scorer import ModelScorer  # noqa: E402
+from charlm.training.trainer import Trainer  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TEXT = "The quick brown fox jumps over a lazy dog.\nSeven wizards quietly hex the fox.\n"

@@ -13,18 +13,17 @@ import torch
 import torch.nn.functional as F
 
 import charlm
-from charlm import CharlmError, checkpoint, rundir
+from charlm import CharlmError, checkpoint
 from charlm.allocator import keep_freed_memory
 from charlm.config import ModelConfig, TrainConfig, as_dict
 from charlm.data import PreparedData, StreamBatcher, row_span
+from charlm.decoding.evaluate import bits_per_char, evaluate
+from charlm.decoding.scorer import ModelScorer
 from charlm.devices import autocast_for, check_dtype, pick_device
-from charlm.distributed import World
-from charlm.evaluate import evaluate
 from charlm.model import CharRNN, State, detach
-from charlm.scorer import ModelScorer
-from charlm.stop import describe as describe_stop
-
-LN2 = math.log(2)
+from charlm.training import rundir
+from charlm.training.distributed import World
+from charlm.training.schedule import learning_rate
 
 
 class TrainingStopped(CharlmError):
@@ -40,18 +39,6 @@ class Progress:
     elapsed: float = 0.0  # seconds of training so far, across resumes
     best_val: float = math.inf  # lowest validation bits/char so far
     best_step: int = 0
-
-
-def learning_rate(cfg: TrainConfig, step: int, fraction_done: float) -> float:
-    """The schedule: linear warm-up, then constant, step decay, or cosine down to min_lr_ratio * lr."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "step":
-        return cfg.lr * cfg.lr_decay ** (step // cfg.decay_every)
-    if cfg.schedule == "cosine":
-        floor = cfg.lr * cfg.min_lr_ratio
-        return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(fraction_done, 1.0)))
-    return cfg.lr
 
 
 class Trainer:
@@ -160,7 +147,7 @@ class Trainer:
         train_bpc, stop, finished = math.nan, False, self._finished(p.elapsed)
         solo = self.world.size == 1
         while not finished:
-            self._train_step(loss_sum)
+            self.step(loss_sum)
             steps_in_window += 1
             clock = start_elapsed + time.monotonic() - start_time
             if solo:  # one process acts on its own clock and a stop signal at once
@@ -182,7 +169,8 @@ class Trainer:
             if stop:  # no validation: a preempted run may have seconds left (torchrun waits 30 s)
                 self._save({**self._position(), "train_bpc": train_bpc}, improved=False)
                 ranks = f" --nproc {self.world.size}" if self.world.size > 1 else ""
-                reason = describe_stop(self.stop_requested() or "SIGINT")  # another rank may have been the one signalled
+                signal = self.stop_requested() or "SIGINT"  # another rank may have been the one signalled
+                reason = "interrupted" if signal == "SIGINT" else f"stopped by {signal}"
                 raise TrainingStopped(
                     f"{reason} at step {p.step}; saved {self.out_dir / 'last.safetensors'} "
                     f"(continue with: charlm train --resume {self.out_dir / 'last.safetensors'}{ranks})"
@@ -191,7 +179,8 @@ class Trainer:
                 self._evaluate_and_save(train_bpc)
         return {**self._position(), "train_bpc": train_bpc, "best_val_bpc": p.best_val, "out_dir": str(self.out_dir)}
 
-    def _train_step(self, loss_sum: torch.Tensor) -> None:
+    def step(self, loss_sum: torch.Tensor) -> None:
+        """One optimizer step on the next window; its loss is added to loss_sum (on the device: no sync here)."""
         cfg, p = self.cfg, self.progress
         if p.window == 0 or self.state is None:
             self.state = self.model.init_state(cfg.batch_size)  # a new epoch starts every row afresh
@@ -239,7 +228,7 @@ class Trainer:
                 f"the training loss became {mean} by step {self.progress.step}; stopped without saving; {kept}. "
                 "Try a lower --lr or a smaller --grad-clip"
             )
-        return mean / LN2 / self.chars_per_token
+        return bits_per_char(mean, self.chars_per_token)  # per token: nats -> bits per its characters
 
     def validate(self) -> float:
         """Validation bits/char: the val split cut into one stream per training row, state carried through.
@@ -259,7 +248,7 @@ class Trainer:
             part = evaluate(scorer, mine, self.val_chars_per_token, streams=hi - lo, window=self.cfg.seq_length)
             nll, tokens = part["nll"], part["tokens"]
         nll, tokens = self.world.all_reduce_sum([nll, tokens])
-        return nll / LN2 / (tokens * self.val_chars_per_token) if tokens else math.nan
+        return bits_per_char(nll, tokens * self.val_chars_per_token)
 
     def _evaluate_and_save(self, train_bpc: float) -> None:
         p = self.progress

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from charlm.cells import Stepper
+from charlm.decoding.stepper import StackedModels, Stepper, can_stack
 from charlm.devices import autocast_for
 from charlm.model import CharRNN, State
-from charlm.vocab import Vocab
+from charlm.tokenizers.vocab import Vocab
 
 
 class Scorer(Protocol):
@@ -47,7 +47,7 @@ class ModelScorer:
     @property
     def stepper(self) -> Stepper:
         if self._stepper is None:  # built lazily: evaluation never needs it
-            self._stepper = Stepper(self.model, self.dtype)
+            self._stepper = Stepper([self.model], self.dtype)
         return self._stepper
 
     def start(self, batch_size: int) -> State:
@@ -55,8 +55,8 @@ class ModelScorer:
 
     @torch.inference_mode()
     def step(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
-        logits, state = self.stepper(ids, state)  # (B, V)
-        return F.log_softmax(logits.float(), dim=-1), state
+        logits, state = self.stepper(ids.to(self.device), tuple(s.unsqueeze(0) for s in state))  # one member: (1, B, V)
+        return F.log_softmax(logits[0].float(), dim=-1), tuple(s[0] for s in state)
 
     @torch.inference_mode()
     def score(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
@@ -65,4 +65,15 @@ class ModelScorer:
         return F.log_softmax(logits.float(), dim=-1), state
 
     def reorder(self, state: State, index: Tensor) -> State:
-        return tuple(s.index_select(1, index) for s in state)
+        return tuple(s.index_select(1, index.to(s.device)) for s in state)
+
+    @staticmethod
+    def stacked(members: list) -> StackedModels | None:
+        """The members stepped as one (see stepper.py), when they are all ModelScorers whose models
+        can be (cells of one class and shape, one dtype, one device); else None."""
+        if len(members) < 2 or not all(isinstance(m, ModelScorer) for m in members):
+            return None
+        models = [m.model for m in members]
+        if len({m.dtype for m in members}) != 1 or not can_stack(models):
+            return None
+        return StackedModels(models, members[0].dtype, members[0].device)

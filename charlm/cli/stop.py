@@ -42,8 +42,3 @@ class StopRequests:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()
-
-
-def describe(reason: str) -> str:
-    """'interrupted' for Ctrl-C, 'stopped by SIGTERM' for the others."""
-    return "interrupted" if reason == "SIGINT" else f"stopped by {reason}"

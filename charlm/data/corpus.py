@@ -1,4 +1,4 @@
-"""Named corpora: a registry shipped in the package (charlm/corpora/*.yaml, plus any *.yaml in the
+"""Named corpora: a registry shipped in the package (charlm/data/corpora/*.yaml, plus any *.yaml in the
 corpora dir), checksummed fetch from a local mirror or the URL, or a build from a source tree (the
 Linux corpora: see sourcetree.py).
 
@@ -24,7 +24,8 @@ from typing import Callable
 import yaml
 
 import charlm
-from charlm import CharlmError, sourcetree
+from charlm import CharlmError
+from charlm.data import sourcetree
 
 MIRROR_ENV = "CHARLM_CORPUS_MIRROR"
 CORPORA_ENV = "CHARLM_CORPORA_DIR"
@@ -110,9 +111,9 @@ def registry_files() -> dict[str, tuple[str, str]]:
     """{file name: (where it came from, its YAML text)}: the packaged entries, then *.yaml in the
     corpora dir, which add corpora or replace a packaged file of the same name."""
     files = {}
-    for res in sorted(resources.files("charlm").joinpath("corpora").iterdir(), key=lambda r: r.name):
+    for res in sorted(resources.files("charlm.data").joinpath("corpora").iterdir(), key=lambda r: r.name):
         if res.name.endswith(".yaml"):
-            files[res.name] = (f"charlm/corpora/{res.name} (packaged)", res.read_text(encoding="utf-8"))
+            files[res.name] = (f"charlm/data/corpora/{res.name} (packaged)", res.read_text(encoding="utf-8"))
     for path in sorted(corpora_dir().glob("*.yaml")):
         try:
             files[path.name] = (str(path), path.read_text(encoding="utf-8"))

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from charlm import CharlmError
-from charlm.cells import StackedStepper
-from charlm.scorer import ModelScorer, Scorer
+from charlm.decoding.scorer import ModelScorer, Scorer
 
 COMBINE_RULES = ("mean", "geometric")
 
@@ -46,7 +45,7 @@ class Ensemble:
         self.combine = combine
         self.weights = [w / top / total for w in weights]
         self.log_weights = torch.tensor([math.log(w) - math.log(top) - math.log(total) for w in weights])
-        self._stacked: StackedStepper | bool | None = None  # built on the first step, if the members allow
+        self._stacked = None  # StackedModels, or False: built on the first step, if the members allow
 
     def start(self, batch_size: int):
         return tuple(m.start(batch_size) for m in self.members)
@@ -61,20 +60,12 @@ class Ensemble:
 
     def step(self, ids: Tensor, state):
         if self._stacked is None:
-            self._stacked = _stack_members(self.members) or False
-        if self._stacked:
-            return self._stacked_step(ids, state)
+            self._stacked = ModelScorer.stacked(self.members) or False
+        if self._stacked:  # the same numbers as stepping the members one by one, fewer operations
+            logps, state = self._stacked.step(ids, state)
+            return self._combine(logps), state
         outs = [m.step(ids, s) for m, s in zip(self.members, state)]
         return self._combine(torch.stack([o[0] for o in outs])), tuple(o[1] for o in outs)
-
-    @torch.inference_mode()
-    def _stacked_step(self, ids: Tensor, state):
-        """All members in one StackedStepper call: the same numbers as stepping them one by one."""
-        h = torch.stack([s[0] for s in state])  # (M, L, B, H)
-        c = torch.stack([s[1] for s in state])
-        logits, h, c = self._stacked(ids, h, c)
-        logps = torch.log_softmax(logits.float(), dim=-1)  # (M, B, V)
-        return self._combine(logps), tuple((h[m], c[m]) for m in range(len(self.members)))
 
     def score(self, ids: Tensor, state):
         outs = [m.score(ids, s) for m, s in zip(self.members, state)]
@@ -82,17 +73,6 @@ class Ensemble:
 
     def reorder(self, state, index: Tensor):
         return tuple(m.reorder(s, index) for m, s in zip(self.members, state))
-
-
-def _stack_members(members: list) -> StackedStepper | None:
-    """A StackedStepper when every member is an LSTM ModelScorer of one shape, dtype and device
-    (three seeds of one preset, say); otherwise None, and the members step one by one."""
-    if len(members) < 2 or not all(isinstance(m, ModelScorer) for m in members):
-        return None
-    shapes = {(m.model.cfg.cell, m.model.cfg.num_layers, m.model.cfg.rnn_size, m.dtype, str(m.device)) for m in members}
-    if len(shapes) != 1 or next(iter(shapes))[0] != "lstm":
-        return None
-    return StackedStepper([m.stepper for m in members])
 
 
 def vocab_difference(a, b) -> str:

@@ -23,7 +23,9 @@ def id_dtype_for(size: int):
 def load_vocab(record: dict, model_bytes: bytes | None = None, where: str = "the vocabulary record"):
     """The vocabulary a meta record describes: Vocab (char, bytes), or SpmVocab given its serialized model."""
     if isinstance(record, dict) and record.get("kind") == "spm":
-        from charlm.spm import SpmVocab  # imported here: only SentencePiece vocabularies need sentencepiece
+        from charlm.tokenizers.spm import (
+            SpmVocab,  # imported here: only SentencePiece vocabularies need sentencepiece
+        )
 
         return SpmVocab.from_meta(record, model_bytes, where)
     return Vocab.from_meta(record)

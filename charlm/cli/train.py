@@ -1,164 +1,37 @@
-"""The charlm command line. Thin commands: parse options, call the library, print.
+"""The train command: options, resume and run-dir rules, one process or data-parallel ranks.
 
-The command modules (this one: corpus, prepare, train and the entry point; cli_decode: sample,
-beam, eval, info; cli_tools: bench, plot) are the only ones that print to the terminal or exit.
-Library code raises CharlmError; cliapp.friendly turns it into one red line and exit code 1.
+The trainer, distributed and prepare modules are imported inside the command, so that loading the
+command line for another command never loads them.
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from rich.table import Table
-from rich.text import Text
 from typing_extensions import Annotated
 
-from charlm import CharlmError, checkpoint, config, corpus, distributed, rundir
-from charlm import prepare as prep
-from charlm.allocator import keep_freed_memory
-from charlm.cliapp import UsageError, app, corpus_app, err, friendly
+from charlm import CharlmError, checkpoint, config
+from charlm.cells import cell_names
+from charlm.cli.app import app, err, friendly
+from charlm.cli.data import (
+    CoverageOpt,
+    TokenizerOpt,
+    VocabSizeOpt,
+    _PrepareBar,
+    _split,
+    _tokenizer_spec,
+)
+from charlm.cli.display import TrainDisplay
+from charlm.cli.stop import StopRequests
 from charlm.data import PreparedData
-from charlm.display import TrainDisplay
-from charlm.spm import KINDS as TOKENIZER_KINDS
-from charlm.stop import StopRequests
-from charlm.spm import TokenizerSpec
 from charlm.devices import check_dtype, pick_device
-from charlm.train import Trainer, TrainingStopped
-
-
-def _bytes_progress(description: str) -> Progress:
-    return Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    console=err, transient=True, disable=not err.is_terminal)
-
-
-# -- corpus ---------------------------------------------------------------------------------
-@corpus_app.command("list")
-@friendly
-def corpus_list():
-    """List the registered corpora and whether each is present locally."""
-    table = Table("name", "size", "present", "get from", "description", "license")
-    for entry in corpus.registry().values():
-        d = corpus.describe(entry)
-        table.add_row(d["name"], f"{d['bytes']:,} B", "yes" if d["present"] else "no", d["get"], d["description"], d["license"])
-    Console().print(table)
-
-
-@corpus_app.command("get")
-@friendly
-def corpus_get(
-    name: Annotated[str, typer.Argument(help="A registered corpus name (see: charlm corpus list).")],
-    mirror: Annotated[Optional[Path], typer.Option(help=f"Local mirror dir with NAME/input.txt; default ${corpus.MIRROR_ENV}.")] = None,
-    source: Annotated[Optional[Path], typer.Option("--from", help="Build it from a kernel source tree or tarball (.tar.xz/.tar.gz/.tar), read as a stream.")] = None,
-    subset: Annotated[Optional[str], typer.Option(help="With --from: only these paths of the tree, e.g. kernel,mm (default: the corpus's own).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="With --from: write here instead of CORPORA/NAME/input.txt (needed for a custom --subset).")] = None,
-):
-    """Fetch a corpus into CORPORA/NAME/input.txt (the corpora dir: see charlm corpus list) from a mirror or its URL (or build it --from a tree), verifying its sha256."""
-    if source is None and (subset is not None or out is not None):
-        raise CharlmError("--subset and --out go with --from PATH (building from a source tree)")
-    if source is not None and mirror is not None:
-        raise CharlmError("give either --from PATH (build) or --mirror DIR (copy), not both")
-    with _bytes_progress("{task.description}") as bar:
-        task = bar.add_task(f"get {name}", total=None)
-        if source is None:
-            got = corpus.fetch(name, mirror=mirror, progress=lambda done, total: bar.update(task, completed=done, total=total))
-        else:
-            update = lambda phase, done, total: bar.update(task, description=f"{name}: {phase}", completed=done, total=total)  # noqa: E731
-            got = corpus.build(name, source, subset=subset, out=out, progress=update)
-    err.print(_corpus_report(name, got), soft_wrap=True)
-
-
-def _corpus_report(name: str, got: corpus.Fetched) -> str:
-    made = f" built from {got.origin}: {got.files:,} files, {got.bytes:,} bytes" if got.files is not None else ""
-    if got.origin == "already present":
-        made = " (already present)"
-    if got.verified:
-        return f"{name}: {got.path}{made} (sha256 verified)"
-    if not got.registered:
-        return f"{got.path}{made}, sha256 {got.sha256} (a custom --subset: no registered checksum to compare)"
-    expected = corpus.lookup(name).bytes
-    size = "matches" if got.bytes == expected else "DIFFERS from"
-    sha = f"sha256 {got.sha256}, which" if got.sha256 else "its sha256"
-    return (f"{name}: {got.path}{made}; {sha} could not be verified: the registry has no published sha256 "
-            f"for {name}. Its size {size} the registered {expected:,} bytes")
-
-
-# -- prepare --------------------------------------------------------------------------------
-def _split(value: str) -> tuple[float, float, float]:
-    try:
-        parts = tuple(float(x) for x in value.split(","))
-    except ValueError:
-        raise CharlmError(f"--split expects three fractions like 0.9,0.05,0.05 (got {value!r})") from None
-    return prep.check_fractions(parts)
-
-
-class _PrepareBar:
-    """A progress bar for the two passes of prepare, shown for inputs over 32 MB."""
-
-    def __init__(self, total: int):
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            console=err, transient=True, disable=total < (32 << 20) or not err.is_terminal)
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if phase not in self.tasks:
-            self.tasks[phase] = self.bar.add_task(phase, total=total)
-        self.bar.update(self.tasks[phase], completed=done)
-
-
-def _run_prepare(files, out, encoding, fractions, tokenizer=None):
-    total = sum(f.stat().st_size for f in files)
-    bar = _PrepareBar(total)
-    with bar.bar:
-        return prep.prepare(files, out, encoding=encoding, fractions=fractions, progress=bar, tokenizer=tokenizer)
-
-
-def _tokenizer_spec(tokenizer: Optional[str], vocab_size: Optional[int], coverage: Optional[float]) -> Optional[TokenizerSpec]:
-    """The --tokenizer options as a spec; None when none was given (a prepared dir keeps its own)."""
-    if tokenizer is None and vocab_size is None and coverage is None:
-        return None
-    return TokenizerSpec(tokenizer or "char", vocab_size, 0.9995 if coverage is None else coverage).checked()
-
-
-TokenizerOpt = Annotated[Optional[str], typer.Option(
-    help=f"{', '.join(TOKENIZER_KINDS)}: one id per character (default), or a SentencePiece model trained on the training "
-         "split (spm-char: characters with byte fallback; bpe, unigram: subwords). Figures stay in bits per character.",
-    show_default=False)]
-VocabSizeOpt = Annotated[Optional[int], typer.Option("--vocab-size", help="SentencePiece pieces besides the 256 byte pieces (default: 1024 for bpe and unigram; spm-char: as many as the coverage keeps).", show_default=False)]
-CoverageOpt = Annotated[Optional[float], typer.Option(help="SentencePiece: share of the training characters that get a piece of their own; rarer ones are spelled in bytes (default: 0.9995).", show_default=False)]
-
-
-@app.command()
-@friendly
-def prepare(
-    input: Annotated[str, typer.Argument(help="A text file, a directory (see --glob) or a registered corpus name.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output dir for meta.json and train/val/test.bin.")],
-    glob: Annotated[Optional[str], typer.Option(help="For a directory: files to include, e.g. '**/*.[ch]' (sorted by path).")] = None,
-    encoding: Annotated[str, typer.Option(help="utf-8 (characters), or bytes (a byte-level vocabulary for non-UTF-8 files).")] = "utf-8",
-    split: Annotated[str, typer.Option(help="train,val,test fractions of the text, in order.")] = "0.9,0.05,0.05",
-    mirror: Annotated[Optional[Path], typer.Option(help="Corpus mirror dir, for corpus names.")] = None,
-    tokenizer: TokenizerOpt = None,
-    vocab_size: VocabSizeOpt = None,
-    character_coverage: CoverageOpt = None,
-):
-    """Encode a text into token ids for training: DIR/meta.json plus train.bin, val.bin, test.bin."""
-    spec = _tokenizer_spec(tokenizer, vocab_size, character_coverage)
-    files = prep.resolve_inputs(input, glob=glob, mirror=mirror)
-    meta = _run_prepare(files, out, encoding, _split(split), spec)
-    s = meta["splits"]
-    kind, size = meta["tokenizer"]["kind"], meta["vocab_size"]
-    pieces = "" if kind in ("char", "bytes") else f" ({kind}: {size - 256} pieces + 256 bytes)"
-    err.print(
-        f"prepared {meta['source']['chars']:,} characters from {len(files)} file(s) in {meta['seconds']:.1f}s: "
-        f"vocabulary {size}{pieces}, train {s['train']['tokens']:,} / "
-        f"val {s['val']['tokens']:,} / test {s['test']['tokens']:,} tokens -> {out}", soft_wrap=True)
+from charlm.tokenizers.spm import TokenizerSpec
 
 
 # -- train ----------------------------------------------------------------------------------
@@ -179,7 +52,7 @@ def train(
     resume: Annotated[Optional[str], typer.Option(help="Continue exactly from a last.safetensors (optimizer, step, data position, state); 'auto': from OUT/last.safetensors if it exists, else start fresh (for preemptible queues).", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out (its checkpoints and metrics.jsonl) instead of refusing to.")] = False,
     init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's weights only (fresh optimizer and schedule).")] = None,
-    cell: Annotated[Optional[str], typer.Option(help=f"{', '.join(config.CELLS)} (default: lstm).", show_default=False)] = None,
+    cell: Annotated[Optional[str], typer.Option(help=f"{', '.join(cell_names())} (default: lstm; see charlm/cells/).", show_default=False)] = None,
     num_layers: Annotated[Optional[int], typer.Option(help="Recurrent layers (default: 2).", show_default=False)] = None,
     rnn_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer (default: 256).", show_default=False)] = None,
     embed_size: Annotated[Optional[int], typer.Option(help="Embedding width (default: 64).", show_default=False)] = None,
@@ -217,14 +90,35 @@ def train(
 
     Data-parallel: `charlm train --nproc N ...`, or `torchrun --nproc-per-node N -m charlm train ...`.
     """
-    explicit = {k: v for k, v in locals().items() if k in config.all_keys()}
-    layers = []
-    if preset:
-        layers.append(config.load_preset(preset))
+    plan = _plan({k: v for k, v in locals().items() if k in config.all_keys()}, preset, config_file, input, out, resume, init_from)
+    spec = _tokenizer_spec(tokenizer, spm_vocab_size, character_coverage)
+    prepare_input = functools.partial(_prepare_input, plan.input, encoding=encoding, split=split, mirror=mirror, glob=glob, tokenizer=spec)
+    if nproc is not None and nproc < 1:
+        raise CharlmError(f"--nproc must be at least 1 (got {nproc})")
+    if nproc is not None and nproc != 1:
+        _launch(ctx, plan, nproc, prepare_input, overwrite)
+    else:
+        _train_here(plan, backend, prepare_input, overwrite)
+
+
+@dataclass
+class _Plan:
+    """What a train command resolved to, before any data is read: configs, checkpoints, input, run dir."""
+
+    model_cfg: config.ModelConfig
+    train_cfg: config.TrainConfig
+    resumed: Optional[checkpoint.Checkpoint]
+    init: Optional[checkpoint.Checkpoint]
+    input: str
+    out: Path
+
+
+def _plan(explicit: dict, preset, config_file, input, out, resume, init_from) -> _Plan:
+    """defaults < preset < --config < flags, over a resumed checkpoint's configuration or an --init-from's model."""
+    layers = [config.load_preset(preset)] if preset else []
     if config_file:
         layers.append(config.load_config_file(config_file))
     layers.append(explicit)
-
     resume_path = _resume_target(resume, out)
     resumed = checkpoint.load(resume_path) if resume_path else None
     init = checkpoint.load(init_from) if init_from else None
@@ -241,26 +135,34 @@ def train(
         model_cfg, train_cfg = config.resolve(*layers, base=base)
         out = out or Path("checkpoints") / _run_name(input)
     check_dtype(pick_device(train_cfg.device), train_cfg.dtype)  # before any data is fetched or prepared
+    return _Plan(model_cfg, train_cfg, resumed, init, input, Path(out))
 
-    spec = _tokenizer_spec(tokenizer, spm_vocab_size, character_coverage)
-    prepare_input = functools.partial(_prepare_input, input, encoding=encoding, split=split, mirror=mirror, glob=glob, tokenizer=spec)
-    if nproc is not None and nproc < 1:
-        raise CharlmError(f"--nproc must be at least 1 (got {nproc})")
-    if nproc is not None and nproc != 1:
-        # The launcher prepares the data once, then every rank reads that prepared dir, into one run dir.
-        prepared = prepare_input()
-        rundir.claim(out, resuming=resumed is not None, overwrite=overwrite)
-        _launch_ranks(nproc, _forwarded_args(ctx, {"input": prepared, "out": out, "nproc": None, "overwrite": None}))
-        return
-    world = distributed.setup(pick_device(train_cfg.device), backend)
+
+def _launch(ctx: typer.Context, plan: _Plan, nproc: int, prepare_input, overwrite: bool) -> None:
+    """--nproc N: the launcher prepares the data once, then every rank reads that prepared dir, into one run dir."""
+    from charlm.training import rundir
+
+    prepared = prepare_input()
+    rundir.claim(plan.out, resuming=plan.resumed is not None, overwrite=overwrite)
+    _launch_ranks(nproc, _forwarded_args(ctx, {"input": prepared, "out": plan.out, "nproc": None, "overwrite": None}))
+
+
+def _train_here(plan: _Plan, backend: str, prepare_input, overwrite: bool) -> None:
+    """This process trains: alone, or as one rank that torchrun started."""
+    from charlm.training import distributed, rundir
+    from charlm.training.trainer import Trainer
+
+    world = distributed.setup(pick_device(plan.train_cfg.device), backend)
+    result = None
     try:
         data = PreparedData(world.in_turn(lambda: prepare_input(show=world.is_main)))  # one writer per cache dir
         display = TrainDisplay(err) if world.is_main else None
         try:
             with StopRequests() as stop:
-                trainer = Trainer(model_cfg, train_cfg, data, out, resume=resumed, init_from=init, report=display, world=world, stop=stop)
+                trainer = Trainer(plan.model_cfg, plan.train_cfg, data, plan.out, resume=plan.resumed, init_from=plan.init,
+                                  report=display, world=world, stop=stop)
                 if world.is_main:  # everything is checked: only now may another run's files be replaced
-                    rundir.claim(out, resuming=resumed is not None, overwrite=overwrite)
+                    rundir.claim(plan.out, resuming=plan.resumed is not None, overwrite=overwrite)
                 result = trainer.run()
         finally:
             if display is not None:
@@ -268,7 +170,7 @@ def train(
     except Exception as e:
         _rank_failed(world, e)
     finally:
-        world.close()
+        world.close(finished=result is not None)
     if world.is_main:
         err.print(
             f"done: step {result['step']:,}, best val {result['best_val_bpc']:.4f} bits/char; "
@@ -284,6 +186,8 @@ FIXED_ON_RESUME = ("cell", "num_layers", "rnn_size", "embed_size", "seed")
 
 def _resume_target(resume: Optional[str], out: Optional[Path]) -> Optional[Path]:
     """The checkpoint --resume names; 'auto': OUT/last.safetensors when it exists, else None (start fresh)."""
+    from charlm.training import rundir
+
     if resume is None or resume != "auto":
         return None if resume is None else Path(resume)
     if out is None:
@@ -327,6 +231,8 @@ def _recorded_data(ckpt: checkpoint.Checkpoint) -> str:
 def _prepare_input(input: str, encoding: str, split: str, mirror: Optional[Path], glob: Optional[str],
                    tokenizer: Optional[TokenizerSpec] = None, show: bool = True) -> Path:
     """The prepared dir to train on: given, or prepared (once, cached) from a text, directory or corpus."""
+    from charlm.data import prepare as prep
+
     files = None
     if not (Path(input).is_dir() and (Path(input) / "meta.json").exists()):
         files = prep.resolve_inputs(input, glob=glob, mirror=mirror)  # once: for a corpus name this fetches and verifies
@@ -338,6 +244,8 @@ def _prepare_input(input: str, encoding: str, split: str, mirror: Optional[Path]
 
 def _launch_ranks(nproc: int, rank_args: list[str]) -> None:
     """`--nproc N`: torchrun's N ranks on this machine; a failed rank has printed its own line."""
+    from charlm.training import distributed
+
     try:
         distributed.launch(nproc, rank_args)
     except distributed.RanksFailed as e:
@@ -366,8 +274,11 @@ def _forwarded_args(ctx: typer.Context, overrides: dict) -> list[str]:
     return args
 
 
-def _rank_failed(world: distributed.World, e: Exception) -> NoReturn:
+def _rank_failed(world, e: Exception) -> NoReturn:
     """A rank's failure, as one line that names the rank; a single process re-raises as usual."""
+    from charlm.training import distributed
+    from charlm.training.trainer import TrainingStopped
+
     if world.size == 1:
         raise e
     if isinstance(e, TrainingStopped):  # a NaN or Ctrl-C stops every rank at the same step: rank 0 says why
@@ -391,27 +302,3 @@ def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
-
-# The other commands, registered after these so that --help lists them in this order.
-from charlm import cli_decode, cli_tools  # noqa: E402,F401
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: usage errors become one line and exit code 1, like every other error."""
-    keep_freed_memory()
-    try:
-        code = app(args=argv, standalone_mode=False)
-    except UsageError as e:
-        ctx = getattr(e, "ctx", None)
-        hint = f" (see: {ctx.command_path} --help)" if ctx else ""
-        err.print(Text("error: ", style="bold red") + Text(e.format_message() + hint), soft_wrap=True)
-        sys.exit(1)
-    except (KeyboardInterrupt, typer.Abort):
-        err.print(Text("error: ", style="bold red") + Text("interrupted"))
-        sys.exit(1)
-    except Exception as e:
-        if type(e).__name__ != "Abort":  # typer's internal Abort (Ctrl-C at a prompt)
-            raise
-        err.print(Text("error: ", style="bold red") + Text("aborted"))
-        sys.exit(1)
-    sys.exit(code if isinstance(code, int) else 0)

@@ -21,17 +21,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from charlm import prepare as prep
 from charlm.allocator import keep_freed_memory
 from charlm.config import DECODE_DTYPES, ModelConfig, TrainConfig
 from charlm.data import PreparedData
-from charlm.decode import beam_search, processors, sample
-from charlm.ensemble import Ensemble
+from charlm.data import prepare as prep
+from charlm.decoding.beam import beam_search
+from charlm.decoding.ensemble import Ensemble
+from charlm.decoding.sampling import processors, sample
+from charlm.decoding.scorer import ModelScorer
 from charlm.devices import autocast_for, cpu_has_bf16
 from charlm.model import CharRNN
-from charlm.scorer import ModelScorer
-from charlm.train import Trainer
-from charlm.vocab import Vocab
+from charlm.tokenizers.vocab import Vocab
+from charlm.training.trainer import Trainer
 
 SYMBOLS = string.ascii_letters + string.digits + " .\n"  # 65 symbols, like tiny Shakespeare
 
@@ -170,7 +171,7 @@ def charlm_step(data: PreparedData, layers: int, hidden: int, embed: int, batch:
     model_cfg = ModelConfig(cell="lstm", num_layers=layers, rnn_size=hidden, embed_size=embed)
     trainer = Trainer(model_cfg, TrainConfig(batch_size=batch, seq_length=seq, device="cpu", dtype=dtype), data, out_dir)
     loss_sum = torch.zeros(())
-    return lambda: trainer._train_step(loss_sum)
+    return lambda: trainer.step(loss_sum)
 
 
 def step_elsewhere(kind: str, data: PreparedData, layers: int, hidden: int, embed: int, batch: int, seq: int,
@@ -185,7 +186,7 @@ def step_elsewhere(kind: str, data: PreparedData, layers: int, hidden: int, embe
     untimed steps (while the heap grows), then times `steps` steps and prints the seconds; the
     call returns them (the child's start-up is not counted)."""
     args = [kind, str(data.dir), layers, hidden, embed, batch, seq, steps, torch.get_num_threads()]
-    code = f"from charlm.bench import _time_steps; _time_steps(*{args!r})"
+    code = f"from charlm.tools.bench import _time_steps; _time_steps(*{args!r})"
     env = {**os.environ, "CHARLM_MALLOC": allocator}
 
     def run() -> float:

@@ -51,20 +51,6 @@ def _global_options(
         os.environ["CHARLM_CORPORA_DIR"] = str(corpora_dir.expanduser().resolve())
 
 
-@corpus_app.callback()
-def _corpus_options(ctx: typer.Context):
-    """Registered corpora: list them, fetch them (checksummed)."""
-    if ctx.invoked_subcommand == "list":
-        from charlm import corpus  # light: yaml, no torch
-
-        try:
-            corpus.registry()  # a bad registry file: the command's own one-line error, nothing before it
-        except CharlmError:
-            return
-        where, why = corpus.corpora_location()
-        err.print(f"corpora dir: {where} ({why}; set with --corpora-dir DIR or ${corpus.CORPORA_ENV})",
-                  soft_wrap=True, highlight=False)
-
 # Typer's usage-error class, found through a public name: typer has both depended on click and vendored it.
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 

@@ -18,13 +18,15 @@ from rich.text import Text
 from typing_extensions import Annotated
 
 from charlm import CharlmError, checkpoint, config
-from charlm.cliapp import app, err, friendly
+from charlm.cli.app import app, err, friendly
 from charlm.data import PreparedData
+from charlm.decoding.beam import beam_search
+from charlm.decoding.ensemble import Ensemble
+from charlm.decoding.evaluate import bits_per_char, evaluate, scored_chars
+from charlm.decoding.sampling import processors
+from charlm.decoding.sampling import sample as sample_ids
+from charlm.decoding.scorer import ModelScorer
 from charlm.devices import check_dtype, pick_device
-from charlm.decode import beam_search, processors, sample as sample_ids
-from charlm.ensemble import Ensemble
-from charlm.evaluate import evaluate, scored_chars
-from charlm.scorer import ModelScorer
 
 
 def _load_scorers(paths: list[Path], device: str, dtype: str, allowed: tuple[str, ...] = config.DECODE_DTYPES) -> list[ModelScorer]:
@@ -186,7 +188,7 @@ def beam(
     for ids, logprob in results:
         new = vocab.decode(ids)  # bits per character of the generated text, whatever the unit
         rows.append({"text": prime + new, "logprob": logprob, "chars": len(new), "tokens": len(ids),
-                     "bits_per_char": -logprob / math.log(2) / max(len(new), 1)})
+                     "bits_per_char": bits_per_char(-logprob, max(len(new), 1))})
     if as_json:
         print(_json(rows, ensure_ascii=False))
         return

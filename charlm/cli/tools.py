@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
 
-from charlm.cliapp import app, err, friendly
+from charlm.cli.app import app, err, friendly
 
 
 @app.command()
@@ -25,7 +25,7 @@ def bench(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ):
     """Measure this machine: matrix-product roof, training, sampling, beam, ensemble, prepare speed."""
-    from charlm import bench as b  # imported here: only this command needs it
+    from charlm.tools import bench as b  # imported here: only this command needs it
 
     r = b.run_all(quick, num_layers, rnn_size, batch_size, seq_length, progress=lambda s: err.print(f"measuring {s} ..."))
     if as_json:
@@ -76,6 +76,8 @@ def plot(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The PNG to write; default RUN_DIR/loss.png.")] = None,
 ):
     """Draw train and validation bits/char against characters seen, from RUN_DIR/metrics.jsonl, as a PNG."""
-    from charlm.plot import plot_run  # imported here: matplotlib is optional and only this command needs it
+    from charlm.tools.plot import (
+        plot_run,  # imported here: matplotlib is optional and only this command needs it
+    )
 
     err.print(f"wrote {plot_run(run_dir, out)}", soft_wrap=True)

@@ -13,7 +13,12 @@ import numpy as np
 import torch
 
 from charlm.data import eval_windows
-from charlm.scorer import Scorer
+from charlm.decoding.scorer import Scorer
+
+
+def bits_per_char(nll: float, chars: float) -> float:
+    """Total negative log-likelihood in nats over the characters it covers -> bits per character: every figure charlm reports."""
+    return nll / math.log(2) / chars if chars else math.nan
 
 
 @torch.inference_mode()
@@ -37,14 +42,14 @@ def evaluate(scorer: Scorer, tokens: np.ndarray, chars_per_token: float = 1.0, s
                 "bits_per_token": float("nan")}
     if chars is None:
         chars = n * chars_per_token
-    bpc = nll / math.log(2) / chars
+    bpc = bits_per_char(nll, chars)
     return {
         "bits_per_char": bpc,
         "perplexity": 2.0**bpc,  # per character
         "chars": int(round(chars)),
         "tokens": n,
         "nll": nll,
-        "bits_per_token": nll / math.log(2) / n,
+        "bits_per_token": bits_per_char(nll, n),  # the same formula, per token
     }
 
 

@@ -1,0 +1,94 @@
+"""LSTM (Hochreiter & Schmidhuber 1997, with a forget gate), as PyTorch defines it:
+
+    i = σ(W_ii x + b_ii + W_hi h + b_hi)    f = σ(W_if x + b_if + W_hf h + b_hf)
+    g = tanh(W_ig x + b_ig + W_hg h + b_hg)  o = σ(W_io x + b_io + W_ho h + b_ho)
+    c' = f * c + i * g                      h' = o * tanh(c')
+
+Training runs nn.LSTM's fused kernel; decoding runs LSTMDecoder's packed products.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from charlm.cells.base import State, register
+from charlm.cells.fused import FusedCell
+from charlm.cells.products import add_products, biased, products
+
+
+@register
+class LSTM(FusedCell, nn.LSTM):
+    name = "lstm"
+    description = "LSTM with a forget gate (PyTorch's nn.LSTM: oneDNN / cuDNN kernels)"
+    state_names = ("h", "c")
+    gate_names = ("input_gate", "forget_gate", "output_gate")
+    fused_module = nn.LSTM
+
+    def layer_step(self, k: int, x: Tensor, state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
+        h, c = state
+        w_ih, w_hh, b_ih, b_hh = self.weights(k)
+        i, f, g, o = (x @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh).chunk(4, dim=1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+        c = f * c + i * g
+        tanh_c = c.tanh()
+        h = o * tanh_c
+        acts = {"input_gate": i, "forget_gate": f, "output_gate": o, "candidate": g, "cell": c, "cell_tanh": tanh_c, "hidden": h}
+        return h, (h, c), acts
+
+    @classmethod
+    def decoder(cls, cells: list["LSTM"], embeddings: list[Tensor], dtype: str = "fp32") -> "LSTMDecoder":
+        return LSTMDecoder(cells, embeddings, dtype)
+
+
+def _gate_order(w: Tensor, hidden: int) -> Tensor:
+    """PyTorch's (i, f, g, o) gate blocks along dim 0 -> (i, f, o, g): one sigmoid covers three gates."""
+    i, f, g, o = w.split(hidden, dim=0)
+    return torch.cat([i, f, o, g], dim=0)
+
+
+def lstm_update(gates: Tensor, c_prev: Tensor, c_out: Tensor, h_out: Tensor, hidden: int) -> Tensor:
+    """The LSTM cell after its products: gates (..., 4H) in (i, f, o, g) order, activated in place;
+    the new cell state written into c_out and the new h into h_out, which is returned."""
+    H = hidden
+    sig = gates[..., : 3 * H].sigmoid_()
+    g = gates[..., 3 * H :].tanh_()
+    i, f, o = sig[..., :H], sig[..., H : 2 * H], sig[..., 2 * H :]
+    c = torch.addcmul(f * c_prev, i, g, out=c_out)
+    return torch.mul(o, torch.tanh(c), out=h_out)
+
+
+class LSTMDecoder:
+    """One step of M LSTMs of one shape, as few operations as possible:
+
+    - layer 0's input product is precomputed for every vocabulary entry (embedding @ W_ih + biases),
+      so a step gathers one row of a table instead of multiplying;
+    - in the layers above, input and recurrent weights are stacked into one matrix, so [x, h] takes
+      one matrix product instead of two;
+    - gate columns are reordered to (i, f, o, g), so one sigmoid covers three gates;
+    - the members' products stay apart (each has its own weights), every pointwise operation runs
+      once over all of them, stacked along the leading member axis.
+    """
+
+    @torch.no_grad()
+    def __init__(self, cells: list[LSTM], embeddings: list[Tensor], dtype: str = "fp32"):
+        self.layers, self.hidden = cells[0].num_layers, cells[0].hidden_size
+        H = self.hidden
+        layer = [[[_gate_order(w, H) for w in c.weights(k)] for k in range(self.layers)] for c in cells]  # [m][k] = (w_ih, w_hh, b_ih, b_hh)
+        self.table0 = torch.stack([e @ lw[0][0].t() + lw[0][2] + lw[0][3] for e, lw in zip(embeddings, layer)])  # (M, V, 4H)
+        self.w_hh0 = products([lw[0][1] for lw in layer], dtype)
+        self.w_cat = [None] + [products([torch.cat([lw[k][0], lw[k][1]], dim=1) for lw in layer], dtype) for k in range(1, self.layers)]
+        self.b = [None] + [torch.stack([lw[k][2] + lw[k][3] for lw in layer]).unsqueeze(1) for k in range(1, self.layers)]  # (M, 1, 4H)
+
+    def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
+        """ids (B,), h and c (M, L, B, H) -> top-layer h (M, B, H), new h and c."""
+        h, c = state
+        h_all, c_all = torch.empty_like(h), torch.empty_like(c)
+        x = None
+        for k in range(self.layers):
+            if k == 0:
+                gates = add_products(self.table0[:, ids], self.w_hh0, h[:, 0])  # (M, B, 4H)
+            else:
+                gates = add_products(biased(self.b[k], ids.shape[0]), self.w_cat[k], torch.cat([x, h[:, k]], dim=2))
+            x = lstm_update(gates, c[:, k], c_all[:, k], h_all[:, k], self.hidden)
+        return x, (h_all, c_all)
