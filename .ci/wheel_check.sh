@@ -35,7 +35,8 @@ BUILD_PIP="$ROOT/.venv/bin/pip"
 quiet $BUILD_PIP wheel --no-deps --no-build-isolation -w "$WORK/dist" "$WORK/src"
 WHEEL="$(ls "$WORK"/dist/charlm-*.whl)"
 step "built $(basename "$WHEEL")"
-unzip -l "$WHEEL" | grep -q "charlm/data/corpora/shakespeare.yaml" || die "the wheel has no charlm/data/corpora/shakespeare.yaml"
+"$PYTHON" -c "import sys, zipfile; sys.exit('charlm/data/corpora/shakespeare.yaml' not in zipfile.ZipFile(sys.argv[1]).namelist())" "$WHEEL" \
+  || die "the wheel has no charlm/data/corpora/shakespeare.yaml"  # python, not unzip: a fresh machine may lack it
 
 step "fresh venv: $TORCH_SPEC first, then the wheel (its other dependencies from the index)"
 quiet "$PYTHON" -m venv "$WORK/venv"

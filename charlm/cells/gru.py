@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from charlm.cells.base import State, register
 from charlm.cells.fused import FusedCell
-from charlm.cells.products import add_products, biased, products
+from charlm.cells.products import affine, products
 
 
 @register
@@ -57,12 +57,11 @@ class GRUDecoder:
     def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         """ids (B,), h (M, L, B, H) -> top-layer h (M, B, H), new state."""
         (h,) = state
-        B = ids.shape[0]
         h_all = torch.empty_like(h)
         x = None
         for k in range(self.layers):
-            gi = self.table0[:, ids] if k == 0 else add_products(biased(self.b_ih[k], B), self.w_ih[k], x)  # (M, B, 3H)
-            gh = add_products(biased(self.b_hh[k], B), self.w_hh[k], h[:, k])
+            gi = self.table0[:, ids] if k == 0 else affine(self.b_ih[k], self.w_ih[k], x)  # (M, B, 3H)
+            gh = affine(self.b_hh[k], self.w_hh[k], h[:, k])
             ir, iz, in_ = gi.chunk(3, dim=2)
             hr, hz, hn = gh.chunk(3, dim=2)
             r, z = torch.sigmoid(ir + hr), torch.sigmoid(iz + hz)

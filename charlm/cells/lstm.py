@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from charlm.cells.base import State, register
 from charlm.cells.fused import FusedCell
-from charlm.cells.products import add_products, biased, products
+from charlm.cells.products import add_products, affine, products
 
 
 @register
@@ -89,6 +89,6 @@ class LSTMDecoder:
             if k == 0:
                 gates = add_products(self.table0[:, ids], self.w_hh0, h[:, 0])  # (M, B, 4H)
             else:
-                gates = add_products(biased(self.b[k], ids.shape[0]), self.w_cat[k], torch.cat([x, h[:, k]], dim=2))
+                gates = affine(self.b[k], self.w_cat[k], torch.cat([x, h[:, k]], dim=2))
             x = lstm_update(gates, c[:, k], c_all[:, k], h_all[:, k], self.hidden)
         return x, (h_all, c_all)

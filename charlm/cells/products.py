@@ -100,6 +100,13 @@ def add_products(into: Tensor, prods: list, inputs: Tensor) -> Tensor:
     return into
 
 
-def biased(bias: Tensor, batch: int) -> Tensor:
-    """A (M, 1, out) bias as a fresh (M, B, out) tensor to add products into."""
-    return bias.expand(-1, batch, -1).clone()
+def affine(bias: Tensor, prods: list, inputs: Tensor) -> Tensor:
+    """bias[m] + inputs[m] @ W_m.T for each member m, in fp32: bias (M, 1, out), inputs (M, B, in) -> (M, B, out).
+
+    Each product's result and its bias are added straight into the output (one pass, no copy of the
+    bias first): a decoding step is short enough for one extra pass over (B, out) to show.
+    """
+    out = torch.empty(inputs.shape[0], inputs.shape[1], bias.shape[-1], device=bias.device)
+    for m, w in enumerate(prods):
+        torch.add(w(inputs[m]), bias[m], out=out[m])
+    return out

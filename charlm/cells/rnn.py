@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from charlm.cells.base import State, register
 from charlm.cells.fused import FusedCell
-from charlm.cells.products import add_products, biased, products
+from charlm.cells.products import add_products, affine, products
 
 
 @register
@@ -53,6 +53,6 @@ class RNNDecoder:
             if k == 0:
                 pre = add_products(self.table0[:, ids], self.w_hh0, h[:, 0])
             else:
-                pre = add_products(biased(self.b[k], ids.shape[0]), self.w_cat[k], torch.cat([x, h[:, k]], dim=2))
+                pre = affine(self.b[k], self.w_cat[k], torch.cat([x, h[:, k]], dim=2))
             x = torch.tanh(pre, out=h_all[:, k])
         return x, (h_all,)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from charlm.cells import State
-from charlm.cells.products import add_products, biased, products
+from charlm.cells.products import affine, products
 from charlm.model import CharRNN
 
 
@@ -29,7 +29,7 @@ class Stepper:
 
     def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         x, state = self.cell_step(ids, state)  # (M, B, H)
-        return add_products(biased(self.b_head, ids.shape[0]), self.w_head, x), state  # (M, B, V)
+        return affine(self.b_head, self.w_head, x), state  # (M, B, V)
 
 
 def can_stack(models: list[CharRNN]) -> bool:
