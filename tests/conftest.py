@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from charlm.cli import app
 from charlm.config import ModelConfig, TrainConfig
 from charlm.data import PreparedData
 from charlm.data import prepare as prep
 from charlm.training.trainer import Trainer
+
+# Small models for CLI tests: seconds per run.
+FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", "4", "--seq-length", "16", "--device", "cpu"]
+_runner = CliRunner()
+
+
+def run(*args):
+    """One charlm command through CliRunner (stdout and stderr kept apart)."""
+    return _runner.invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, pattern):
+    """The bad-input contract: exit code 1, exactly one line on stderr ("error: ..."), no traceback."""
+    assert result.exit_code == 1, result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    assert re.search(pattern, lines[0]), lines[0]
+
 
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
 

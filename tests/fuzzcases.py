@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 import typer.main
 import typer.testing
+from conftest import make_text
 from typer.testing import CliRunner
 
 from charlm import CharlmError, checkpoint
@@ -726,19 +727,7 @@ def make_case(bases: dict[str, bytes], seed: int, index: int) -> Case:
 
 
 # -- the good files ---------------------------------------------------------------------------------
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
-
-
-def make_text(n_chars: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    out, size = [], 0
-    while size < n_chars:
-        line = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9))).capitalize() + ".\n"
-        out.append(line)
-        size += len(line)
-    return "".join(out)[:n_chars]
-
+# (their text: conftest.make_text, the suite's tiny corpus)
 
 @dataclass
 class Base:

@@ -16,6 +16,7 @@ from pathlib import Path
 import fuzzcases
 import pytest
 import torch
+from conftest import assert_clean_error
 from fuzzcases import HUGE_DIGITS, compose, decompose, join, split
 from typer.testing import CliRunner
 
@@ -39,16 +40,6 @@ def run(*args):
         result = runner.invoke(app, [str(a) for a in args])
     assert not caught, [str(w.message) for w in caught]
     return result
-
-
-def assert_clean_error(result, pattern):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    import re
-
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -1,37 +1,14 @@
 """Every command through CliRunner, and the bad-input contract: one line on stderr, exit 1, nothing harmed."""
 
 import hashlib
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import make_text
-from typer.testing import CliRunner
+from conftest import FAST, assert_clean_error, make_text, run
 
-from charlm.cli import app
 from charlm.devices import cpu_has_bf16
-
-runner = CliRunner()
-FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", "4", "--seq-length", "16", "--device", "cpu"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_error(result, pattern):
-    assert result.exit_code == 1, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-    import re
-
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def digest(path):
@@ -165,23 +142,6 @@ def test_usage_errors_are_one_line_exit_1(tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
-
-
-def test_ctrl_c_saves_and_exits_1(tmp_path, text_file):
-    out = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "charlm", "train", str(text_file), "--out", str(out), "--max-steps", "100000",
-         "--log-every", "1", *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 60
-    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 200):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 1
-    assert "interrupted at step" in stderr and "--resume" in stderr and "Traceback" not in stderr
-    r = run("train", "--resume", out / "last.safetensors", "--max-steps", "5")  # already past 5: returns at once
-    assert r.exit_code == 0, r.output
 
 
 def test_beam_and_ensemble_commands(tmp_path, text_file, cli_run):

@@ -11,13 +11,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from conftest import assert_clean_error, run
 
 from charlm import CharlmError
-from charlm.cli import app
 from charlm.data import corpus, sourcetree
 
-runner = CliRunner()
 PACKAGED = Path(corpus.__file__).parent / "corpora"  # the registry shipped in the package
 SHARED_MIRROR = Path(__file__).resolve().parents[2] / "shared" / "corpora"
 
@@ -45,19 +43,6 @@ SELECTED_IN_ORDER = [
     "mm/x.h",
 ]
 NOT_SELECTED = ["Kconfig", "kernel/notes.txt", "kernel/Makefile", "mm/x.h.orig", "kernel/c"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_error(result, pattern):
-    import re
-
-    assert result.exit_code == 1, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def make_tree(root: Path) -> Path:

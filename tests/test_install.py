@@ -12,29 +12,15 @@ from pathlib import Path
 
 import platformdirs
 import pytest
-from conftest import make_text
-from typer.testing import CliRunner
+from conftest import assert_clean_error, make_text, run
 
 import charlm
-from charlm.cli import app, main
+from charlm.cli import main
 from charlm.data import corpus
 
-runner = CliRunner()
 FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", "4", "--seq-length", "16", "--device", "cpu"]
 SHIPPED = {"shakespeare", "paulgraham", "linux", "linux-core"}
 PRIME = "the fox.\nthe dog jumps.\n\nover a "  # newlines, a blank line, a trailing space
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_clean_error(result, pattern):
-    assert result.exit_code == 1, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    assert re.search(pattern, lines[0]), lines[0]
 
 
 def assert_usage_error(capsys, argv, pattern):

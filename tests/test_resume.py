@@ -11,30 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import small_configs
-from typer.testing import CliRunner
+from conftest import FAST, assert_clean_error, run, small_configs
 
 from charlm import checkpoint
-from charlm.cli import app
 from charlm.cli import train as cli_train
 from charlm.tools.plot import read_curves
 from charlm.training.schedule import learning_rate
 from charlm.training.trainer import Trainer
-
-runner = CliRunner()
-FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", "4", "--seq-length", "16", "--device", "cpu"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, pattern):
-    import re
-
-    assert result.exit_code == 1, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), result.stderr
 
 
 def digests(directory: Path) -> dict:
@@ -59,9 +42,9 @@ def test_resume_names_both_values_of_a_conflicting_flag(tmp_path, text_file):
     assert run("train", text_file, "--out", out, "--max-steps", "5", *FAST).exit_code == 0
     before = digests(out)
     last = out / "last.safetensors"
-    one_line_error(run("train", "--resume", last, "--rnn-size", "64"), r"--rnn-size 64 \(the checkpoint has 32\).*--init-from")
-    one_line_error(run("train", "--resume", last, "--seed", "9"), r"--seed 9 \(the checkpoint has 1337\)")
-    one_line_error(run("train", "--resume", last, "--init-from", last), "not both")
+    assert_clean_error(run("train", "--resume", last, "--rnn-size", "64"), r"--rnn-size 64 \(the checkpoint has 32\).*--init-from")
+    assert_clean_error(run("train", "--resume", last, "--seed", "9"), r"--seed 9 \(the checkpoint has 1337\)")
+    assert_clean_error(run("train", "--resume", last, "--init-from", last), "not both")
     assert digests(out) == before
 
 
@@ -85,7 +68,7 @@ def test_resume_auto_starts_then_continues(tmp_path, text_file):
     r = run(*command, "--max-steps", "8")
     assert r.exit_code == 0, r.output
     assert step_of(out / "last.safetensors") == 8
-    one_line_error(run("train", text_file, "--resume", "auto", *FAST), "--resume auto.*--out")
+    assert_clean_error(run("train", text_file, "--resume", "auto", *FAST), "--resume auto.*--out")
 
 
 def test_init_from_another_shape_names_the_shapes(tmp_path, text_file):
@@ -93,7 +76,7 @@ def test_init_from_another_shape_names_the_shapes(tmp_path, text_file):
     assert run("train", text_file, "--out", out, "--max-steps", "3", *FAST).exit_code == 0
     r = run("train", text_file, "--out", tmp_path / "new", "--init-from", out / "best.safetensors", "--max-steps", "3",
             *FAST[2:], "--rnn-size", "48")
-    one_line_error(r, r"--init-from .*weights do not fit.*\(128, 16\) there, \(192, 16\) here")
+    assert_clean_error(r, r"--init-from .*weights do not fit.*\(128, 16\) there, \(192, 16\) here")
     r = run("train", text_file, "--out", tmp_path / "same", "--init-from", out / "best.safetensors", "--max-steps", "3",
             "--device", "cpu", "--batch-size", "4", "--seq-length", "16")
     assert r.exit_code == 0, r.output  # the checkpoint's own shape
@@ -103,7 +86,7 @@ def test_another_runs_out_dir_is_refused_unless_overwrite(tmp_path, text_file):
     out = tmp_path / "run"
     assert run("train", text_file, "--out", out, "--max-steps", "4", "--eval-every", "2", *FAST).exit_code == 0
     before = digests(out)
-    one_line_error(run("train", text_file, "--out", out, "--max-steps", "2", *FAST), "holds another run.*--overwrite")
+    assert_clean_error(run("train", text_file, "--out", out, "--max-steps", "2", *FAST), "holds another run.*--overwrite")
     assert digests(out) == before
     r = run("train", text_file, "--out", out, "--max-steps", "2", "--eval-every", "2", "--overwrite", *FAST)
     assert r.exit_code == 0, r.output
@@ -143,7 +126,7 @@ def test_recorded_data_dir_is_checked_before_it_is_read(tmp_path, text_file, pre
         meta = {**ckpt.meta, "provenance": {**ckpt.meta["provenance"], "data_dir": recorded}}
         forged = tmp_path / "forged.safetensors"
         checkpoint.save(forged, Trainer(model_cfg, cfg, prepared, tmp_path / "x").model, meta, ckpt.train_tensors(), vocab=ckpt.vocab)
-        one_line_error(run("train", "--resume", forged, "--max-steps", "5"), pattern)
+        assert_clean_error(run("train", "--resume", forged, "--max-steps", "5"), pattern)
     assert not (corpora_cache := Path(os.environ["CHARLM_CORPORA_DIR"]) / ".cache").exists() or not list(corpora_cache.iterdir())
 
 
@@ -166,8 +149,9 @@ def test_cosine_without_a_limit_decays_over_one_epoch(tmp_path, prepared):
     assert trainer._lr() == pytest.approx(learning_rate(cfg, trainer.progress.step, 1.0)) == pytest.approx(cfg.lr * 0.1)
 
 
-@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
-def test_sigterm_and_sighup_save_and_exit_1(tmp_path, text_file, signame):
+@pytest.mark.parametrize("signame, said", [("SIGINT", "interrupted"), ("SIGTERM", "stopped by SIGTERM"), ("SIGHUP", "stopped by SIGHUP")])
+def test_stop_signals_save_and_exit_1(tmp_path, text_file, signame, said):
+    """Ctrl-C, SIGTERM and SIGHUP to a real training process: the step finishes, last is saved, one line, exit 1."""
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -180,7 +164,7 @@ def test_sigterm_and_sighup_save_and_exit_1(tmp_path, text_file, signame):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1, stderr
     lines = [l for l in stderr.splitlines() if l.startswith("error: ")]
-    assert len(lines) == 1 and f"stopped by {signame} at step" in lines[0] and "--resume" in lines[0], stderr
+    assert len(lines) == 1 and f"{said} at step" in lines[0] and "--resume" in lines[0], stderr
     assert "Traceback" not in stderr
     step = step_of(out / "last.safetensors")
     r = run("train", "--resume", out / "last.safetensors", "--max-steps", str(step + 2))
