@@ -153,7 +153,6 @@ def _train_here(plan: _Plan, backend: str, prepare_input, overwrite: bool) -> No
     from charlm.training.trainer import Trainer
 
     world = distributed.setup(pick_device(plan.train_cfg.device), backend)
-    result = None
     try:
         data = PreparedData(world.in_turn(lambda: prepare_input(show=world.is_main)))  # one writer per cache dir
         display = TrainDisplay(err) if world.is_main else None
@@ -170,7 +169,7 @@ def _train_here(plan: _Plan, backend: str, prepare_input, overwrite: bool) -> No
     except Exception as e:
         _rank_failed(world, e)
     finally:
-        world.close(finished=result is not None)
+        world.close()
     if world.is_main:
         err.print(
             f"done: step {result['step']:,}, best val {result['best_val_bpc']:.4f} bits/char; "
