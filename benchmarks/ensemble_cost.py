@@ -7,7 +7,7 @@ model 1 alone and from the ensemble of all three, alternating in ABBA-ordered ro
 the chars/s of each (medians), the ratio of the median times, and each round's own ratio: the
 spread shows how much the figure depends on the moment (how much of the shared L3 cache the
 three models' weights get). The same ensemble with its members stepped one by one (no
-cells.StackedStepper) runs in the same rounds, for the before/after comparison.
+decoding/stepper.py: one decoder over all members) runs in the same rounds, for the before/after comparison.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def main() -> None:
         prime = torch.tensor(members[0].vocab.encode("The "))
         chain = processors(0.8)
         separate = Ensemble(members)
-        separate._stacked = False  # the members stepped one by one (before cells.StackedStepper)
+        separate._stacked = False  # the members stepped one by one (before the members were stacked)
         runs = {name: (lambda s=scorer: sample(s, prime, args.length, chain, generator=torch.Generator().manual_seed(0)))
                 for name, scorer in (("one", members[0]), ("three", Ensemble(members)), ("separate", separate))}
         times = bench.interleaved_times(runs, args.rounds)
