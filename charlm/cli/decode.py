@@ -27,6 +27,7 @@ from charlm.decoding.sampling import processors
 from charlm.decoding.sampling import sample as sample_ids
 from charlm.decoding.scorer import ModelScorer
 from charlm.devices import check_dtype, pick_device
+from charlm.jsonsafe import finite_or_null
 
 
 def _load_scorers(paths: list[Path], device: str, dtype: str, allowed: tuple[str, ...] = config.DECODE_DTYPES) -> list[ModelScorer]:
@@ -302,17 +303,6 @@ def _literal(text: str, limit: int = 500) -> Text:
     return Text(text)
 
 
-def _finite_or_null(value):
-    """Metadata for JSON output: NaN (no validation split) and Infinity (no evaluation yet) become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite_or_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite_or_null(v) for v in value]
-    return value
-
-
 @app.command()
 @friendly
 def info(
@@ -322,7 +312,7 @@ def info(
     """Show what a checkpoint holds: model, vocabulary, training config, metrics, provenance."""
     c = checkpoint.load(ckpt)
     if as_json:
-        print(json.dumps(_finite_or_null(c.meta), indent=1, ensure_ascii=False, allow_nan=False))
+        print(json.dumps(finite_or_null(c.meta), indent=1, ensure_ascii=False, allow_nan=False))
         return
     table = Table("field", "value", title=_literal(str(ckpt)), show_lines=False)  # file contents are never rich markup
     table.add_row("format", f"{checkpoint.FORMAT} v{checkpoint.VERSION}")

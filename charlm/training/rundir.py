@@ -8,11 +8,11 @@ over another run's files by accident: it needs --resume (continue it) or --overw
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
 from charlm import CharlmError, checkpoint
+from charlm.jsonsafe import finite_or_null
 
 METRICS = "metrics.jsonl"
 LAST, BEST = "last.safetensors", "best.safetensors"
@@ -70,6 +70,5 @@ def continue_metrics(out: Path, step: int) -> int:
 
 def append_record(out: Path, record: dict) -> None:
     """One record as one line; non-finite figures are written as null, so every line is valid JSON."""
-    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     with open(Path(out) / METRICS, "a") as f:
-        f.write(json.dumps(clean, allow_nan=False) + "\n")
+        f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
