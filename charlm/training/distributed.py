@@ -169,13 +169,8 @@ class World:
             torch.manual_seed((seed * 1_000_003 + self.rank * 7919 + step) % (1 << 63))
 
     def close(self) -> None:
-        """Leave the process group (a no-op for a single process).
-
-        Not preceded by a barrier: one was tried, to stop a rare abort of a rank at exit after a
-        finished run ("terminate called without an active exception", 1 of 20 kill -9 trials of
-        benchmarks/faults.py under --nproc 2, the checkpoint already saved), but with it a resumed
-        two-rank run hung for the 10-minute collective timeout in 1 of the next trials.
-        """
+        """Leave the process group (a no-op for a single process). Whatever wraps the model in
+        DDP must be gone by now (Trainer.run lets it go): its reducer must not outlive the group."""
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 

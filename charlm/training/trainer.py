@@ -136,7 +136,14 @@ class Trainer:
             checkpoint.remove_stale_parts(self.out_dir)
             if self.resumed:
                 rundir.continue_metrics(self.out_dir, self.progress.step)
-        return self._loop()
+        try:
+            return self._loop()
+        finally:
+            # DDP's reducer holds the process group, which the caller destroys next: were it freed
+            # after that (the trainer outliving the group), Gloo's destructor would join a thread
+            # that never ends (the rank hangs) or abort ("terminate called without an active
+            # exception"). Both were seen under --nproc 2 in benchmarks/faults.py.
+            self.net = self.model
 
     def _loop(self) -> dict:
         cfg, p = self.cfg, self.progress
