@@ -37,6 +37,7 @@ class ModelConfig:
     rnn_size: int = 256  # hidden units per layer
     embed_size: int = 64  # character embedding width fed to the first layer
     dropout: float = 0.0  # between layers and before the head; 0 disables
+    forget_bias: float = 0.0  # LSTM family (lstm, peephole, minlstm): the forget gate's initial bias (measured: docs/results.md)
     vocab_size: int = 0  # set from the prepared data, never by hand
 
 
@@ -199,6 +200,7 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
         (1 <= model.embed_size <= MAX_WIDTH, f"embed_size must be between 1 and {MAX_WIDTH} (got {model.embed_size})"),
         (0 <= model.vocab_size <= MAX_VOCAB, f"vocab_size must be between 1 and {MAX_VOCAB} (got {model.vocab_size})"),
         (0 <= model.dropout < 1, "dropout must be in [0, 1)"),
+        (-100 <= model.forget_bias <= 100, f"forget_bias must be between -100 and 100 (got {model.forget_bias})"),
         (1 <= train.batch_size <= MAX_STREAMS, f"batch_size must be between 1 and {MAX_STREAMS} (got {train.batch_size})"),
         (1 <= train.seq_length <= MAX_STREAMS, f"seq_length must be between 1 and {MAX_STREAMS} (got {train.seq_length})"),
         (train.lr > 0, "lr must be positive"),

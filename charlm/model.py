@@ -17,6 +17,7 @@ class CharRNN(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_size)
         self.rnn = cell_class(cfg.cell)(cfg.embed_size, cfg.rnn_size, cfg.num_layers, cfg.dropout)  # charlm/cells/
+        self.rnn.init_forget_bias(cfg.forget_bias)
         self.drop = nn.Dropout(cfg.dropout)
         self.head = nn.Linear(cfg.rnn_size, cfg.vocab_size)
 

@@ -21,6 +21,7 @@ from fuzzcases import HUGE_DIGITS, compose, decompose, join, split
 from typer.testing import CliRunner
 
 from charlm import CharlmError, checkpoint
+from charlm.cells import cell_names
 from charlm.cli import app
 from charlm.config import ModelConfig
 from charlm.decoding.beam import beam_search
@@ -69,7 +70,7 @@ def set_value(parts, name, index, value):
 # -- the schema ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", cell_names())  # every registered cell
 def test_expected_shapes_are_the_models(cell):
     cfg = ModelConfig(cell=cell, num_layers=3, rnn_size=6, embed_size=5, vocab_size=7)
     model = CharRNN(cfg)
@@ -284,7 +285,7 @@ def test_train_state_round_trip(bases):
      "optim.0.exp_avg is F32 \\[4, 41\\]; expected F32 \\[41, 4\\]"),
     (lambda p: p.tensors.update({"train_state.hidden.0": ["F32", [1, 2, 16], p.tensors["train_state.hidden.0"][2]]}),
      "hidden.0 is F32 \\[1, 2, 16\\]; expected F32 \\[2, rows, 8\\]"),
-    (lambda p: p.tensors.pop("train_state.hidden.1"), "carried state of an lstm model is 2 tensor"),
+    (lambda p: p.tensors.pop("train_state.hidden.1"), "carried state of a lstm model is 2 tensor"),
     (lambda p: p.tensors.pop("train_state.optim.3.step"), "optimizer state of parameter 3 lacks step"),
     (lambda p: p.tensors.update({"train_state.optim.99.step": ["F32", [], bytes(4)]}), "for parameter 99, but the model has 11"),
     (lambda p: p.meta["train_state"].update(step=1.5), "field step must be an integer >= 0 \\(got 1.5\\)"),

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import FAST, assert_clean_error, make_text, run
 
+from charlm.cells import cell_names
 from charlm.devices import cpu_has_bf16
 
 
@@ -23,7 +24,7 @@ def cli_run(tmp_path, text_file):
     return out
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", cell_names())  # every registered cell
 def test_train_sample_eval_info(tmp_path, text_file, cell):
     out = tmp_path / cell
     r = run("train", text_file, "--out", out, "--cell", cell, "--max-steps", "12", *FAST)

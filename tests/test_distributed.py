@@ -55,7 +55,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, port, data_dir, out, results):
+def _rank_main(rank, port, data_dir, out, results, cell="lstm"):
     """One of two ranks: K steps, validate, then resume the 2-rank checkpoint for K more."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -64,7 +64,7 @@ def _rank_main(rank, port, data_dir, out, results):
     world = distributed.setup(torch.device("cpu"), "gloo")
     try:
         data = PreparedData(data_dir)
-        model_cfg, cfg = small_configs(batch_size=B, max_steps=K, eval_every=K, log_every=2)
+        model_cfg, cfg = small_configs(cell, batch_size=B, max_steps=K, eval_every=K, log_every=2)
         first = Trainer(copy.deepcopy(model_cfg), copy.deepcopy(cfg), data, out, world=world)
         first.run()
         world.barrier()  # rank 0 has written last.safetensors
@@ -87,14 +87,16 @@ def spawn_two(fn, args, timeout=60):
             pytest.fail(f"ranks still running after {timeout}s")
 
 
-def test_two_ranks_equal_one_process_with_both_batches(tmp_path, prepared):
+# lstm (fused kernels) and the two new training paths: the peephole kernel's own backward, the minimal cells' scan
+@pytest.mark.parametrize("cell", ["lstm", "peephole", "minlstm"])
+def test_two_ranks_equal_one_process_with_both_batches(tmp_path, prepared, cell):
     """2 ranks x B == 1 process x 2B over the same rows: weights, validation figure, and a resume that splits the state."""
     results = tmp_path / "results"
     results.mkdir()
-    spawn_two(_rank_main, (free_port(), str(prepared.dir), tmp_path / "ddp", results))
+    spawn_two(_rank_main, (free_port(), str(prepared.dir), tmp_path / "ddp", results, cell))
     r0, r1 = torch.load(results / "rank0.pt"), torch.load(results / "rank1.pt")
 
-    model_cfg, cfg = small_configs(batch_size=2 * B, max_steps=K, eval_every=K, log_every=2)
+    model_cfg, cfg = small_configs(cell, batch_size=2 * B, max_steps=K, eval_every=K, log_every=2)
     single = Trainer(copy.deepcopy(model_cfg), copy.deepcopy(cfg), prepared, tmp_path / "single")
     single.run()
     cfg.max_steps = 2 * K

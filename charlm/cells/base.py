@@ -19,8 +19,9 @@ everything about itself. What the rest of charlm uses, and nothing else:
   and the new state. Fast cells build it from packed products (cells/products.py: fp32, bf16,
   int8); the default steps `layer_step`.
 
-Any cell fits: one whose gates read the cell state (peephole LSTM) says so in its layer_step; one
-without a recurrent matrix whose window comes from a parallel scan (minGRU) overrides forward.
+Any cell fits: one whose gates read the cell state (peephole.py) says so in its layer_step; one
+without a recurrent matrix whose window comes from a scan (mingru.py, minlstm.py) overrides forward.
+An LSTM-family cell names its forget gate's block of the bias (`forget_block`) for --forget-bias.
 New cells are tested by the suite the moment they are registered (tests run over the registry).
 """
 
@@ -36,10 +37,10 @@ from charlm import CharlmError
 
 State = tuple[Tensor, ...]  # one (num_layers, B, H) tensor per state name
 
-_REGISTRY: dict[str, type["Cell"]] = {}
+_REGISTRY: dict[str, type[Cell]] = {}
 
 
-def register(cls: type["Cell"]) -> type["Cell"]:
+def register(cls: type[Cell]) -> type[Cell]:
     """Class decorator: make a cell available by its `name` (--cell NAME, checkpoints, info)."""
     if not cls.name or not cls.name.isidentifier():
         raise ValueError(f"a cell needs a name that is an identifier (got {cls.name!r})")
@@ -57,7 +58,7 @@ def cell_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def cell_class(name: str) -> type["Cell"]:
+def cell_class(name: str) -> type[Cell]:
     """The cell registered as `name`, or a CharlmError listing the registered ones."""
     if name not in _REGISTRY:
         raise CharlmError(f"cell must be one of {', '.join(_REGISTRY)} (got {name!r})")
@@ -71,6 +72,7 @@ class Cell(nn.Module):
     description: ClassVar[str] = ""
     state_names: ClassVar[tuple[str, ...]] = ("h",)
     gate_names: ClassVar[tuple[str, ...]] = ()
+    forget_block: ClassVar[int | None] = None  # LSTM family: which H-wide block of a layer's bias is the forget gate's
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0):
         super().__init__()
@@ -85,6 +87,19 @@ class Cell(nn.Module):
         device = device or next(self.parameters()).device
         shape = (self.num_layers, batch_size, self.hidden_size)
         return tuple(torch.zeros(shape, device=device) for _ in self.state_names)
+
+    @torch.no_grad()
+    def init_forget_bias(self, value: float) -> None:
+        """Start every layer's forget-gate bias at `value` (--forget-bias; char-rnn and Jozefowicz et
+        al. 2015 use 1): the first bias tensor's forget block is set to it, any second one's (nn.LSTM
+        has b_ih and b_hh) to 0. Cells without a forget gate have nothing to set."""
+        if self.forget_block is None:
+            return
+        H, lo = self.hidden_size, self.forget_block * self.hidden_size
+        for k in range(self.num_layers):
+            names = [n for n in (f"bias_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}") if hasattr(self, n)]
+            for j, name in enumerate(names):
+                getattr(self, name)[lo:lo + H].fill_(value if j == 0 else 0.0)
 
     def layer_step(self, k: int, x: Tensor, state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
         """Layer k, one time step, from the equations: x (B, in), this layer's state (each (B, H))
@@ -123,7 +138,7 @@ class Cell(nn.Module):
         return torch.stack(outputs, dim=1), new_state, acts
 
     @classmethod
-    def decoder(cls, cells: list["Cell"], embeddings: list[Tensor], dtype: str = "fp32"):
+    def decoder(cls, cells: list[Cell], embeddings: list[Tensor], dtype: str = "fp32"):
         """The single-step kernel for M members of this class and shape (see the module docstring)."""
         return EquationDecoder(cells, embeddings)
 

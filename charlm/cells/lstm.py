@@ -23,6 +23,7 @@ class LSTM(FusedCell, nn.LSTM):
     description = "LSTM with a forget gate (PyTorch's nn.LSTM: oneDNN / cuDNN kernels)"
     state_names = ("h", "c")
     gate_names = ("input_gate", "forget_gate", "output_gate")
+    forget_block = 1  # (i, f, g, o): --forget-bias starts this block of b_ih at the value given, of b_hh at 0
     fused_module = nn.LSTM
 
     def layer_step(self, k: int, x: Tensor, state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
@@ -37,7 +38,7 @@ class LSTM(FusedCell, nn.LSTM):
         return h, (h, c), acts
 
     @classmethod
-    def decoder(cls, cells: list["LSTM"], embeddings: list[Tensor], dtype: str = "fp32") -> "LSTMDecoder":
+    def decoder(cls, cells: list[LSTM], embeddings: list[Tensor], dtype: str = "fp32") -> LSTMDecoder:
         return LSTMDecoder(cells, embeddings, dtype)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from charlm import CharlmError, config
+from charlm.cells import cell_class
 from charlm.checkpoint.layout import (
     ADAM_SLOTS,
     CAN_BE_INFINITE,
@@ -176,12 +177,13 @@ def _check_state_set(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
     if "rng.torch" not in keys:
         raise CharlmError(f"{path} is corrupt: its training state lacks the random generator state (train_state.rng.torch)")
     hidden = sorted(int(k.split(".")[1]) for k in keys if k.startswith("hidden."))
-    count = 2 if cfg.cell == "lstm" else 1
+    count = len(cell_class(cfg.cell).state_names)  # the cell's state tensors: lstm (h, c), gru (h), ...
     if hidden and hidden != list(range(count)):
-        raise CharlmError(f"{path}: the carried state of an {cfg.cell} model is {count} tensor(s) "
-                          f"(train_state.hidden.0{', .1' if count == 2 else ''}), not {len(hidden)}")
-    if count == 2 and hidden and f.entries[STATE_PREFIX + "hidden.0"].shape != f.entries[STATE_PREFIX + "hidden.1"].shape:
-        raise CharlmError(f"{path}: the carried states train_state.hidden.0 and .1 differ in shape")
+        names = ", ".join(f".{j}" for j in range(1, count))
+        raise CharlmError(f"{path}: the carried state of a {cfg.cell} model is {count} tensor(s) "
+                          f"(train_state.hidden.0{', ' + names if names else ''}), not {len(hidden)}")
+    if hidden and len({f.entries[STATE_PREFIX + f"hidden.{j}"].shape for j in range(count)}) > 1:
+        raise CharlmError(f"{path}: the carried states train_state.hidden.0 .. .{count - 1} differ in shape")
     cuda = sorted(int(k.split(".")[2]) for k in keys if k.startswith("rng.cuda."))
     if cuda != list(range(len(cuda))):
         raise CharlmError(f"{path} is corrupt: its CUDA generator states are not numbered 0, 1, ...")

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from charlm import CharlmError
+from charlm.cells import cell_class
 from charlm.checkpoint.checks import _check_state_field
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def unpack_train_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torc
     hidden = tuple(tensors[f"hidden.{j}"].float() for j in range(sum(k.startswith("hidden.") for k in tensors)))
     cfg = getattr(model, "cfg", None)
     if hidden and cfg is not None:
-        count = 2 if cfg.cell == "lstm" else 1
+        count = len(cell_class(cfg.cell).state_names)
         if len(hidden) != count or any(h.dim() != 3 or h.shape[0] != cfg.num_layers or h.shape[2] != cfg.rnn_size for h in hidden):
             raise CharlmError(f"{where}: the carried state does not fit this model ({count} x [{cfg.num_layers}, rows, {cfg.rnn_size}])")
     # Everything checks: only now is anything changed.

@@ -57,6 +57,7 @@ def train(
     rnn_size: Annotated[Optional[int], typer.Option(help="Hidden units per layer (default: 256).", show_default=False)] = None,
     embed_size: Annotated[Optional[int], typer.Option(help="Embedding width (default: 64).", show_default=False)] = None,
     dropout: Annotated[Optional[float], typer.Option(help="Dropout between layers and before the head (default: 0).", show_default=False)] = None,
+    forget_bias: Annotated[Optional[float], typer.Option(help="LSTM family (lstm, peephole, minlstm): the forget gate's initial bias (default: 0; other cells ignore it).", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Contiguous streams B (default: 64).", show_default=False)] = None,
     seq_length: Annotated[Optional[int], typer.Option(help="Window length T: steps of backprop (default: 100).", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate, AdamW (default: 0.002).", show_default=False)] = None,
@@ -180,7 +181,7 @@ def _train_here(plan: _Plan, backend: str, prepare_input, overwrite: bool) -> No
 # state, so another seed would be silently ignored). Every other option may change on resume: the
 # limits, the learning-rate schedule, clipping, eval/log cadence, device, dtype, dropout, and even
 # batch size and window (the carried state then restarts from zero, at the same point of the epoch).
-FIXED_ON_RESUME = ("cell", "num_layers", "rnn_size", "embed_size", "seed")
+FIXED_ON_RESUME = ("cell", "num_layers", "rnn_size", "embed_size", "forget_bias", "seed")
 
 
 def _resume_target(resume: Optional[str], out: Optional[Path]) -> Optional[Path]:
