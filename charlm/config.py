@@ -19,6 +19,8 @@ SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("fp32", "bf16")  # training, and whole-window scoring (eval)
 DECODE_DTYPES = DTYPES + ("int8",)  # step-by-step decoding (sample, beam): int8 weights, charlm/cells/products.py
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SS_SCHEDULES = ("none", "linear", "exponential", "inverse-sigmoid")  # scheduled sampling: charlm/training/scheduled.py
+SS_MODES = ("model", "uniform")
 
 # Upper bounds, for flags, presets, YAML files and checkpoints alike. They are far above any
 # character model worth training and far below what would exhaust memory before a clear error.
@@ -62,6 +64,10 @@ class TrainConfig:
     device: str = "auto"  # auto, cpu, cuda or mps
     dtype: str = "fp32"  # fp32, or bf16 autocast (fp32 master weights)
     compile: bool = False  # torch.compile the training module (meant for CUDA)
+    scheduled_sampling: str = "none"  # none, or the decay of the teacher-forcing probability: linear, exponential, inverse-sigmoid
+    ss_k: float | None = None  # the schedule's parameter k (None: the schedule's default; see charlm/training/scheduled.py)
+    ss_floor: float = 0.5  # the teacher-forcing probability never falls below this (1 = plain training)
+    ss_mode: str = "model"  # what replaces a true input: a sample of the model's prediction, or a uniform random symbol
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig}
@@ -220,7 +226,7 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
         (train.device in DEVICES, f"device must be one of {', '.join(DEVICES)} (got {train.device!r})"),
         (train.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {train.dtype!r})"),
     ]
-    for ok, message in checks:
+    for ok, message in checks + _ss_checks(train):
         if not ok:
             raise CharlmError(message)
     parameters = num_parameters(model)
@@ -229,6 +235,22 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
             f"the model would have {parameters:,} parameters; at most 2^31 = {MAX_PARAMETERS:,} are allowed "
             f"(lower rnn_size, num_layers or embed_size)"
         )
+
+
+def _ss_checks(train: TrainConfig) -> list[tuple[bool, str]]:
+    """Scheduled sampling's options; ss_k's range depends on the schedule (charlm/training/scheduled.py)."""
+    k, name = train.ss_k, train.scheduled_sampling
+    ranges = {"linear": (k is None or k >= 1, "linear: the steps over which it falls from 1 to 0, >= 1"),
+              "exponential": (k is None or 0 < k < 1, "exponential: the factor per step, in (0, 1)"),
+              "inverse-sigmoid": (k is None or k >= 1, "inverse-sigmoid: >= 1")}
+    ok, need = ranges.get(name, (True, ""))
+    return [
+        (name in SS_SCHEDULES, f"scheduled_sampling must be one of {', '.join(SS_SCHEDULES)} (got {name!r})"),
+        (train.ss_mode in SS_MODES, f"ss_mode must be one of {', '.join(SS_MODES)} (got {train.ss_mode!r})"),
+        (0 <= train.ss_floor <= 1, f"ss_floor must be in [0, 1]: the lowest teacher-forcing probability (got {train.ss_floor})"),
+        (k is None or k > 0, f"ss_k must be positive (got {k})"),
+        (ok, f"ss_k for {need} (got {k})"),
+    ]
 
 
 def num_parameters(model: ModelConfig) -> int:

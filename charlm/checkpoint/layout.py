@@ -15,7 +15,7 @@ MAPPING_SECTIONS = ("model", "train", "vocab", "tokenizer", "metrics", "provenan
 ADAM_SLOTS = ("exp_avg", "exp_avg_sq", "step")  # AdamW's per-parameter state
 HIDDEN_DTYPES = ("F32", "BF16", "F16")  # the carried state keeps the dtype autocast gave it
 CAN_BE_INFINITE = ("best_val",)  # training-state fields that are Infinity before the first evaluation
-TRAIN_STATE_INTS = ("step", "epoch", "window", "tokens", "best_step")  # the other known fields are floats
+TRAIN_STATE_INTS = ("step", "epoch", "window", "tokens", "best_step", "ss_step")  # the other known fields are floats
 PART_FILE = re.compile(r"\..+\.[A-Za-z0-9_]+\.part")  # what save's mkstemp names its temporary files
 
 

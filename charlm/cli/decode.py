@@ -18,6 +18,7 @@ from rich.text import Text
 from typing_extensions import Annotated
 
 from charlm import CharlmError, checkpoint, config
+from charlm.cli import dynamic as dyn
 from charlm.cli.app import app, err, friendly
 from charlm.data import PreparedData
 from charlm.decoding.beam import beam_search
@@ -30,7 +31,8 @@ from charlm.devices import check_dtype, pick_device
 from charlm.jsonsafe import finite_or_null
 
 
-def _load_scorers(paths: list[Path], device: str, dtype: str, allowed: tuple[str, ...] = config.DECODE_DTYPES) -> list[ModelScorer]:
+def _load_scorers(paths: list[Path], device: str, dtype: str, allowed: tuple[str, ...] = config.DECODE_DTYPES,
+                  adapt: bool = False) -> list[ModelScorer]:
     if dtype not in allowed:
         hint = " (int8 is for step-by-step decoding: sample and beam)" if dtype == "int8" else ""
         raise CharlmError(f"--dtype must be one of {', '.join(allowed)} (got {dtype!r}){hint}")
@@ -42,6 +44,8 @@ def _load_scorers(paths: list[Path], device: str, dtype: str, allowed: tuple[str
     for p in paths:
         ckpt = checkpoint.load(p)
         scorers.append(ModelScorer(ckpt.build_model().to(dev), ckpt.vocab, dtype=dtype))
+        if adapt:  # dynamic evaluation: the training window and gradient statistics (charlm/decoding/dynamic.py)
+            scorers[-1].adapt_source = dyn.dynamic.adapt_source(ckpt)
     return scorers
 
 
@@ -55,8 +59,8 @@ def _parse_weights(weights: Optional[str]) -> Optional[list[float]]:
 
 
 def _scorer(paths: list[Path], device: str, weights: Optional[str], combine: str, dtype: str = "fp32",
-            allowed: tuple[str, ...] = config.DECODE_DTYPES):
-    members = _load_scorers(paths, device, dtype, allowed)
+            allowed: tuple[str, ...] = config.DECODE_DTYPES, adapt: bool = False):
+    members = _load_scorers(paths, device, dtype, allowed, adapt)
     if len(members) == 1 and weights is None:
         return members[0], members
     return Ensemble(members, _parse_weights(weights), combine), members
@@ -111,13 +115,21 @@ def sample(
     combine: CombineOpt = "mean",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
+    adapt: Annotated[Optional[Path], typer.Option(metavar="FILE", show_default=False, help="First adapt to this UTF-8 text (dynamic evaluation over it, in memory), then generate: the model continues in its style.")] = None,
+    dyn_lr: dyn.DynLrOpt = None,
+    dyn_decay: dyn.DynDecayOpt = None,
+    dyn_update: dyn.DynUpdateOpt = "auto",
+    dyn_window: dyn.DynWindowOpt = None,
 ):
     """Generate text, streaming it to stdout as it is produced."""
     prime = _read_prime(prime, prime_file)
     chain = processors(temperature, top_k, top_p)
-    scorer, _ = _scorer(checkpoints, device, weights, combine, dtype)
+    dyn.dynamic.check_options(dyn_update, dyn_lr, dyn_decay, dyn_window)
+    scorer, members = _scorer(checkpoints, device, weights, combine, dtype, adapt=adapt is not None)
     vocab = scorer.vocab
     prime_t = _prime_ids(vocab, prime, unknown)
+    if adapt is not None:
+        dyn.adapt(adapt, checkpoints, scorer, members, unknown, (dyn_update, dyn_lr, dyn_decay, dyn_window))
     if seed is not None and not 0 <= seed < 2**63:
         raise CharlmError(f"--seed must be between 0 and 2^63-1 (got {seed})")
     generator = torch.Generator().manual_seed(seed if seed is not None else int.from_bytes(os.urandom(4), "little"))
@@ -240,22 +252,33 @@ def eval_cmd(
     unknown: Annotated[str, typer.Option(help="Characters outside a char vocabulary: error, or skip (drops them from the text scored). SentencePiece models score any text.")] = "error",
     weights: WeightsOpt = None,
     combine: CombineOpt = "mean",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (ensemble figures at the top, members in 'members').")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (ensemble figures at the top, members in 'members'; with --dynamic: 'static' and 'dynamic').")] = False,
     device: DeviceOpt = "cpu",
     dtype: EvalDtypeOpt = "fp32",
+    dynamic: dyn.DynamicOpt = False,
+    dyn_lr: dyn.DynLrOpt = None,
+    dyn_decay: dyn.DynDecayOpt = None,
+    dyn_update: dyn.DynUpdateOpt = "auto",
+    dyn_window: dyn.DynWindowOpt = None,
 ):
     """Bits per character and perplexity, the text scored as one stream with the state carried through.
 
     Always per character of the text, whatever the model's unit; a SentencePiece model also gets bits per token.
     """
     _check_unknown(unknown)
-    scorer, members = _scorer(checkpoints, device, weights, combine, dtype, allowed=config.DTYPES)
+    if dynamic:
+        dyn.check_dtype(dtype)
+        dyn.dynamic.check_options(dyn_update, dyn_lr, dyn_decay, dyn_window)
+    scorer, members = _scorer(checkpoints, device, weights, combine, dtype, allowed=config.DTYPES, adapt=dynamic)
     tokens, text_chars = _eval_tokens(checkpoints[0], scorer.vocab, split, text, data, unknown)
     if len(tokens) < 2:
         raise CharlmError("the text to score has fewer than 2 characters")
     chars = scored_chars(scorer.vocab, tokens, text_chars)
     if chars < 1:
         raise CharlmError("the text to score spells no character after its first token: nothing to score")
+    if dynamic:
+        return dyn.eval_report(checkpoints, scorer, members, tokens, chars, str(text) if text else split, combine, as_json,
+                               (dyn_update, dyn_lr, dyn_decay, dyn_window))
     result = _per_char(evaluate(scorer, tokens, chars=chars))
     rows = []
     if len(members) > 1:

@@ -77,6 +77,10 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps (default: auto).", show_default=False)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, or bf16 autocast with fp32 master weights (default: fp32).", show_default=False)] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile", help="torch.compile the model for training: meant for CUDA; the first steps are slow while it compiles (default: off).", show_default=False)] = None,
+    scheduled_sampling: Annotated[Optional[str], typer.Option(help="Feed the model its own predictions with a probability growing over training: none, linear, exponential or inverse-sigmoid (the teacher-forcing probability's decay; default: none).", show_default=False)] = None,
+    ss_k: Annotated[Optional[float], typer.Option(help="The decay's k: linear, steps to fall from 1 to 0 (default 1000); exponential, factor per step in (0, 1) (0.999); inverse-sigmoid, k/(k+exp(step/k)), >= 1 (100).", show_default=False)] = None,
+    ss_floor: Annotated[Optional[float], typer.Option(help="The lowest teacher-forcing probability, in [0, 1] (default: 0.5; 1 = plain training).", show_default=False)] = None,
+    ss_mode: Annotated[Optional[str], typer.Option(help="What replaces a true input: model (a sample of its prediction) or uniform (a random symbol) (default: model).", show_default=False)] = None,
     encoding: Annotated[str, typer.Option(help="For a text input: utf-8 or bytes.")] = "utf-8",
     split: Annotated[str, typer.Option(help="For a text input: train,val,test fractions.")] = "0.9,0.05,0.05",
     tokenizer: TokenizerOpt = None,
@@ -94,8 +98,6 @@ def train(
     plan = _plan({k: v for k, v in locals().items() if k in config.all_keys()}, preset, config_file, input, out, resume, init_from)
     spec = _tokenizer_spec(tokenizer, spm_vocab_size, character_coverage)
     prepare_input = functools.partial(_prepare_input, plan.input, encoding=encoding, split=split, mirror=mirror, glob=glob, tokenizer=spec)
-    if nproc is not None and nproc < 1:
-        raise CharlmError(f"--nproc must be at least 1 (got {nproc})")
     if nproc is not None and nproc != 1:
         _launch(ctx, plan, nproc, prepare_input, overwrite)
     else:
@@ -143,6 +145,8 @@ def _launch(ctx: typer.Context, plan: _Plan, nproc: int, prepare_input, overwrit
     """--nproc N: the launcher prepares the data once, then every rank reads that prepared dir, into one run dir."""
     from charlm.training import rundir
 
+    if nproc < 1:  # before anything is prepared or claimed
+        raise CharlmError(f"--nproc must be at least 1 (got {nproc})")
     prepared = prepare_input()
     rundir.claim(plan.out, resuming=plan.resumed is not None, overwrite=overwrite)
     _launch_ranks(nproc, _forwarded_args(ctx, {"input": prepared, "out": plan.out, "nproc": None, "overwrite": None}))

@@ -24,6 +24,7 @@ from charlm.model import CharRNN, State, detach
 from charlm.training import rundir
 from charlm.training.distributed import World
 from charlm.training.schedule import learning_rate
+from charlm.training.scheduled import ScheduledSampler
 
 
 class TrainingStopped(CharlmError):
@@ -39,6 +40,8 @@ class Progress:
     elapsed: float = 0.0  # seconds of training so far, across resumes
     best_val: float = math.inf  # lowest validation bits/char so far
     best_step: int = 0
+    ss_step: int = 0  # scheduled sampling: steps taken under the schedule (its position; scheduled.py)
+    ss_replace: float = 0.0  # scheduled sampling: the probability of feeding a prediction at the last step
 
 
 class Trainer:
@@ -97,6 +100,7 @@ class Trainer:
         if resume is not None:
             self._restore(resume)
         self.world.reseed(cfg.seed, self.progress.step)
+        self.sampler = ScheduledSampler(cfg, model_cfg.vocab_size, self.world.rank) if cfg.scheduled_sampling != "none" else None
         self.net = self.world.wrap(self.model)  # the module that trains: DDP averages gradients over ranks
         if cfg.compile:  # compiled lazily, on the first step; checkpoints keep using self.model
             self.net = torch.compile(self.net)
@@ -197,9 +201,12 @@ class Trainer:
         lr = self._lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.sampler is not None:  # inputs mixed with the model's own predictions (scheduled.py)
+            x = self.sampler.inputs(self.model, x, self.state, p.ss_step)
+            p.ss_replace, p.ss_step = self.sampler.replace_probability(p.ss_step), p.ss_step + 1
         self.net.train()
         with autocast_for(self.device, cfg.dtype):
-            logits, state = self.net(x, self.state)  # (B, T, V)
+            logits, state = self.net(x, self.state)  # (B, T, V); the loss is against the true y whatever x was
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         self.state = detach(state)  # truncated BPTT: carry the values, cut the graph
         self.optimizer.zero_grad(set_to_none=True)
