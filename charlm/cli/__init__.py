@@ -1,7 +1,7 @@
 """The charlm command line. Thin commands: parse options, call the library, print.
 
 The command modules (data: corpus, prepare; train; decode: sample, beam, eval, info; tools: bench,
-plot) are the only ones that print to the terminal, own signals or exit. Library code raises
+plot; viz) are the only ones that print to the terminal, own signals or exit. Library code raises
 CharlmError; app.friendly turns it into one red line and exit code 1. Each command imports the
 library code it needs when it runs, so `charlm sample` loads no training, corpus or prepare code.
 """
@@ -14,7 +14,7 @@ import typer
 from rich.text import Text
 
 # The commands, registered in the order --help lists them.
-from charlm.cli import data, decode, tools, train  # noqa: E402,F401,I001
+from charlm.cli import data, decode, tools, train, viz  # noqa: E402,F401,I001
 from charlm.cli.app import UsageError, app, err
 
 __all__ = ["app", "main"]
