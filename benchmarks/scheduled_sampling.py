@@ -97,9 +97,15 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=500)
     ap.add_argument("--runs", default="checkpoints/ss")
     ap.add_argument("--out", default="benchmarks/results/scheduled_sampling")
+    ap.add_argument("--train-only", help="comma-separated variants to train, then stop (to train in several processes)")
     args = ap.parse_args()
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     extra = [*(["--ss-k", str(args.ss_k)] if args.ss_k else []), *(["--ss-floor", str(args.ss_floor)] if args.ss_floor is not None else [])]
+    if args.train_only:
+        for name, flags in VARIANTS:
+            if name in args.train_only.split(","):
+                train(name, flags + (extra if flags else []), args, args.steps)
+        return
     runs = {name: train(name, flags + (extra if flags else []), args, args.steps) for name, flags in VARIANTS}
     judges = args.judges or [str(train(f"judge-{seed}", [], args, args.judge_steps or 2 * args.steps, seed)) for seed in (101, 102, 103)]
     judge = Ensemble([ModelScorer((c := checkpoint.load(p)).build_model(), c.vocab) for p in judges])
