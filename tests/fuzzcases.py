@@ -349,7 +349,7 @@ def model_field(rng, blob, parts):
         return Mutation(compose(parts, signed=signed, meta_text=json.dumps(meta)), f"model.{key} removed",
                         "any" if same and signed else "error")
     else:
-        kind = {"cell": "str", "dropout": "float"}.get(name, "int")
+        kind = {"cell": "str", "dropout": "float", "forget_bias": "float"}.get(name, "int")
         pool = _invalid_values(kind, False)
         if kind == "int":  # valid integers that do not match the tensors, and absurd sizes
             pool += [meta["model"][name] + 1, max(meta["model"][name] - 1, 1) if meta["model"][name] > 2 else 7, 0, 10**12, 1e12, 1 << 40]
@@ -357,6 +357,8 @@ def model_field(rng, blob, parts):
             pool += [c for c in ("lstm", "gru", "rnn") if c != meta["model"]["cell"]] + ["LSTM", "transformer"]
         if name == "dropout":
             pool += [1.0, 1.5, -0.1]
+        if name == "forget_bias":  # init only: any value in [-100, 100] is valid (and changes nothing), so only those outside
+            pool += [100.5, -1e9]
         meta["model"][name] = rng.choice(pool)
         note = f"model.{name} = {str(meta['model'][name])[:30]}"
     signed = rng.random() < 0.8

@@ -29,6 +29,7 @@ def params(model):
 def test_hidden_state_is_carried_between_windows(tmp_path, prepared):
     """Per-window training losses equal a single forward over whole rows: breaks if the state is reset."""
     model_cfg, cfg = small_configs(lr=1e-12, max_steps=4, log_every=1)  # lr ~ 0: weights stay put
+    model_cfg.forget_bias = 3.0  # forget gates open from the start: the state's effect is far above the tolerance below
     records = []
     trainer = Trainer(model_cfg, cfg, prepared, tmp_path / "run", report=lambda k, r: records.append(r) if k == "train" else None)
     initial = copy.deepcopy(trainer.model).eval()
@@ -46,7 +47,7 @@ def test_hidden_state_is_carried_between_windows(tmp_path, prepared):
     # The same windows scored with the state reset each time differ: the test can tell.
     with torch.no_grad():
         reset = [F.cross_entropy(initial(x[:, k * T : (k + 1) * T])[0].transpose(1, 2), y[:, k * T : (k + 1) * T]) for k in range(4)]
-    assert float(reset[3]) / math.log(2) != pytest.approx(expected[3], rel=1e-4)
+    assert float(reset[3]) / math.log(2) != pytest.approx(expected[3], rel=1e-3)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
