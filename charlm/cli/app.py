@@ -75,3 +75,21 @@ def friendly(fn):
             fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
 
     return wrapper
+
+
+def read_text_file(flag: str, path: Path, convert_hint: bool = True) -> str:
+    """The whole file named by `flag` as UTF-8 text (a leading BOM dropped), or a one-line error
+    naming the flag: a directory, a missing or unreadable file, bytes that are not UTF-8."""
+    if path.is_dir():
+        raise CharlmError(f"{flag} {path} is a directory; give a text file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CharlmError(f"{flag} {path} does not exist") from None
+    except OSError as e:
+        raise CharlmError(f"cannot read {flag} {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        hint = "; convert it, e.g. iconv -t UTF-8" if convert_hint else ""
+        raise CharlmError(f"{flag} {path} is not UTF-8 text (invalid byte at offset {e.start}){hint}") from None

@@ -19,7 +19,7 @@ from typing_extensions import Annotated
 
 from charlm import CharlmError, checkpoint, config
 from charlm.cli import dynamic as dyn
-from charlm.cli.app import app, err, friendly
+from charlm.cli.app import app, err, friendly, read_text_file
 from charlm.data import PreparedData
 from charlm.decoding.beam import beam_search
 from charlm.decoding.ensemble import Ensemble
@@ -82,19 +82,7 @@ def _read_prime(prime: str, prime_file: Optional[Path]) -> str:
         return prime
     if prime:
         raise CharlmError("give either --prime TEXT or --prime-file FILE, not both")
-    if prime_file.is_dir():
-        raise CharlmError(f"--prime-file {prime_file} is a directory; give a text file")
-    try:
-        data = prime_file.read_bytes()
-    except FileNotFoundError:
-        raise CharlmError(f"--prime-file {prime_file} does not exist") from None
-    except OSError as e:
-        raise CharlmError(f"cannot read --prime-file {prime_file}: {e.strerror or e}") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise CharlmError(f"--prime-file {prime_file} is not UTF-8 text (invalid byte at offset {e.start}); "
-                          "convert it, e.g. iconv -t UTF-8") from None
+    return read_text_file("--prime-file", prime_file)
 
 
 @app.command()

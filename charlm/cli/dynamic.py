@@ -15,7 +15,7 @@ from rich.text import Text
 from typing_extensions import Annotated
 
 from charlm import CharlmError
-from charlm.cli.app import err
+from charlm.cli.app import err, read_text_file
 from charlm.decoding import dynamic
 from charlm.decoding.evaluate import evaluate
 
@@ -84,18 +84,7 @@ def _timed(scorer, tokens: np.ndarray, chars: int) -> dict:
 
 def read_adapt_text(path: Path) -> str:
     """--adapt FILE: the whole file as UTF-8 text (a leading BOM dropped)."""
-    if path.is_dir():
-        raise CharlmError(f"--adapt {path} is a directory; give a text file")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise CharlmError(f"--adapt {path} does not exist") from None
-    except OSError as e:
-        raise CharlmError(f"cannot read --adapt {path}: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise CharlmError(f"--adapt {path} is not UTF-8 text (invalid byte at offset {e.start})") from None
+    text = read_text_file("--adapt", path, convert_hint=False)
     if not text:
         raise CharlmError(f"--adapt {path} is empty: nothing to adapt to")
     return text

@@ -13,7 +13,7 @@ from rich.text import Text
 from typing_extensions import Annotated
 
 from charlm import CharlmError
-from charlm.cli.app import app, err, friendly
+from charlm.cli.app import app, err, friendly, read_text_file
 
 MAX_CHARS = 20_000
 
@@ -22,18 +22,7 @@ def read_text(path: Path, max_chars: int) -> tuple[str, Optional[int]]:
     """The file as UTF-8 (a leading BOM dropped), capped at max_chars; and its length when it was cut."""
     if max_chars < 1:
         raise CharlmError(f"--max-chars must be at least 1 (got {max_chars})")
-    if path.is_dir():
-        raise CharlmError(f"--text {path} is a directory; give a text file")
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CharlmError(f"--text {path} does not exist") from None
-    except OSError as e:
-        raise CharlmError(f"cannot read --text {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise CharlmError(f"--text {path} is not UTF-8 text (invalid byte at offset {e.start}); convert it, e.g. iconv -t UTF-8") from None
+    text = read_text_file("--text", path)
     if not text:
         raise CharlmError(f"--text {path} is empty")
     return (text[:max_chars], len(text)) if len(text) > max_chars else (text, None)
