@@ -59,6 +59,27 @@ def lstm_update(gates: Tensor, c_prev: Tensor, c_out: Tensor, h_out: Tensor, hid
     return torch.mul(o, torch.tanh(c), out=h_out)
 
 
+class GateProducts:
+    """The matrix products of one step of an LSTM-shaped cell (lstm, peephole) for M members, each
+    member's layers given as (W_ih, W_hh, bias) with the bias summed: layer 0's input product is a
+    table over the vocabulary (embedding @ W_ih + bias), so a step gathers a row instead of
+    multiplying; above it [x, h] goes through one stacked matrix; packed products (products.py)."""
+
+    @torch.no_grad()
+    def __init__(self, layers: list[list[tuple[Tensor, Tensor, Tensor]]], embeddings: list[Tensor], dtype: str = "fp32"):
+        n = len(layers[0])
+        self.table0 = torch.stack([e @ lw[0][0].t() + lw[0][2] for e, lw in zip(embeddings, layers)])  # (M, V, 4H)
+        self.w_hh0 = products([lw[0][1] for lw in layers], dtype)
+        self.w_cat = [None] + [products([torch.cat([lw[k][0], lw[k][1]], dim=1) for lw in layers], dtype) for k in range(1, n)]
+        self.b = [None] + [torch.stack([lw[k][2] for lw in layers]).unsqueeze(1) for k in range(1, n)]  # (M, 1, 4H)
+
+    def __call__(self, k: int, ids: Tensor, x: Tensor | None, h: Tensor) -> Tensor:
+        """Layer k's gate pre-activations (M, B, 4H): from the ids (layer 0) or the layer below's x, and h (M, B, H)."""
+        if k == 0:
+            return add_products(self.table0[:, ids], self.w_hh0, h)
+        return affine(self.b[k], self.w_cat[k], torch.cat([x, h], dim=2))
+
+
 class LSTMDecoder:
     """One step of M LSTMs of one shape, as few operations as possible:
 
@@ -76,10 +97,7 @@ class LSTMDecoder:
         self.layers, self.hidden = cells[0].num_layers, cells[0].hidden_size
         H = self.hidden
         layer = [[[_gate_order(w, H) for w in c.weights(k)] for k in range(self.layers)] for c in cells]  # [m][k] = (w_ih, w_hh, b_ih, b_hh)
-        self.table0 = torch.stack([e @ lw[0][0].t() + lw[0][2] + lw[0][3] for e, lw in zip(embeddings, layer)])  # (M, V, 4H)
-        self.w_hh0 = products([lw[0][1] for lw in layer], dtype)
-        self.w_cat = [None] + [products([torch.cat([lw[k][0], lw[k][1]], dim=1) for lw in layer], dtype) for k in range(1, self.layers)]
-        self.b = [None] + [torch.stack([lw[k][2] + lw[k][3] for lw in layer]).unsqueeze(1) for k in range(1, self.layers)]  # (M, 1, 4H)
+        self.products = GateProducts([[(w_ih, w_hh, b_ih + b_hh) for w_ih, w_hh, b_ih, b_hh in lw] for lw in layer], embeddings, dtype)
 
     def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         """ids (B,), h and c (M, L, B, H) -> top-layer h (M, B, H), new h and c."""
@@ -87,9 +105,6 @@ class LSTMDecoder:
         h_all, c_all = torch.empty_like(h), torch.empty_like(c)
         x = None
         for k in range(self.layers):
-            if k == 0:
-                gates = add_products(self.table0[:, ids], self.w_hh0, h[:, 0])  # (M, B, 4H)
-            else:
-                gates = affine(self.b[k], self.w_cat[k], torch.cat([x, h[:, k]], dim=2))
+            gates = self.products(k, ids, x, h[:, k])  # (M, B, 4H)
             x = lstm_update(gates, c[:, k], c_all[:, k], h_all[:, k], self.hidden)
         return x, (h_all, c_all)

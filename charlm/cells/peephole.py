@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from charlm.cells.base import Cell, State, register
 from charlm.cells.peephole_kernel import PeepholeLayer
-from charlm.cells.products import add_products, affine, products
+from charlm.cells.lstm import GateProducts
 
 
 @register
@@ -84,18 +84,14 @@ class Peephole(Cell):
 
 
 class PeepholeDecoder:
-    """One step of M peephole LSTMs of one shape: the LSTM decoder's layout (layer 0's input
-    product a table over the vocabulary, [x, h] through one stacked matrix above it), plus the
-    peepholes' three pointwise products."""
+    """One step of M peephole LSTMs of one shape: the LSTM decoder's products (GateProducts), plus
+    the peepholes' three pointwise products."""
 
     @torch.no_grad()
     def __init__(self, cells: list[Peephole], embeddings: list[Tensor], dtype: str = "fp32"):
         self.layers, self.hidden = cells[0].num_layers, cells[0].hidden_size
         w = [[c.weights(k) for k in range(self.layers)] for c in cells]  # [m][k] = (w_ih, w_hh, b, peep)
-        self.table0 = torch.stack([F.linear(e, wm[0][0], wm[0][2]) for e, wm in zip(embeddings, w)])  # (M, V, 4H)
-        self.w_hh0 = products([wm[0][1] for wm in w], dtype)
-        self.w_cat = [None] + [products([torch.cat([wm[k][0], wm[k][1]], dim=1) for wm in w], dtype) for k in range(1, self.layers)]
-        self.b = [None] + [torch.stack([wm[k][2] for wm in w]).unsqueeze(1) for k in range(1, self.layers)]  # (M, 1, 4H)
+        self.products = GateProducts([[wm[k][:3] for k in range(self.layers)] for wm in w], embeddings, dtype)
         self.peep = [torch.stack([wm[k][3] for wm in w]).unsqueeze(2) for k in range(self.layers)]  # (M, 3, 1, H)
 
     def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
@@ -104,11 +100,7 @@ class PeepholeDecoder:
         h_all, c_all = torch.empty_like(h), torch.empty_like(c)
         x = None
         for k in range(self.layers):
-            if k == 0:
-                gates = add_products(self.table0[:, ids], self.w_hh0, h[:, 0])  # (M, B, 4H)
-            else:
-                gates = affine(self.b[k], self.w_cat[k], torch.cat([x, h[:, k]], dim=2))
-            i, f, g, o = gates.chunk(4, dim=2)
+            i, f, g, o = self.products(k, ids, x, h[:, k]).chunk(4, dim=2)  # (M, B, H) each
             p_i, p_f, p_o = self.peep[k].unbind(1)  # each (M, 1, H)
             c_prev = c[:, k]
             i, f = torch.addcmul(i, p_i, c_prev).sigmoid_(), torch.addcmul(f, p_f, c_prev).sigmoid_()
