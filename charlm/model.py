@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -40,11 +41,17 @@ class CharRNN(nn.Module):
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every parameter's name and shape, in model.parameters() order, for any registered cell: the
-    model is built on the meta device, so nothing is allocated whatever the sizes."""
-    with torch.device("meta"), warnings.catch_warnings():
+    model is built on the meta device, so nothing is allocated whatever the sizes. Its random
+    initialisation is skipped (shapes need no values): on the meta device the first `normal_`
+    (nn.Embedding's) loads torch's Python reference kernels, 2 s of every checkpoint load here."""
+    with torch.device("meta"), warnings.catch_warnings(), mock.patch.object(torch.Tensor, "normal_", _unchanged):
         warnings.simplefilter("ignore")  # a zero size (refused by the caller) warns, and the warning would be a second line
         model = CharRNN(cfg)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def _unchanged(tensor: Tensor, *args, **kwargs) -> Tensor:
+    return tensor
 
 
 def detach(state: State) -> State:

@@ -56,6 +56,29 @@ def test_internals_name_per_step_activations(cell):
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_inspect_equals_the_equations_and_forward(cell):
+    """A cell's own inspect (the fused cells': a kernel per layer, then the equations on all steps
+    at once) gives the step-by-step equations' outputs, internals and state, over two windows."""
+    torch.manual_seed(3)
+    c = cell_class(cell)(16, 32, 2, 0.0).eval()
+    state = tuple(0.5 * torch.randn_like(s) for s in c.zero_state(3))
+    ref_state = state
+    for _ in range(2):
+        x = torch.randn(3, 7, 16)
+        with torch.no_grad():
+            fwd, _ = c(x, state)
+        out, acts, state = c.inspect(x, state)
+        ref_out, ref_acts, ref_state = Cell.inspect(c, x, ref_state)
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(out, fwd, atol=1e-5, rtol=0)
+        assert acts.keys() == ref_acts.keys()
+        for name in acts:
+            torch.testing.assert_close(acts[name], ref_acts[name], atol=1e-5, rtol=0)
+        for a, b in zip(state, ref_state):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cell", CELLS)
 def test_single_steps_equal_whole_windows_with_the_state_carried(cell):
     model = model_for(cell)
     scorer = ModelScorer(model, VOCAB)

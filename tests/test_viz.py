@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 
 import numpy as np
@@ -118,13 +119,15 @@ def test_internals_do_not_depend_on_how_the_stream_is_cut(cell):
     text = make_text(700, seed=4)
     vocab = Vocab.from_text(text)
     model = _model(cell, len(vocab))
-    one = trace.run(model, vocab, text, rows=1)  # one long unroll of the equations
-    many = trace.run(model, vocab, text, rows=9)  # nine rows from the fast forward's carried states
-    assert one.acts.keys() == many.acts.keys() and set(model.rnn.gate_names) <= set(one.acts)
-    for name in one.acts:
-        assert one.acts[name].shape == (len(text), 2, 16)
-        torch.testing.assert_close(one.acts[name], many.acts[name], atol=2e-5, rtol=1e-4)
-    np.testing.assert_allclose(one.bits, many.bits)
+    one = trace.run(model, vocab, text, rows=1, stream=False)  # one long unroll of the equations
+    many = trace.run(model, vocab, text, rows=9, stream=False)  # nine rows from the fast forward's carried states
+    fast = trace.run(model, vocab, text)  # the cell's own inspect where it has one, over the stream in one pass
+    for other in (many, fast):
+        assert one.acts.keys() == other.acts.keys() and set(model.rnn.gate_names) <= set(one.acts)
+        for name in one.acts:
+            assert other.acts[name].shape == (len(text), 2, 16)
+            torch.testing.assert_close(one.acts[name], other.acts[name], atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(one.bits, other.bits, rtol=1e-5, atol=1e-5)
     if cell not in ("lstm", "gru", "rnn"):  # cells whose top layer outputs its hidden state (no residual)
         return
     # the top layer's hidden output, through the head, gives the predictions shown
@@ -316,6 +319,22 @@ def test_viz_loads_no_training_or_corpus_code(trained, tmp_path):
     assert [m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)] == []
 
 
+def test_the_fused_cells_stream_through_their_own_inspect_in_chunks(monkeypatch):
+    text = make_text(300, seed=13)
+    vocab = Vocab.from_text(text)
+    model = _model("lstm", len(vocab))
+    assert trace.has_own_inspect(model.rnn)
+    calls = []
+    inspect = type(model.rnn).inspect
+    monkeypatch.setattr(type(model.rnn), "inspect", lambda self, x, state: calls.append(x.shape) or inspect(self, x, state))
+    monkeypatch.setattr(trace._stream, "__defaults__", (128,))  # chunks of 128 tokens: 300 = 128 + 128 + 44
+    chunked = trace.run(model, vocab, text)
+    assert [c[1] for c in calls] == [128, 128, 44]
+    rows = trace.run(model, vocab, text, rows=5, stream=False)
+    for name in rows.acts:
+        torch.testing.assert_close(chunked.acts[name], rows.acts[name], atol=2e-5, rtol=1e-4)
+
+
 def test_a_cell_with_its_own_internals_is_asked(monkeypatch):
     from charlm.cells import Cell
 
@@ -334,3 +353,15 @@ def test_a_cell_with_its_own_internals_is_asked(monkeypatch):
     assert calls and calls[0][:2] == (5, 60)
     for name in plain.acts:
         torch.testing.assert_close(plain.acts[name], asked.acts[name])
+
+
+def test_the_trace_uses_only_the_idle_cores(monkeypatch):
+    threads = torch.get_num_threads()
+    seen = {}
+    for busy in (0.0, threads - 0.6, threads + 3.0):
+        monkeypatch.setattr(trace, "busy_cores", lambda busy=busy: busy)
+        with trace.idle_core_threads(torch.device("cpu")):
+            seen[busy] = torch.get_num_threads()
+        assert torch.get_num_threads() == threads  # restored
+    assert list(seen.values()) == [threads, 1, 1]
+    assert 0 <= trace.busy_cores(0.02) <= (os.cpu_count() or 1) + 1e-6

@@ -84,6 +84,8 @@ def test_page_in_chromium(page, tmp_path):
         assert any("cell 1" in l for l in labels) and any("line-position" in l for l in labels) and labels[-1].startswith("surprise")
         select.select_by_index(1)
         after = backgrounds(driver)
+        cell = labels[1].split("cell ")[1].split(":")[0]  # "layer K, cell C: name (why)"
+        assert box.is_displayed() and f"#{cell}:" in box.text  # the box under the pointer follows the new view
         assert after != before and len(after) == len(before)
         select.select_by_visible_text("surprise: bits per character")
         assert backgrounds(driver) not in (before, after)

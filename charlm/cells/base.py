@@ -113,9 +113,17 @@ class Cell(nn.Module):
 
     @torch.no_grad()
     def internals(self, x: Tensor, state: State) -> tuple[dict[str, Tensor], State]:
-        """Named per-step activations over a window, from the equations: each (num_layers, B, T, H); and the state after it."""
-        _, state, acts = self._unroll(x, state, collect=True)
+        """Named per-step activations over a window: each (num_layers, B, T, H); and the state after it."""
+        _, acts, state = self.inspect(x, state)
         return acts, state
+
+    @torch.no_grad()
+    def inspect(self, x: Tensor, state: State) -> tuple[Tensor, dict[str, Tensor], State]:
+        """forward and internals in one pass: out (B, T, H), the named activations (each (num_layers,
+        B, T, H)) and the state after the window. Here from the equations, a Python step per time
+        step; a cell with a faster way that gives the same numbers overrides it (fused.py)."""
+        out, state, acts = self._unroll(x, state, collect=True)
+        return out, acts, state
 
     def _unroll(self, x: Tensor, state: State, collect: bool) -> tuple[Tensor, State, dict[str, Tensor]]:
         layers = [tuple(s[k] for s in state) for k in range(self.num_layers)]  # per layer: its (B, H) tensors

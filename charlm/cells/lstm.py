@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from charlm.cells.base import State, register
 from charlm.cells.fused import FusedCell
 from charlm.cells.products import add_products, affine, products
+from charlm.cells.scan import sequential_scan
 
 
 @register
@@ -28,18 +29,34 @@ class LSTM(FusedCell, nn.LSTM):
 
     def layer_step(self, k: int, x: Tensor, state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
         h, c = state
+        i, f, g, o = self._gates(k, x, h)
+        c = f * c + i * g
+        acts = _named(i, f, g, o, c)
+        return acts["hidden"], (acts["hidden"], c), acts
+
+    def _gates(self, k: int, x: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         w_ih, w_hh, b_ih, b_hh = self.weights(k)
         i, f, g, o = (x @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh).chunk(4, dim=1)
-        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-        c = f * c + i * g
-        tanh_c = c.tanh()
-        h = o * tanh_c
-        acts = {"input_gate": i, "forget_gate": f, "output_gate": o, "candidate": g, "cell": c, "cell_tanh": tanh_c, "hidden": h}
-        return h, (h, c), acts
+        return i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+
+    def layer_acts(self, k: int, x: Tensor, out: Tensor, layer_state: State) -> dict[str, Tensor]:
+        """FusedCell.layer_acts with the cell state, which the fused kernel does not give per step: the
+        gates for all steps at once from h_{t-1} (= out[t-1]), then c_t = f_t c_{t-1} + i_t g_t as a scan."""
+        h0, c0 = layer_state
+        B, T = out.shape[:2]
+        prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], dim=1)
+        i, f, g, o = (a.view(B, T, -1) for a in self._gates(k, x.reshape(B * T, -1), prev.reshape(B * T, -1)))
+        return _named(i, f, g, o, sequential_scan(f, i * g, c0))
 
     @classmethod
     def decoder(cls, cells: list[LSTM], embeddings: list[Tensor], dtype: str = "fp32") -> LSTMDecoder:
         return LSTMDecoder(cells, embeddings, dtype)
+
+
+def _named(i: Tensor, f: Tensor, g: Tensor, o: Tensor, c: Tensor) -> dict[str, Tensor]:
+    """An LSTM step's internals by name, from its activated gates and new cell state."""
+    tanh_c = c.tanh()
+    return {"input_gate": i, "forget_gate": f, "output_gate": o, "candidate": g, "cell": c, "cell_tanh": tanh_c, "hidden": o * tanh_c}
 
 
 def _gate_order(w: Tensor, hidden: int) -> Tensor:

@@ -1,8 +1,10 @@
 """One pass of a text through a model: per-token internals, next-token predictions, per-character bits.
 
 The text is scored as one stream with the state carried through (as `charlm eval` does). The
-internals come from the cell contract (`Cell.internals`, the plain equations), which steps in
-Python; to keep that affordable the stream is cut into R rows of T tokens:
+internals come from the cell contract. A cell with a fast `inspect` of its own (the fused cells:
+lstm, gru, rnn) gives outputs and internals together, so the stream goes through it once, in
+chunks. Otherwise the plain equations (`Cell.internals`) step in Python; to keep that affordable
+the stream is cut into R rows of T tokens:
 
     tokens  0 ........ T-1 | T ....... 2T-1 | ... | (R-1)T ... N-1
             row 0          | row 1          |     | row R-1
@@ -16,6 +18,8 @@ Python steps.
 from __future__ import annotations
 
 import math
+import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -88,9 +92,10 @@ def char_bits(tok_bits: np.ndarray, char_tok: np.ndarray, num_tokens: int) -> np
 
 
 @torch.inference_mode()
-def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=None) -> Trace:
+def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=None, stream: bool | None = None) -> Trace:
     """Run `text` through `model` once, the state carried; see the module docstring for the layout.
-    `keep`: the internals to keep (default all; the gates are always kept, for their saturation)."""
+    `keep`: the internals to keep (default all; the gates are always kept, for their saturation).
+    `stream`: through the cell's own `inspect` in one pass (default where it has one) or in rows."""
     ids = np.asarray(vocab.encode(text, unknown), dtype=np.int64)
     if len(ids) == 0:
         raise CharlmError("the text has no character the model's vocabulary holds")
@@ -103,9 +108,13 @@ def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=No
     span = -(-n // rows)  # T: tokens per row
     rows = -(-n // span)
     ids_t = torch.from_numpy(ids).to(device)
-    with one_thread(device):
-        starts, logps = _score(model, ids_t, span)
-        acts = _internals(model, ids_t, starts, span, rows, None if keep is None else set(keep) | set(model.rnn.gate_names))
+    keep = None if keep is None else set(keep) | set(model.rnn.gate_names)
+    with idle_core_threads(device):
+        if stream if stream is not None else has_own_inspect(model.rnn):
+            logps, acts = _stream(model, ids_t, keep)
+        else:
+            starts, logps = _score(model, ids_t, span)
+            acts = _internals(model, ids_t, starts, span, rows, keep)
     tok_bits = np.full(n, np.nan)
     tok_bits[1:] = (-logps[:-1].gather(1, ids_t[1:, None])[:, 0] / math.log(2)).cpu().double().numpy()
     top_p, top_ids = logps.topk(min(TOP, logps.shape[1]), dim=1)
@@ -115,10 +124,31 @@ def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=No
                  identity=len(shown) == n and bool((char_tok == np.arange(n)).all()))
 
 
+def has_own_inspect(cell: Cell) -> bool:
+    """Whether the cell inspects a window faster than the plain equations (and was not given its own `internals` only)."""
+    return type(cell).inspect is not Cell.inspect and type(cell).internals is Cell.internals
+
+
+def _stream(model, ids: Tensor, keep, chunk: int = 2048) -> tuple[Tensor, dict[str, Tensor]]:
+    """The stream through the cell's own inspect, `chunk` tokens at a time (bounds the memory the
+    internals take before only the kept ones are copied out): log-probs (N, V), name -> (N, L, H)."""
+    state = model.init_state(1)
+    logps, acts = [], {}
+    for lo in range(0, len(ids), chunk):
+        out, window, state = model.rnn.inspect(model.embed(ids[None, lo : lo + chunk]), state)
+        logps.append(F.log_softmax(model.head(out)[0].float(), dim=-1))
+        for name, a in window.items():  # (L, 1, T, H), copied straight into its place in (N, L, H)
+            if keep is None or name in keep:
+                if name not in acts:
+                    acts[name] = torch.empty(len(ids), a.shape[0], a.shape[3])
+                acts[name][lo : lo + a.shape[2]] = a[:, 0].transpose(0, 1)
+    return torch.cat(logps), acts
+
+
 def _score(model, ids: Tensor, span: int) -> tuple[list, Tensor]:
     """The fast forward over the stream, window by window: the state at each window's start, log-probs (N, V).
 
-    On CPU this and the internals run on one thread (see one_thread).
+    On CPU this and the internals run on the idle cores only (see idle_core_threads).
     """
     state = model.init_state(1)
     starts, logps = [], []
@@ -130,19 +160,45 @@ def _score(model, ids: Tensor, span: int) -> tuple[list, Tensor]:
 
 
 @contextmanager
-def one_thread(device: torch.device):
-    """Run on one CPU thread. The trace is many small steps (a matrix-vector product per token for
-    the stream, a small matrix product per step for the rows), each a parallel region that waits
-    for every thread: on a shared 2-core machine with other jobs running, a step waiting for both
-    threads to be scheduled made a 2x512 LSTM's trace several times slower (2,000 tokens of the
-    stream: 0.5-0.7 s on one thread, 4.7-32 s on two; the rows' internals: 9.6 s against 63 s)."""
+def idle_core_threads(device: torch.device):
+    """On CPU, use only as many threads as there are idle cores (at least one). The trace is many
+    small steps (a matrix-vector product per token of the stream), each a parallel region that
+    waits for every thread: with a thread on a core that another job holds, every step waits for
+    it to be scheduled. On the 2-core development machine with other jobs running, two threads made
+    a 2x512 LSTM's trace several times slower (2,000 tokens of the stream: 0.5-0.7 s on one thread,
+    4.7-32 s on two); idle, two threads are 1.6x faster than one (20,000 characters: 4.6 s
+    against 7.4 s)."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(1)
+        torch.set_num_threads(max(1, min(threads, round(threads - busy_cores()))))
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def busy_cores(interval: float = 0.1) -> float:
+    """How many cores other processes are keeping busy: the share of non-idle CPU time over
+    `interval` seconds times the cores (Linux's /proc/stat); elsewhere the 1-minute load average,
+    or 0 where there is none."""
+    try:
+        before = _cpu_times()
+        time.sleep(interval)
+        after = _cpu_times()
+        total, idle = after[0] - before[0], after[1] - before[1]
+        return (1 - idle / total) * (os.cpu_count() or 1) if total > 0 else 0.0
+    except OSError:
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+
+
+def _cpu_times() -> tuple[int, int]:
+    """All CPUs' (total, idle + iowait) time so far, in clock ticks, from /proc/stat's first line."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    return sum(ticks), ticks[3] + ticks[4]
 
 
 def _internals(model, ids: Tensor, starts: list, span: int, rows: int, keep) -> dict[str, Tensor]:
