@@ -12,6 +12,7 @@ Python step per time step (a 2x512 LSTM over 20,000 characters: see docs/results
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 import torch
@@ -61,7 +62,9 @@ class FusedCell(Cell):
     def fused_layer(self, k: int, x: Tensor, layer_state: State) -> tuple[Tensor, State]:
         """Layer k alone through the fused kernel: x (B, T, in), its state (each (B, H)) -> out (B, T, H), state."""
         hx = tuple(s.unsqueeze(0) for s in layer_state)
-        res = _KERNELS[self.mode](x, hx if len(hx) > 1 else hx[0], list(self.weights(k)), True, 1, 0.0, False, False, True)
+        with warnings.catch_warnings():  # cuDNN warns that one layer's weights are not the module's flat buffer: a copy, no harm
+            warnings.filterwarnings("ignore", message="RNN module weights are not part of single contiguous chunk")
+            res = _KERNELS[self.mode](x, hx if len(hx) > 1 else hx[0], list(self.weights(k)), True, 1, 0.0, False, False, True)
         return res[0], tuple(s[0] for s in res[1:])
 
     def layer_acts(self, k: int, x: Tensor, out: Tensor, layer_state: State) -> dict[str, Tensor]:
