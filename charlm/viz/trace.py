@@ -170,28 +170,29 @@ def idle_core_threads(device: torch.device):
     against 7.4 s)."""
     threads = torch.get_num_threads()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, min(threads, round(threads - busy_cores()))))
+        torch.set_num_threads(max(1, min(threads, round(idle_cores()))))
     try:
         yield
     finally:
         torch.set_num_threads(threads)
 
 
-def busy_cores(interval: float = 0.1) -> float:
-    """How many cores other processes are keeping busy: the share of non-idle CPU time over
-    `interval` seconds times the cores (Linux's /proc/stat); elsewhere the 1-minute load average,
-    or 0 where there is none."""
+def idle_cores(interval: float = 0.1) -> float:
+    """How many cores no process is using: the idle share of all CPU time over `interval` seconds
+    times the cores (Linux's /proc/stat); elsewhere the cores less the 1-minute load average, or
+    all of them where there is none."""
+    cores = os.cpu_count() or 1
     try:
         before = _cpu_times()
         time.sleep(interval)
         after = _cpu_times()
         total, idle = after[0] - before[0], after[1] - before[1]
-        return (1 - idle / total) * (os.cpu_count() or 1) if total > 0 else 0.0
+        return cores * idle / total if total > 0 else float(cores)
     except OSError:
         try:
-            return os.getloadavg()[0]
+            return max(0.0, cores - os.getloadavg()[0])
         except (AttributeError, OSError):
-            return 0.0
+            return float(cores)
 
 
 def _cpu_times() -> tuple[int, int]:
