@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import warnings
-from unittest import mock
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from charlm.cells import State, cell_class
 from charlm.config import ModelConfig
@@ -44,14 +44,20 @@ def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     model is built on the meta device, so nothing is allocated whatever the sizes. Its random
     initialisation is skipped (shapes need no values): on the meta device the first `normal_`
     (nn.Embedding's) loads torch's Python reference kernels, 2 s of every checkpoint load here."""
-    with torch.device("meta"), warnings.catch_warnings(), mock.patch.object(torch.Tensor, "normal_", _unchanged):
+    with torch.device("meta"), warnings.catch_warnings(), _SkipNormalInit():
         warnings.simplefilter("ignore")  # a zero size (refused by the caller) warns, and the warning would be a second line
         model = CharRNN(cfg)
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def _unchanged(tensor: Tensor, *args, **kwargs) -> Tensor:
-    return tensor
+class _SkipNormalInit(TorchFunctionMode):
+    """Inside it, `tensor.normal_(...)` leaves the tensor as it is (a mode is per thread, unlike patching the method)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.Tensor.normal_, nn.init.normal_):  # nn.init's is seen first and would hide the method
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 def detach(state: State) -> State:

@@ -1,6 +1,8 @@
 import json
 import pickle
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,3 +116,22 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         checkpoint.save(p, _model(), {"n": 2})
     assert p.read_bytes() == before
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_checking_a_checkpoints_shapes_skips_the_random_init():
+    """parameter_shapes builds the model on the meta device; the first normal_ there costs ~2 s (torch
+    loads its reference kernels), so the init is skipped: a fresh process answers in well under a
+    second, and a model built afterwards is still initialised at random."""
+    code = (
+        "import time, torch\n"
+        "from charlm.config import ModelConfig\n"
+        "from charlm.model import CharRNN, parameter_shapes\n"
+        "cfg = ModelConfig(cell='lstm', num_layers=2, rnn_size=512, embed_size=64, vocab_size=100)\n"
+        "t = time.perf_counter(); shapes = parameter_shapes(cfg); took = time.perf_counter() - t\n"
+        "model = CharRNN(cfg)\n"
+        "assert shapes == {n: tuple(p.shape) for n, p in model.named_parameters()}\n"
+        "assert model.embed.weight.std() > 0.5\n"
+        "print(took)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout) < 1.0
