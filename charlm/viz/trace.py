@@ -109,8 +109,9 @@ def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=No
     rows = -(-n // span)
     ids_t = torch.from_numpy(ids).to(device)
     keep = None if keep is None else set(keep) | set(model.rnn.gate_names)
+    stream = has_own_inspect(model.rnn) if stream is None else stream
     with idle_core_threads(device):
-        if stream if stream is not None else has_own_inspect(model.rnn):
+        if stream:
             logps, acts = _stream(model, ids_t, keep)
         else:
             starts, logps = _score(model, ids_t, span)
