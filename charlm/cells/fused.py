@@ -71,6 +71,11 @@ class FusedCell(Cell):
         """Layer k's named activations at every step (each (B, T, H)) from its input x (B, T, in) and
         its output: for a cell whose state is its output h, the state before step t is out[t-1]."""
         B, T = out.shape[:2]
-        prev = torch.cat([layer_state[0].unsqueeze(1), out[:, :-1]], dim=1)
+        prev = outputs_before(layer_state[0], out)
         _, _, acts = self.layer_step(k, x.reshape(B * T, -1), (prev.reshape(B * T, -1),))
         return {name: a.view(B, T, -1) for name, a in acts.items()}
+
+
+def outputs_before(h0: Tensor, out: Tensor) -> Tensor:
+    """A layer's output before each step of a window: h0 (B, H) for the first, out[t-1] after it: (B, T, H)."""
+    return torch.cat([h0.unsqueeze(1), out[:, :-1]], dim=1)

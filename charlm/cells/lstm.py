@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from charlm.cells.base import State, register
-from charlm.cells.fused import FusedCell
+from charlm.cells.fused import FusedCell, outputs_before
 from charlm.cells.products import add_products, affine, products
 from charlm.cells.scan import sequential_scan
 
@@ -44,7 +44,7 @@ class LSTM(FusedCell, nn.LSTM):
         gates for all steps at once from h_{t-1} (= out[t-1]), then c_t = f_t c_{t-1} + i_t g_t as a scan."""
         h0, c0 = layer_state
         B, T = out.shape[:2]
-        prev = torch.cat([h0.unsqueeze(1), out[:, :-1]], dim=1)
+        prev = outputs_before(h0, out)
         i, f, g, o = (a.view(B, T, -1) for a in self._gates(k, x.reshape(B * T, -1), prev.reshape(B * T, -1)))
         return _named(i, f, g, o, sequential_scan(f, i * g, c0))
 

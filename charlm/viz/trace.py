@@ -104,9 +104,6 @@ def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=No
         raise CharlmError("the text spells no whole character")
     device = model.head.weight.device
     n = len(ids)
-    rows = max(1, min(rows, n // 8 or 1))
-    span = -(-n // rows)  # T: tokens per row
-    rows = -(-n // span)
     ids_t = torch.from_numpy(ids).to(device)
     keep = None if keep is None else set(keep) | set(model.rnn.gate_names)
     stream = has_own_inspect(model.rnn) if stream is None else stream
@@ -114,6 +111,9 @@ def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=No
         if stream:
             logps, acts = _stream(model, ids_t, keep)
         else:
+            rows = max(1, min(rows, n // 8 or 1))
+            span = -(-n // rows)  # T: tokens per row
+            rows = -(-n // span)
             starts, logps = _score(model, ids_t, span)
             acts = _internals(model, ids_t, starts, span, rows, keep)
     tok_bits = np.full(n, np.nan)
