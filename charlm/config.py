@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from charlm import CharlmError
+from charlm.errors import CharlmError, OptionError
 from charlm.cells import cell_names
 
 SCHEDULES = ("constant", "step", "cosine")
@@ -84,12 +84,12 @@ def all_keys() -> list[str]:
 def parse_duration(value: str | float | int | None) -> float | None:
     """'90s', '10m', '1.5h', '600' -> seconds."""
     if isinstance(value, bool):
-        raise CharlmError(f"cannot read the duration {value!r}: use a number of seconds or e.g. 90s, 10m, 1h")
+        raise OptionError(f"cannot read the duration {value!r}: use a number of seconds or e.g. 90s, 10m, 1h")
     if value is None or isinstance(value, (int, float)):
         return None if value is None else float(value)
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(value))
     if not m:
-        raise CharlmError(f"cannot read the duration {value!r}: use a number of seconds or e.g. 90s, 10m, 1h")
+        raise OptionError(f"cannot read the duration {value!r}: use a number of seconds or e.g. 90s, 10m, 1h")
     return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
 
 
@@ -99,7 +99,7 @@ def list_presets() -> list[str]:
 
 def load_preset(name: str) -> dict[str, Any]:
     if name not in list_presets():
-        raise CharlmError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+        raise OptionError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
     text = resources.files("charlm.presets").joinpath(f"{name}.yaml").read_text()
     return _check_keys(yaml.safe_load(text) or {}, f"preset {name}")
 
@@ -108,30 +108,30 @@ def load_config_file(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
-        raise CharlmError(f"config file {path} does not exist") from None
+        raise OptionError(f"config file {path} does not exist") from None
     except IsADirectoryError:
-        raise CharlmError(f"config file {path} is a directory; give a YAML file") from None
+        raise OptionError(f"config file {path} is a directory; give a YAML file") from None
     except UnicodeDecodeError as e:
-        raise CharlmError(f"config file {path} is not UTF-8 text (byte offset {e.start})") from None
+        raise OptionError(f"config file {path} is not UTF-8 text (byte offset {e.start})") from None
     except yaml.YAMLError as e:
-        raise CharlmError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise OptionError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     except RecursionError:
-        raise CharlmError(f"config file {path} is nested too deeply: it must be a flat mapping of option: value") from None
+        raise OptionError(f"config file {path} is nested too deeply: it must be a flat mapping of option: value") from None
     return _check_keys(data or {}, f"config file {path}")
 
 
 def _check_keys(data: Any, where: str) -> dict[str, Any]:
     if not isinstance(data, dict):
-        raise CharlmError(f"{where} must be a mapping of option: value")
+        raise OptionError(f"{where} must be a mapping of option: value")
     odd = [k for k in data if not isinstance(k, str)]
     if odd:
-        raise CharlmError(f"{where}: option names must be text, got {odd[0]!r}; valid keys: {', '.join(all_keys())}")
+        raise OptionError(f"{where}: option names must be text, got {odd[0]!r}; valid keys: {', '.join(all_keys())}")
     nested = [k for k, v in data.items() if isinstance(v, (dict, list))]
     if nested:
-        raise CharlmError(f"{where}: option {nested[0]} must be a single value, not a {type(data[nested[0]]).__name__}")
+        raise OptionError(f"{where}: option {nested[0]} must be a single value, not a {type(data[nested[0]]).__name__}")
     unknown = sorted(set(data) - set(all_keys()))
     if unknown:
-        raise CharlmError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(all_keys())}")
+        raise OptionError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(all_keys())}")
     return dict(data)
 
 
@@ -140,7 +140,7 @@ def resolve(*layers: dict[str, Any], base: dict[str, dict] | None = None) -> tup
     merged: dict[str, Any] = {}
     if base:
         if not all(isinstance(section, dict) for section in base.values()):
-            raise CharlmError("a saved config section is not a mapping of option: value")
+            raise OptionError("a saved config section is not a mapping of option: value")
         for section in base.values():
             merged.update(section)
     for layer in layers:
@@ -186,7 +186,7 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         return str(value)
     except (TypeError, ValueError, OverflowError):
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
-        raise CharlmError(f"option {f.name} expects {kind.split(' ')[0]}, got {shown}") from None
+        raise OptionError(f"option {f.name} expects {kind.split(' ')[0]}, got {shown}") from None
 
 
 def validate(model: ModelConfig, train: TrainConfig) -> None:
@@ -198,7 +198,7 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
         for f in fields(cfg):
             value = getattr(cfg, f.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise CharlmError(f"{f.name} must be a finite number (got {value})")
+                raise OptionError(f"{f.name} must be a finite number (got {value})")
     checks = [
         (model.cell in cell_names(), f"cell must be one of {', '.join(cell_names())} (got {model.cell!r})"),
         (1 <= model.num_layers <= MAX_LAYERS, f"num_layers must be between 1 and {MAX_LAYERS} (got {model.num_layers})"),
@@ -228,10 +228,10 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
     ]
     for ok, message in checks + _ss_checks(train):
         if not ok:
-            raise CharlmError(message)
+            raise OptionError(message)
     parameters = num_parameters(model)
     if parameters > MAX_PARAMETERS:
-        raise CharlmError(
+        raise OptionError(
             f"the model would have {parameters:,} parameters; at most 2^31 = {MAX_PARAMETERS:,} are allowed "
             f"(lower rnn_size, num_layers or embed_size)"
         )
@@ -268,18 +268,18 @@ def from_record(model: Any, train: Any, where: str) -> tuple[ModelConfig, TrainC
     """
     for name, section in (("model", model), ("train", train)):
         if not isinstance(section, dict):
-            raise CharlmError(f"{where}: the recorded {name} config is not a mapping")
+            raise OptionError(f"{where}: the recorded {name} config is not a mapping")
     unknown = sorted(set(model) - set(field_names(ModelConfig)))
     if unknown:
-        raise CharlmError(f"{where}: unknown model option(s) {', '.join(map(repr, unknown))[:200]}; "
+        raise OptionError(f"{where}: unknown model option(s) {', '.join(map(repr, unknown))[:200]}; "
                           "written by a newer charlm, or corrupt")
     known_train = {k: v for k, v in train.items() if k in field_names(TrainConfig)}
     try:
         model_cfg, train_cfg = resolve(base={"model": model, "train": known_train})
     except CharlmError as e:
-        raise CharlmError(f"{where}: the recorded config is invalid: {e}") from None
+        raise OptionError(f"{where}: the recorded config is invalid: {e}") from None
     if model_cfg.vocab_size < 1:
-        raise CharlmError(f"{where}: the recorded config is invalid: vocab_size must be between 1 and {MAX_VOCAB} "
+        raise OptionError(f"{where}: the recorded config is invalid: vocab_size must be between 1 and {MAX_VOCAB} "
                           f"(got {model_cfg.vocab_size})")
     return model_cfg, train_cfg
 

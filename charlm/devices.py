@@ -7,7 +7,7 @@ import contextlib
 
 import torch
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 
 
 def pick_device(name: str) -> torch.device:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 
 State = tuple[Tensor, ...]  # one (num_layers, B, H) tensor per state name
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from charlm import CharlmError
+from charlm.errors import CheckpointError
 from charlm.checkpoint.checks import (
     _check_entries,
     _check_values,
@@ -95,7 +95,7 @@ class Checkpoint:
         try:
             model.load_state_dict(self.model_state())
         except RuntimeError as e:
-            raise CharlmError(f"{self.path}: weights do not match the recorded model config ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"{self.path}: weights do not match the recorded model config ({str(e).splitlines()[0]})") from None
         return model.eval()
 
 

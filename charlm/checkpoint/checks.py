@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from charlm import CharlmError, config
+from charlm import config
+from charlm.errors import CharlmError, CheckpointError
 from charlm.cells import cell_class
 from charlm.checkpoint.layout import (
     ADAM_SLOTS,
@@ -44,32 +45,32 @@ from charlm.tokenizers.vocab import load_vocab
 def _checked_meta(f: TensorFile) -> dict:
     path, md = f.path, f.metadata
     if md.get("format") != FORMAT:
-        raise CharlmError(f"{path} is not a charlm checkpoint (no '{FORMAT}' format field)")
+        raise CheckpointError(f"{path} is not a charlm checkpoint (no '{FORMAT}' format field)")
     version = md.get("format_version", "")
     if not re.fullmatch(r"[0-9]{1,6}", version) or int(version) < 1:
-        raise CharlmError(f"{path} has an unreadable format version")
+        raise CheckpointError(f"{path} has an unreadable format version")
     if int(version) > VERSION:
-        raise CharlmError(f"{path} uses checkpoint format version {int(version)}; this charlm reads up to {VERSION}: upgrade charlm")
+        raise CheckpointError(f"{path} uses checkpoint format version {int(version)}; this charlm reads up to {VERSION}: upgrade charlm")
     try:
         meta = parse_json(md.get("meta", ""), allow_nonfinite=True)  # metrics may be NaN, best_val Infinity
     except ValueError as e:
-        raise CharlmError(f"{path} is corrupt (unreadable metadata: {e}); use another checkpoint") from None
+        raise CheckpointError(f"{path} is corrupt (unreadable metadata: {e}); use another checkpoint") from None
     if not isinstance(meta, dict):
-        raise CharlmError(f"{path} is corrupt (its metadata is not a JSON object); use another checkpoint")
+        raise CheckpointError(f"{path} is corrupt (its metadata is not a JSON object); use another checkpoint")
     for name in REQUIRED_SECTIONS:
         if name not in meta:
-            raise CharlmError(f"{path} is corrupt: its metadata has no {name!r} section")
+            raise CheckpointError(f"{path} is corrupt: its metadata has no {name!r} section")
     for name in MAPPING_SECTIONS:
         if name in meta and not isinstance(meta[name], dict):
-            raise CharlmError(f"{path} is corrupt: metadata section {name!r} is not a mapping")
+            raise CheckpointError(f"{path} is corrupt: metadata section {name!r} is not a mapping")
     model_cfg, train_cfg = config.from_record(meta["model"], meta["train"], str(path))
     meta["model"], meta["train"] = dataclasses.asdict(model_cfg), dataclasses.asdict(train_cfg)
     for key, value in meta.get("metrics", {}).items():
         if isinstance(value, (dict, list)):
-            raise CharlmError(f"{path} is corrupt: metrics.{key[:40]} is not a single value")
+            raise CheckpointError(f"{path} is corrupt: metrics.{key[:40]} is not a single value")
     provenance = meta.get("provenance", {})
     if not isinstance(provenance.get("data_dir", ""), str):
-        raise CharlmError(f"{path} is corrupt: provenance.data_dir is not a path")
+        raise CheckpointError(f"{path} is corrupt: provenance.data_dir is not a path")
     for key, value in meta.get("train_state", {}).items():
         _check_state_field(path, key, value, key in TRAIN_STATE_INTS)
     return meta
@@ -83,7 +84,7 @@ def _check_state_field(path: Path, key: str, value: Any, integer: bool) -> float
         ok = type(value) in (int, float) and (math.isfinite(value) or (key in CAN_BE_INFINITE and value == math.inf)) and value >= 0
         need = "a finite number >= 0" + (" (or Infinity)" if key in CAN_BE_INFINITE else "")
     if not ok:
-        raise CharlmError(f"{path}: training-state field {key[:40]} must be {need} (got {_short(value)})")
+        raise CheckpointError(f"{path}: training-state field {key[:40]} must be {need} (got {_short(value)})")
     return value if integer else float(value)
 
 
@@ -113,26 +114,26 @@ def _check_entries(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
         if name.startswith(MODEL_PREFIX):
             key = name[len(MODEL_PREFIX):]
             if key not in expected:
-                raise CharlmError(f"{path} holds a tensor {name[:80]!r} that its model config ({_describe(cfg)}) does not have")
+                raise CheckpointError(f"{path} holds a tensor {name[:80]!r} that its model config ({_describe(cfg)}) does not have")
             if e.dtype != "F32" or e.shape != expected[key]:
-                raise CharlmError(f"{path}: tensor {name} is {e.dtype} {list(e.shape)}, but its model config "
+                raise CheckpointError(f"{path}: tensor {name} is {e.dtype} {list(e.shape)}, but its model config "
                                   f"({_describe(cfg)}) needs F32 {list(expected[key])}")
         elif name != TOKENIZER_TENSOR and not name.startswith(STATE_PREFIX):
-            raise CharlmError(f"{path} holds a tensor {name[:80]!r} that is not part of a charlm checkpoint")
+            raise CheckpointError(f"{path} holds a tensor {name[:80]!r} that is not part of a charlm checkpoint")
     missing = [MODEL_PREFIX + k for k in expected if MODEL_PREFIX + k not in f.entries]
     if missing:
-        raise CharlmError(f"{path} lacks {len(missing)} tensor(s) its model config ({_describe(cfg)}) needs: "
+        raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) its model config ({_describe(cfg)}) needs: "
                           f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
     for name, e in f.entries.items():
         if name == TOKENIZER_TENSOR and (e.dtype != "U8" or len(e.shape) != 1):
-            raise CharlmError(f"{path}: tensor {name} is {e.dtype} {list(e.shape)}; a serialized tokenizer is U8 [n]")
+            raise CheckpointError(f"{path}: tensor {name} is {e.dtype} {list(e.shape)}; a serialized tokenizer is U8 [n]")
         if name.startswith(STATE_PREFIX):
             _check_state_entry(path, name[len(STATE_PREFIX):], e, cfg, params)
     kind = meta["vocab"].get("kind")
     if kind == "spm" and TOKENIZER_TENSOR not in f.entries:
-        raise CharlmError(f"{path} uses a SentencePiece vocabulary but holds no serialized model ({TOKENIZER_TENSOR})")
+        raise CheckpointError(f"{path} uses a SentencePiece vocabulary but holds no serialized model ({TOKENIZER_TENSOR})")
     if kind != "spm" and TOKENIZER_TENSOR in f.entries:
-        raise CharlmError(f"{path} has a {str(kind)[:20]} vocabulary but also a SentencePiece tokenizer tensor: one of them is wrong")
+        raise CheckpointError(f"{path} has a {str(kind)[:20]} vocabulary but also a SentencePiece tokenizer tensor: one of them is wrong")
     _check_state_set(f, meta, cfg)
 
 
@@ -154,13 +155,13 @@ def _check_state_entry(path: Path, key: str, e, cfg: ModelConfig, params: list[t
     elif len(parts) == 3 and parts[0] == "optim" and parts[2] in ADAM_SLOTS and _index(parts[1], 1 << 30) is not None:
         i = int(parts[1])
         if i >= len(params):
-            raise CharlmError(f"{path}: optimizer state train_state.{key} for parameter {i}, but the model has {len(params)}")
+            raise CheckpointError(f"{path}: optimizer state train_state.{key} for parameter {i}, but the model has {len(params)}")
         shape = () if parts[2] == "step" else params[i]
         ok, need = e.dtype == "F32" and e.shape == shape, f"F32 {list(shape)}"
     else:
-        raise CharlmError(f"{path} holds an unknown training-state tensor train_state.{key[:80]}")
+        raise CheckpointError(f"{path} holds an unknown training-state tensor train_state.{key[:80]}")
     if not ok:
-        raise CharlmError(f"{path}: training-state tensor train_state.{key} is {e.dtype} {list(e.shape)}; expected {need}")
+        raise CheckpointError(f"{path}: training-state tensor train_state.{key} is {e.dtype} {list(e.shape)}; expected {need}")
 
 
 def _check_state_set(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
@@ -173,20 +174,20 @@ def _check_state_set(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
     if not keys:
         return
     if "train_state" not in meta:
-        raise CharlmError(f"{path} is corrupt: it has training-state tensors but no training-state record")
+        raise CheckpointError(f"{path} is corrupt: it has training-state tensors but no training-state record")
     if "rng.torch" not in keys:
-        raise CharlmError(f"{path} is corrupt: its training state lacks the random generator state (train_state.rng.torch)")
+        raise CheckpointError(f"{path} is corrupt: its training state lacks the random generator state (train_state.rng.torch)")
     hidden = sorted(int(k.split(".")[1]) for k in keys if k.startswith("hidden."))
     count = len(cell_class(cfg.cell).state_names)  # the cell's state tensors: lstm (h, c), gru (h), ...
     if hidden and hidden != list(range(count)):
         names = ", ".join(f".{j}" for j in range(1, count))
-        raise CharlmError(f"{path}: the carried state of a {cfg.cell} model is {count} tensor(s) "
+        raise CheckpointError(f"{path}: the carried state of a {cfg.cell} model is {count} tensor(s) "
                           f"(train_state.hidden.0{', ' + names if names else ''}), not {len(hidden)}")
     if hidden and len({f.entries[STATE_PREFIX + f"hidden.{j}"].shape for j in range(count)}) > 1:
-        raise CharlmError(f"{path}: the carried states train_state.hidden.0 .. .{count - 1} differ in shape")
+        raise CheckpointError(f"{path}: the carried states train_state.hidden.0 .. .{count - 1} differ in shape")
     cuda = sorted(int(k.split(".")[2]) for k in keys if k.startswith("rng.cuda."))
     if cuda != list(range(len(cuda))):
-        raise CharlmError(f"{path} is corrupt: its CUDA generator states are not numbered 0, 1, ...")
+        raise CheckpointError(f"{path} is corrupt: its CUDA generator states are not numbered 0, 1, ...")
     slots: dict[str, set] = {}
     for k in keys:
         if k.startswith("optim."):
@@ -194,7 +195,7 @@ def _check_state_set(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
             slots.setdefault(i, set()).add(name)
     for i, names in slots.items():
         if names != set(ADAM_SLOTS):
-            raise CharlmError(f"{path}: the optimizer state of parameter {i} lacks {', '.join(sorted(set(ADAM_SLOTS) - names))}")
+            raise CheckpointError(f"{path}: the optimizer state of parameter {i} lacks {', '.join(sorted(set(ADAM_SLOTS) - names))}")
 
 
 def _verify_checksums(f: TensorFile) -> str:
@@ -203,12 +204,12 @@ def _verify_checksums(f: TensorFile) -> str:
     if not have:
         return "none"
     if len(have) == 1:
-        raise CharlmError(f"{f.path} is corrupt: it has {have[0]} but no {({WEIGHTS_SHA256, RECORD_SHA256} - set(have)).pop()}")
+        raise CheckpointError(f"{f.path} is corrupt: it has {have[0]} but no {({WEIGHTS_SHA256, RECORD_SHA256} - set(have)).pop()}")
     weights, others = _digest_order(f.entries)
     if f.digest(weights) != f.metadata[WEIGHTS_SHA256]:
-        raise CharlmError(f"{f.path} is corrupt: its weights do not match their sha256 checksum; use another checkpoint")
+        raise CheckpointError(f"{f.path} is corrupt: its weights do not match their sha256 checksum; use another checkpoint")
     if f.digest(others, prefix=_utf8(f.metadata["meta"])) != f.metadata[RECORD_SHA256]:
-        raise CharlmError(f"{f.path} is corrupt: its metadata or training state does not match its sha256 checksum; "
+        raise CheckpointError(f"{f.path} is corrupt: its metadata or training state does not match its sha256 checksum; "
                           "use another checkpoint")
     return "verified"
 
@@ -219,9 +220,9 @@ def _checked_vocab(f: TensorFile, meta: dict, cfg: ModelConfig):
         vocab = load_vocab(meta["vocab"], blob, where=str(f.path))
     except CharlmError as e:
         message = str(e)
-        raise CharlmError(message if str(f.path) in message else f"{f.path}: {message}") from None
+        raise CheckpointError(message if str(f.path) in message else f"{f.path}: {message}") from None
     if len(vocab) != cfg.vocab_size:
-        raise CharlmError(f"{f.path}: its vocabulary has {len(vocab)} symbols but the model's output has {cfg.vocab_size} "
+        raise CheckpointError(f"{f.path}: its vocabulary has {len(vocab)} symbols but the model's output has {cfg.vocab_size} "
                           "(model.vocab_size): corrupt")
     return vocab
 
@@ -232,9 +233,9 @@ def _check_values(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig
     for name, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             what = "weights" if name.startswith(MODEL_PREFIX) else "training state"
-            raise CharlmError(f"{path}: tensor {name} holds NaN or infinite values: its {what} cannot be used")
+            raise CheckpointError(f"{path}: tensor {name} holds NaN or infinite values: its {what} cannot be used")
         if name.endswith(".exp_avg_sq") and bool((t < 0).any()):
-            raise CharlmError(f"{path}: tensor {name} holds negative values: a second moment is never negative (corrupt)")
+            raise CheckpointError(f"{path}: tensor {name} holds negative values: a second moment is never negative (corrupt)")
     # Every cell's output is in [-1, 1] (tanh, a gate times tanh, or a mix of such), so every pre-
     # activation of a recurrent layer is bounded by what its weights can sum to: the row sums of |W|
     # times the input bound, plus |b|. The sum of that over all the cell's tensors bounds any layer
@@ -245,9 +246,9 @@ def _check_values(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig
     bound = sum(float(_row_sums(t.reshape(t.shape[0], -1)).max() * x) if t.dim() > 1 else float(t.double().abs().max())
                 for name, t in w.items() if name.startswith("rnn.") and t.numel())
     if not bound <= MAX_ACTIVATION:
-        raise CharlmError(f"{path}: the recurrent weights are so large that activations overflow float32: corrupt")
+        raise CheckpointError(f"{path}: the recurrent weights are so large that activations overflow float32: corrupt")
     if not float((_row_sums(w["head.weight"]) + w["head.bias"].double().abs()).max()) <= MAX_ACTIVATION:
-        raise CharlmError(f"{path}: the output layer's weights are so large that its logits overflow float32: corrupt")
+        raise CheckpointError(f"{path}: the output layer's weights are so large that its logits overflow float32: corrupt")
 
 
 MAX_ACTIVATION = 1e30  # trained weights give pre-activations of order 1 to 100

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import torch
 
-from charlm import CharlmError
+from charlm.errors import CheckpointError
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -68,7 +68,7 @@ class TensorFile:
             f.seek(8 + self.header_size)
             data = f.read()
         if len(data) != self.file_size - 8 - self.header_size:
-            raise CharlmError(f"{self.path} changed while it was being read; try again")
+            raise CheckpointError(f"{self.path} changed while it was being read; try again")
         self.data = data
 
     def view(self, name: str) -> memoryview:
@@ -135,62 +135,62 @@ def open_file(path: str | Path) -> TensorFile:
     """Read and check the header; the data section is left on disk (see TensorFile.read_data)."""
     path = Path(path)
     if not path.exists():
-        raise CharlmError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        raise CharlmError(f"{path} is a directory; pass a checkpoint file such as {path / 'best.safetensors'}")
+        raise CheckpointError(f"{path} is a directory; pass a checkpoint file such as {path / 'best.safetensors'}")
     if not path.is_file():  # a FIFO or a device would block or never end
-        raise CharlmError(f"{path} is not a regular file; pass a checkpoint file")
+        raise CheckpointError(f"{path} is not a regular file; pass a checkpoint file")
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         head = f.read(9)
         if head[:2] == b"PK":
-            raise CharlmError(f"{path} is a zip archive (a torch.save file?), not a charlm checkpoint; charlm never unpickles files")
+            raise CheckpointError(f"{path} is a zip archive (a torch.save file?), not a charlm checkpoint; charlm never unpickles files")
         # A header length whose low byte is 0x80 looks like a pickle's first byte; a safetensors
         # header (JSON) always opens with "{" at byte 8, a pickle there is anything else.
         if head[:1] == b"\x80" and head[8:9] != b"{":
-            raise CharlmError(f"{path} is a pickle file (torch.save or pickle.dump), not a charlm checkpoint; charlm never unpickles files")
+            raise CheckpointError(f"{path} is a pickle file (torch.save or pickle.dump), not a charlm checkpoint; charlm never unpickles files")
         if len(head) < 8:
-            raise CharlmError(f"{path} is empty or truncated: not a charlm checkpoint")
+            raise CheckpointError(f"{path} is empty or truncated: not a charlm checkpoint")
         (n,) = struct.unpack("<Q", head[:8])
         if n < 2 or n > min(size - 8, MAX_HEADER):
-            raise CharlmError(f"{path} is not a safetensors file, or it is truncated")
+            raise CheckpointError(f"{path} is not a safetensors file, or it is truncated")
         f.seek(8)
         raw = f.read(n)
     try:
         header = parse_json(raw.decode("utf-8"))
     except ValueError as e:  # UnicodeDecodeError too
-        raise CharlmError(f"{path} is not a safetensors file, or it is corrupt (its header: {e})") from None
+        raise CheckpointError(f"{path} is not a safetensors file, or it is corrupt (its header: {e})") from None
     if not isinstance(header, dict):
-        raise CharlmError(f"{path} is corrupt: its header is a JSON {type(header).__name__}, not an object")
+        raise CheckpointError(f"{path} is corrupt: its header is a JSON {type(header).__name__}, not an object")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CharlmError(f"{path} is corrupt: its __metadata__ is not a mapping of text to text")
+        raise CheckpointError(f"{path} is corrupt: its __metadata__ is not a mapping of text to text")
     entries = {name: _entry(path, name, record) for name, record in header.items()}
     end = 0
     for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
         if e.begin != end:
             what = "overlaps another" if e.begin < end else "leaves a gap before it"
-            raise CharlmError(f"{path} is corrupt: the data of tensor {name[:80]!r} {what}")
+            raise CheckpointError(f"{path} is corrupt: the data of tensor {name[:80]!r} {what}")
         end = e.end
     if 8 + n + end > size:
-        raise CharlmError(f"{path} is truncated ({size:,} bytes; the header promises {8 + n + end:,}); use another checkpoint")
+        raise CheckpointError(f"{path} is truncated ({size:,} bytes; the header promises {8 + n + end:,}); use another checkpoint")
     if 8 + n + end < size:
-        raise CharlmError(f"{path} is corrupt: {size - 8 - n - end:,} bytes follow the last tensor")
+        raise CheckpointError(f"{path} is corrupt: {size - 8 - n - end:,} bytes follow the last tensor")
     return TensorFile(path=path, header_size=n, file_size=size, metadata=metadata, entries=entries)
 
 
 def _entry(path: Path, name: str, record: Any) -> Entry:
     shown = repr(name[:80])
     if not isinstance(record, dict) or set(record) != ENTRY_KEYS:
-        raise CharlmError(f"{path} is corrupt: the header record of tensor {shown} is not {{dtype, shape, data_offsets}}")
+        raise CheckpointError(f"{path} is corrupt: the header record of tensor {shown} is not {{dtype, shape, data_offsets}}")
     dtype, shape, offsets = record["dtype"], record["shape"], record["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
-        raise CharlmError(f"{path} is corrupt: tensor {shown} has an unknown dtype {str(dtype)[:20]!r}")
+        raise CheckpointError(f"{path} is corrupt: tensor {shown} has an unknown dtype {str(dtype)[:20]!r}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
-        raise CharlmError(f"{path} is corrupt: tensor {shown} has an invalid shape")
+        raise CheckpointError(f"{path} is corrupt: tensor {shown} has an invalid shape")
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int and o >= 0 for o in offsets):
-        raise CharlmError(f"{path} is corrupt: tensor {shown} has invalid data_offsets (two integers >= 0 expected)")
+        raise CheckpointError(f"{path} is corrupt: tensor {shown} has invalid data_offsets (two integers >= 0 expected)")
     begin, end = offsets
     if end < begin or end - begin != math.prod(shape) * DTYPES[dtype].itemsize:
-        raise CharlmError(f"{path} is corrupt: the data_offsets of tensor {shown} do not match its dtype and shape")
+        raise CheckpointError(f"{path} is corrupt: the data_offsets of tensor {shown} do not match its dtype and shape")
     return Entry(dtype=dtype, shape=tuple(shape), begin=begin, end=end)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from charlm import CharlmError
+from charlm.errors import CheckpointError
 from charlm.cells import cell_class
 from charlm.checkpoint.checks import _check_state_field
 
@@ -44,7 +44,7 @@ def unpack_train_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torc
     where = ckpt.path
     tensors = ckpt.train_tensors()
     if "train_state" not in ckpt.meta or "rng.torch" not in tensors:
-        raise CharlmError(f"{where} holds no training state (a best/exported file); resume from last.safetensors or use --init-from")
+        raise CheckpointError(f"{where} holds no training state (a best/exported file); resume from last.safetensors or use --init-from")
     progress = _progress(ckpt.meta["train_state"], progress_type, where)
     weights, own = ckpt.model_state(), model.state_dict()
     differ = sorted(k for k in own.keys() | weights.keys()
@@ -52,7 +52,7 @@ def unpack_train_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torc
     if differ:
         k = differ[0]
         shapes = f"{list(weights[k].shape) if k in weights else 'absent'} in the checkpoint, {list(own[k].shape) if k in own else 'absent'} here"
-        raise CharlmError(f"{where}: the model being trained is not the checkpoint's ({k}: {shapes})")
+        raise CheckpointError(f"{where}: the model being trained is not the checkpoint's ({k}: {shapes})")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     slots: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -60,11 +60,11 @@ def unpack_train_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torc
             _, idx, name = key.split(".")
             i = int(idx)
             if i >= len(params) or (name != "step" and tuple(value.shape) != tuple(params[i].shape)):
-                raise CharlmError(f"{where}: optimizer state train_state.{key} does not fit parameter {i} of this model")
+                raise CheckpointError(f"{where}: optimizer state train_state.{key} does not fit parameter {i} of this model")
             slots.setdefault(i, {})[name] = value
     rng = tensors["rng.torch"]
     if rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
-        raise CharlmError(f"{where}: the saved random generator state has the wrong size")
+        raise CheckpointError(f"{where}: the saved random generator state has the wrong size")
     cuda = [tensors[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in tensors))]
     # float32: what the model computes in (autocast casts it where it runs in 16 bits)
     hidden = tuple(tensors[f"hidden.{j}"].float() for j in range(sum(k.startswith("hidden.") for k in tensors)))
@@ -72,7 +72,7 @@ def unpack_train_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torc
     if hidden and cfg is not None:
         count = len(cell_class(cfg.cell).state_names)
         if len(hidden) != count or any(h.dim() != 3 or h.shape[0] != cfg.num_layers or h.shape[2] != cfg.rnn_size for h in hidden):
-            raise CharlmError(f"{where}: the carried state does not fit this model ({count} x [{cfg.num_layers}, rows, {cfg.rnn_size}])")
+            raise CheckpointError(f"{where}: the carried state does not fit this model ({count} x [{cfg.num_layers}, rows, {cfg.rnn_size}])")
     # Everything checks: only now is anything changed.
     model.load_state_dict(weights)
     optimizer.load_state_dict({"state": slots, "param_groups": optimizer.state_dict()["param_groups"]})
@@ -88,6 +88,6 @@ def _progress(record: dict, progress_type, where: Path) -> dict:
     known = {f.name: str(f.type) for f in dataclasses.fields(progress_type)}
     unknown = sorted(set(record) - set(known))
     if unknown:
-        raise CharlmError(f"{where}: unknown training-state field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
+        raise CheckpointError(f"{where}: unknown training-state field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
                           "written by a newer charlm, or corrupt")
     return {name: _check_state_field(where, name, value, known[name].startswith("int")) for name, value in record.items()}

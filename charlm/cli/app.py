@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from charlm import CharlmError, __version__
+from charlm import __version__
+from charlm.errors import CharlmError
 
 app = typer.Typer(
     help="Character-level recurrent language models: prepare, train, sample, evaluate.",

@@ -21,7 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from typing_extensions import Annotated
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 from charlm.cli.app import app, corpus_app, err, friendly
 from charlm.tokenizers.spm import KINDS as TOKENIZER_KINDS
 from charlm.tokenizers.spm import TokenizerSpec

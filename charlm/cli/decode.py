@@ -17,7 +17,8 @@ from rich.table import Table
 from rich.text import Text
 from typing_extensions import Annotated
 
-from charlm import CharlmError, checkpoint, config
+from charlm import checkpoint, config
+from charlm.errors import CharlmError
 from charlm.cli import dynamic as dyn
 from charlm.cli.app import app, err, friendly, read_text_file
 from charlm.data import PreparedData

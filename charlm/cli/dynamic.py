@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from typing_extensions import Annotated
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 from charlm.cli.app import err, read_text_file
 from charlm.decoding import dynamic
 from charlm.decoding.evaluate import evaluate

@@ -16,7 +16,8 @@ from typing import NoReturn, Optional
 import typer
 from typing_extensions import Annotated
 
-from charlm import CharlmError, checkpoint, config
+from charlm import checkpoint, config
+from charlm.errors import CharlmError
 from charlm.cells import cell_names
 from charlm.cli.app import app, err, friendly
 from charlm.cli.data import (

@@ -12,7 +12,7 @@ from rich.table import Table
 from rich.text import Text
 from typing_extensions import Annotated
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 from charlm.cli.app import app, err, friendly, read_text_file
 
 MAX_CHARS = 20_000

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from charlm import CharlmError
+from charlm.errors import DataError
 
 MARK = ".building-"  # hidden work dirs: .NAME.building-PID-XXXX
 
@@ -43,11 +43,11 @@ def _check_replaceable(target: Path, replaceable: set[str]) -> None:
     if not target.exists():
         return
     if not target.is_dir():
-        raise CharlmError(f"{target} is a file; give a directory to write to")
+        raise DataError(f"{target} is a file; give a directory to write to")
     others = sorted(name for name in os.listdir(target) if name not in replaceable)
     if others:
         shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise CharlmError(f"{target} holds other files ({shown}) and would be replaced as a whole; give a new or empty directory")
+        raise DataError(f"{target} holds other files ({shown}) and would be replaced as a whole; give a new or empty directory")
 
 
 def _swap_in(work: Path, target: Path) -> None:

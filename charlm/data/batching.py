@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from charlm import CharlmError
+from charlm.errors import DataError
 
 
 # Truncated BPTT layout. The split's n tokens become B contiguous rows of L = (n-1) // B steps;
@@ -35,7 +35,7 @@ class StreamBatcher:
         self.row_length = (n - 1) // batch_size if n > 1 else 0
         if self.row_length < seq_length:
             need = batch_size * seq_length + 1
-            raise CharlmError(
+            raise DataError(
                 f"{what} has {n:,} tokens, fewer than one batch needs ({batch_size} rows x {seq_length} steps + 1 = "
                 f"{need:,}); use a longer text or lower --batch-size / --seq-length"
             )

@@ -24,7 +24,7 @@ from typing import Callable
 import yaml
 
 import charlm
-from charlm import CharlmError
+from charlm.errors import DataError
 from charlm.data import sourcetree
 
 MIRROR_ENV = "CHARLM_CORPUS_MIRROR"
@@ -118,7 +118,7 @@ def registry_files() -> dict[str, tuple[str, str]]:
         try:
             files[path.name] = (str(path), path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as e:
-            raise CharlmError(f"cannot read registry file {path}: {e}") from None
+            raise DataError(f"cannot read registry file {path}: {e}") from None
     return files
 
 
@@ -133,7 +133,7 @@ def registry() -> dict[str, CorpusEntry]:
                 fields["build"] = _recipe(fields["build"])
             entry = CorpusEntry(**fields)
         except (TypeError, AttributeError, yaml.YAMLError) as e:
-            raise CharlmError(f"registry file {where} is incomplete or malformed: {_yaml_problem(e)}") from None
+            raise DataError(f"registry file {where} is incomplete or malformed: {_yaml_problem(e)}") from None
         entries[entry.name] = entry
     return entries
 
@@ -158,7 +158,7 @@ def lookup(name: str) -> CorpusEntry:
     entries = registry()
     if name not in entries:
         known = ", ".join(entries) or "none"
-        raise CharlmError(f"unknown corpus {name!r}; registered corpora: {known} (see: charlm corpus list)")
+        raise DataError(f"unknown corpus {name!r}; registered corpora: {known} (see: charlm corpus list)")
     return entries[name]
 
 
@@ -205,13 +205,13 @@ def fetch(name: str, mirror: str | Path | None = None, progress: Progress | None
                 return _verified_copy(src, dest, entry, str(candidate), candidate.stat().st_size, progress)
     where = f"mirror {mirror} has no {entry.mirror_dir}/input.txt" if mirror else ""
     if entry.url is None:
-        raise CharlmError(_no_url(entry, where))
+        raise DataError(_no_url(entry, where))
     try:
         with urllib.request.urlopen(entry.url, timeout=30) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             return _verified_copy(response, dest, entry, entry.url, total, progress)
     except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise CharlmError(
+        raise DataError(
             f"cannot download {name} from {entry.url}: {getattr(e, 'reason', e)}{f' ({where})' if where else ''}. "
             f"Offline? Put the file at DIR/{entry.mirror_dir}/input.txt and pass --mirror DIR "
             f"(or set {MIRROR_ENV}=DIR), or copy it to {dest} yourself"
@@ -254,12 +254,12 @@ def _verified_copy(src, dest: Path, entry: CorpusEntry, origin: str, total: int 
             out.flush()
             os.fsync(out.fileno())
         if entry.sha256 is not None and h.hexdigest() != entry.sha256:
-            raise CharlmError(
+            raise DataError(
                 f"checksum mismatch for {entry.name} from {origin}: expected sha256 {entry.sha256}, "
                 f"got {h.hexdigest()} ({done:,} bytes); the file was not kept"
             )
         if entry.sha256 is None and done != entry.bytes:
-            raise CharlmError(
+            raise DataError(
                 f"size mismatch for {entry.name} from {origin}: expected {entry.bytes:,} bytes (there is no "
                 f"published sha256 to check), got {done:,}; the file was not kept"
             )
@@ -286,11 +286,11 @@ def build(
     entry = lookup(name)
     if entry.build is None:
         buildable = ", ".join(e.name for e in registry().values() if e.build) or "none"
-        raise CharlmError(f"{name} is not built from a source tree; --from applies to: {buildable}")
+        raise DataError(f"{name} is not built from a source tree; --from applies to: {buildable}")
     chosen = entry.build.subset if subset is None else sourcetree.parse_subset(subset)
     registered = chosen == entry.build.subset
     if not registered and out is None:
-        raise CharlmError(_custom_subset(entry, chosen))
+        raise DataError(_custom_subset(entry, chosen))
     sourcetree.check_source(source)
     dest = Path(out) if out is not None else corpus_path(name)
     if registered and out is None:
@@ -307,7 +307,7 @@ def build(
             os.fsync(f.fileno())
         verified = registered and entry.sha256 is not None
         if verified and made.sha256 != entry.sha256:
-            raise CharlmError(
+            raise DataError(
                 f"checksum mismatch for {name} built from {source}: expected sha256 {entry.sha256}, got "
                 f"{made.sha256} ({made.files:,} files, {made.bytes:,} bytes; registered: {entry.bytes:,} bytes). "
                 f"Is it the kernel version the registry names ({entry.source})? The file was not kept"

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import numpy as np
 
-from charlm import CharlmError
+from charlm.errors import DataError
 from charlm.tokenizers.vocab import MAX_CODEPOINT, Vocab
 
 CHUNK = 1 << 23  # 8 MiB of bytes per read
@@ -65,7 +65,7 @@ def _decode(chunk: bytes, decoder, final: bool, path: Path, offset: int) -> str 
     """The chunk's text, or None if it is plain ASCII (its bytes are its code points)."""
     nul = chunk.find(b"\x00")
     if nul >= 0:
-        raise CharlmError(
+        raise DataError(
             f"{path} looks like a binary file (NUL byte at offset {offset + nul}); charlm trains on text "
             "(use --encoding bytes to model raw bytes anyway)"
         )
@@ -75,7 +75,7 @@ def _decode(chunk: bytes, decoder, final: bool, path: Path, offset: int) -> str 
     try:
         return decoder.decode(chunk, final=final)
     except UnicodeDecodeError as e:
-        raise CharlmError(
+        raise DataError(
             f"{path} is not valid UTF-8 (byte offset {offset + e.start}); convert it "
             "(e.g. iconv -f latin1 -t utf-8) or use --encoding bytes for a byte-level vocabulary"
         ) from None
@@ -154,7 +154,7 @@ def _char_ids(files: list[Path], encoding: str, vocab: Vocab, sha256: str) -> It
             ids = _utf8_ids(data, table, lut)
         yield ids.astype(vocab.id_dtype, copy=False), done
     if sha.hexdigest() != sha256:
-        raise CharlmError(f"the input changed while it was being prepared ({files[0] if len(files) == 1 else 'one of the files'}): run the command again")
+        raise DataError(f"the input changed while it was being prepared ({files[0] if len(files) == 1 else 'one of the files'}): run the command again")
 
 
 def _complete_utf8(data: bytes) -> tuple[bytes, bytes]:

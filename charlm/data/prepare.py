@@ -19,7 +19,8 @@ from typing import Callable
 
 import numpy as np
 
-from charlm import CharlmError, allocator
+from charlm import allocator
+from charlm.errors import DataError
 from charlm.data import atomicdir, corpus
 from charlm.data.encode import _char_ids, _chunks, _Scan, _units, units_to_text
 from charlm.data.format import (
@@ -44,11 +45,11 @@ def resolve_inputs(source: str | Path, glob: str | None = None, mirror: str | No
     if path.is_dir():
         files = sorted(p for p in path.glob(glob or "**/*") if p.is_file() and not p.name.startswith("."))
         if not files:
-            raise CharlmError(f"directory {path} has no files matching {glob or '**/*'} (use --glob)")
+            raise DataError(f"directory {path} has no files matching {glob or '**/*'} (use --glob)")
         return files
     if str(source) in corpus.registry():
         return [corpus.get(str(source), mirror=mirror)]
-    raise CharlmError(f"{source} is neither a file, a directory nor a registered corpus (see: charlm corpus list)")
+    raise DataError(f"{source} is neither a file, a directory nor a registered corpus (see: charlm corpus list)")
 
 
 def _total_bytes(files: list[Path]) -> int:
@@ -65,7 +66,7 @@ def split_bounds(n: int, fractions: tuple[float, float, float]) -> tuple[int, in
 def check_fractions(fractions: tuple[float, float, float]) -> tuple[float, float, float]:
     ok = len(fractions) == 3 and all(math.isfinite(f) and f >= 0 for f in fractions)  # NaN fails every comparison
     if not ok or abs(sum(fractions) - 1) > 1e-6 or fractions[0] <= 0:
-        raise CharlmError(f"--split needs three non-negative fractions summing to 1, train > 0 (got {fractions})")
+        raise DataError(f"--split needs three non-negative fractions summing to 1, train > 0 (got {fractions})")
     return tuple(float(f) for f in fractions)
 
 
@@ -83,14 +84,14 @@ def prepare(
     existing prepared dir as it was. An existing out_dir holding other files is refused.
     """
     if encoding not in ("utf-8", "bytes"):
-        raise CharlmError(f"--encoding must be utf-8 or bytes (got {encoding!r})")
+        raise DataError(f"--encoding must be utf-8 or bytes (got {encoding!r})")
     spec = (tokenizer or TokenizerSpec()).checked()
     if spec.is_spm and encoding != "utf-8":
-        raise CharlmError(f"--tokenizer {spec.kind} reads UTF-8 text: drop --encoding bytes (byte fallback already covers any character)")
+        raise DataError(f"--tokenizer {spec.kind} reads UTF-8 text: drop --encoding bytes (byte fallback already covers any character)")
     fractions = check_fractions(fractions)
     total = _total_bytes(files)
     if total == 0:
-        raise CharlmError(f"{files[0] if len(files) == 1 else 'the input'} is empty: there is nothing to train on")
+        raise DataError(f"{files[0] if len(files) == 1 else 'the input'} is empty: there is nothing to train on")
     start = time.perf_counter()
     with allocator.streaming(), atomicdir.building(Path(out_dir), PREPARED_FILES) as work:
         return _prepare_into(work, files, encoding, fractions, progress, spec, total, start)
@@ -249,7 +250,7 @@ def _check_tokenizer(prepared: Path, tokenizer: TokenizerSpec | None) -> None:
     except (OSError, ValueError, AttributeError):
         return  # PreparedData reports a broken meta.json properly
     if (kind if kind != "bytes" else "char") != tokenizer.kind:
-        raise CharlmError(
+        raise DataError(
             f"{prepared} is already prepared with the {kind} tokenizer; --tokenizer applies to text inputs "
             f"(give the text, or prepare it again: charlm prepare TEXT -o DIR --tokenizer {tokenizer.kind})"
         )

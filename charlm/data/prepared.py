@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm import CharlmError
+from charlm.errors import DataError
 from charlm.data.format import DATA_FORMAT, SPLITS
 from charlm.tokenizers.vocab import load_vocab
 
@@ -19,13 +19,13 @@ class PreparedData:
         self.dir = Path(directory)
         meta_path = self.dir / "meta.json"
         if not meta_path.exists():
-            raise CharlmError(f"{self.dir} is not a prepared data dir (no meta.json); run: charlm prepare INPUT -o DIR")
+            raise DataError(f"{self.dir} is not a prepared data dir (no meta.json); run: charlm prepare INPUT -o DIR")
         try:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError:
-            raise CharlmError(f"{meta_path} is corrupt; prepare the data again") from None
+            raise DataError(f"{meta_path} is corrupt; prepare the data again") from None
         if self.meta.get("format") != DATA_FORMAT:
-            raise CharlmError(f"{meta_path} was not written by charlm prepare")
+            raise DataError(f"{meta_path} was not written by charlm prepare")
         self.vocab = load_vocab(self.meta["vocab"], self._tokenizer_model(), where=str(self.dir))
 
     def _tokenizer_model(self) -> bytes | None:
@@ -35,16 +35,16 @@ class PreparedData:
             return None
         path = self.dir / name
         if not path.exists():
-            raise CharlmError(f"{path} is missing; prepare the data again")
+            raise DataError(f"{path} is missing; prepare the data again")
         return path.read_bytes()
 
     def tokens(self, split: str) -> np.ndarray:
         """The split's ids as a read-only memmap (an empty array for an empty split)."""
         if split not in SPLITS:
-            raise CharlmError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+            raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         path = self.dir / f"{split}.bin"
         if not path.exists():
-            raise CharlmError(f"{path} is missing; prepare the data again")
+            raise DataError(f"{path} is missing; prepare the data again")
         if path.stat().st_size == 0:
             return np.zeros(0, dtype=self.meta["dtype"])
         return np.memmap(path, dtype=self.meta["dtype"], mode="r")

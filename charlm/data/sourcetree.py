@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable
 
-from charlm import CharlmError
+from charlm.errors import DataError
 
 CHUNK = 1 << 22
 EXTENSIONS = (".c", ".h")
@@ -54,7 +54,7 @@ def parse_subset(value: str | Iterable[str] | None) -> tuple[str, ...]:
         if not p:
             continue
         if any(c in ("", ".", "..") for c in p.split("/")):
-            raise CharlmError(f"--subset entries are paths inside the tree like kernel or arch/x86 (got {part!r})")
+            raise DataError(f"--subset entries are paths inside the tree like kernel or arch/x86 (got {part!r})")
         subset.append(p)
     return tuple(sorted(set(subset)))
 
@@ -87,7 +87,7 @@ def check_source(source: str | Path) -> Path:
     """The source as a Path, if it is a directory or a file; else a CharlmError saying what to give."""
     source = Path(source)
     if not (source.is_dir() or source.is_file()):
-        raise CharlmError(f"{source} does not exist (give a kernel source tree or a .tar.xz / .tar.gz / .tar tarball)")
+        raise DataError(f"{source} does not exist (give a kernel source tree or a .tar.xz / .tar.gz / .tar tarball)")
     return source
 
 
@@ -98,17 +98,17 @@ def _selected(rel: str, subset: tuple[str, ...], extensions: tuple[str, ...]) ->
     return not subset or any(rel.startswith(s + "/") for s in subset)
 
 
-def _nothing_found(source: Path, subset, extensions) -> CharlmError:
+def _nothing_found(source: Path, subset, extensions) -> DataError:
     where = f" under {', '.join(s + '/' for s in subset)}" if subset else ""
     kinds = " or ".join(f"*{e}" for e in extensions)
     hint = " (is it the top of the source tree?)" if subset else ""
-    return CharlmError(f"no regular {kinds} files{where} in {source}{hint}")
+    return DataError(f"no regular {kinds} files{where} in {source}{hint}")
 
 
 # -- a directory -----------------------------------------------------------------------------
 def _from_directory(root: Path, out: BinaryIO, subset, extensions, progress) -> Concatenated:
     def refuse(e: OSError):
-        raise CharlmError(f"cannot read {e.filename}: {e.strerror}") from None
+        raise DataError(f"cannot read {e.filename}: {e.strerror}") from None
 
     found = []  # (key, path, size)
     # followlinks=False and lstat: like `find -type f`, symlinks (to files or dirs) are not followed.
@@ -191,7 +191,7 @@ def _spool_members(path: Path, reader, spool, subset, extensions) -> tuple[dict[
                 elif member.islnk():  # a hard link: the same bytes as a member already read
                     target = _normalize(member.linkname)
                     if target not in index:
-                        raise CharlmError(
+                        raise DataError(
                             f"{path}: {member.name} is a hard link to {member.linkname}, which was not read; "
                             "unpack the tarball and pass the directory instead"
                         )
@@ -204,7 +204,7 @@ def _spool_members(path: Path, reader, spool, subset, extensions) -> tuple[dict[
         hint = ""
         if path.suffix == ".deb":
             hint = "; a .deb holds the tarball: dpkg-deb -x FILE.deb pkg, then --from pkg/usr/src/linux-source-*.tar.xz"
-        raise CharlmError(
+        raise DataError(
             f"{path} is not a readable tarball (.tar.xz, .tar.gz, .tar.bz2 or .tar), or it is corrupt or "
             f"truncated: {e or type(e).__name__}{hint}"
         ) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 from charlm.decoding.scorer import Scorer
 
 MAX_LENGTH_PENALTY = 10.0  # len ** 10 stays finite for any length a beam reaches

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 from charlm.data import eval_windows
 from charlm.decoding.evaluate import bits_per_char
 from charlm.model import CharRNN, detach

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 from charlm.decoding.scorer import ModelScorer, Scorer
 
 COMBINE_RULES = ("mean", "geometric")

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from charlm import CharlmError
+from charlm.errors import OptionError
 from charlm.decoding.scorer import Scorer
 
 
@@ -17,13 +17,13 @@ class Temperature:
 
     def __init__(self, t: float):
         if not t > 0:
-            raise CharlmError(f"--temperature must be > 0 (got {t}); for deterministic decoding use --greedy")
+            raise OptionError(f"--temperature must be > 0 (got {t}); for deterministic decoding use --greedy")
         if not math.isfinite(t):
-            raise CharlmError(f"--temperature must be a finite number (got {t})")
+            raise OptionError(f"--temperature must be a finite number (got {t})")
         if t < MIN_TEMPERATURE:
             # Below this float32 cannot divide by it (1e-320 rounds to 0: every logit -inf, NaN
             # probabilities); the limit of a temperature this small is greedy decoding anyway.
-            raise CharlmError(f"--temperature must be at least {MIN_TEMPERATURE} (got {t}); for deterministic decoding use --greedy")
+            raise OptionError(f"--temperature must be at least {MIN_TEMPERATURE} (got {t}); for deterministic decoding use --greedy")
         self.t = t
 
     def __call__(self, logits: Tensor) -> Tensor:
@@ -40,7 +40,7 @@ class TopK:
 
     def __init__(self, k: int):
         if k < 1:
-            raise CharlmError(f"--top-k must be at least 1 (got {k})")
+            raise OptionError(f"--top-k must be at least 1 (got {k})")
         self.k = k
 
     def __call__(self, logits: Tensor) -> Tensor:
@@ -55,7 +55,7 @@ class TopP:
 
     def __init__(self, p: float):
         if not 0 < p <= 1:  # NaN fails this too
-            raise CharlmError(f"--top-p must be in (0, 1] (got {p})")
+            raise OptionError(f"--top-p must be in (0, 1] (got {p})")
         self.p = p
 
     def __call__(self, logits: Tensor) -> Tensor:
@@ -93,9 +93,9 @@ def sample(
     The prime goes through the network in one forward call; then one step per generated symbol.
     """
     if length < 0:
-        raise CharlmError(f"--length must be >= 0 (got {length})")
+        raise OptionError(f"--length must be >= 0 (got {length})")
     if num_samples < 1:
-        raise CharlmError(f"--num-samples must be at least 1 (got {num_samples})")
+        raise OptionError(f"--num-samples must be at least 1 (got {num_samples})")
     chain = chain if chain is not None else []
     out = torch.empty((num_samples, length), dtype=torch.long)
     if length == 0:

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from charlm import CharlmError
+from charlm.errors import DataError
 from charlm.tokenizers.vocab import id_dtype_for
 
 KINDS = ("char", "spm-char", "bpe", "unigram")  # the --tokenizer choices; all but char are SentencePiece
@@ -38,7 +38,7 @@ def _sentencepiece():
     try:
         import sentencepiece
     except ImportError:
-        raise CharlmError("SentencePiece tokenizers need the sentencepiece package: pip install 'sentencepiece>=0.2'") from None
+        raise DataError("SentencePiece tokenizers need the sentencepiece package: pip install 'sentencepiece>=0.2'") from None
     return sentencepiece
 
 
@@ -53,13 +53,13 @@ class TokenizerSpec:
     def checked(self) -> "TokenizerSpec":
         """The same spec, or a CharlmError saying which value to fix."""
         if self.kind not in KINDS:
-            raise CharlmError(f"--tokenizer must be one of {', '.join(KINDS)} (got {self.kind!r})")
+            raise DataError(f"--tokenizer must be one of {', '.join(KINDS)} (got {self.kind!r})")
         if self.vocab_size is not None and self.vocab_size < 1:
-            raise CharlmError(f"--vocab-size must be positive (got {self.vocab_size})")
+            raise DataError(f"--vocab-size must be positive (got {self.vocab_size})")
         if not 0 < self.character_coverage <= 1:
-            raise CharlmError(f"--character-coverage must be in (0, 1] (got {self.character_coverage})")
+            raise DataError(f"--character-coverage must be in (0, 1] (got {self.character_coverage})")
         if self.kind == "char" and (self.vocab_size is not None or self.character_coverage != 0.9995):
-            raise CharlmError("--vocab-size and --character-coverage apply to SentencePiece tokenizers (--tokenizer spm-char, bpe or unigram)")
+            raise DataError("--vocab-size and --character-coverage apply to SentencePiece tokenizers (--tokenizer spm-char, bpe or unigram)")
         return self
 
     @property
@@ -95,7 +95,7 @@ def train(lines_file: Path, spec: TokenizerSpec, distinct_chars: int, seed: int 
             num_threads=max(1, min(os.cpu_count() or 1, 16)), minloglevel=2,
         )
     except RuntimeError as e:
-        raise CharlmError(_explain(str(e), spec)) from None
+        raise DataError(_explain(str(e), spec)) from None
     return model.getvalue()
 
 
@@ -138,19 +138,19 @@ class SpmVocab:
 
     def __init__(self, model_bytes: bytes, tokenizer: str):
         if tokenizer not in MODEL_TYPES:
-            raise CharlmError(f"unknown SentencePiece tokenizer {tokenizer!r}; expected one of {', '.join(MODEL_TYPES)}")
+            raise DataError(f"unknown SentencePiece tokenizer {tokenizer!r}; expected one of {', '.join(MODEL_TYPES)}")
         self.model_bytes = bytes(model_bytes)
         self.tokenizer = tokenizer
         self.sha256 = hashlib.sha256(self.model_bytes).hexdigest()
         try:
             self._sp = _sentencepiece().SentencePieceProcessor(model_proto=self.model_bytes)
         except (RuntimeError, TypeError, OSError):
-            raise CharlmError("the serialized SentencePiece model is corrupt") from None
+            raise DataError("the serialized SentencePiece model is corrupt") from None
         pieces = [self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size())]
         self._bytes = [self._piece_bytes(i, p) for i, p in enumerate(pieces)]
         self.byte_ids = {int(p[3:5], 16): i for i, p in enumerate(pieces) if self._sp.is_byte(i)}
         if len(self.byte_ids) != BYTE_PIECES:
-            raise CharlmError("the SentencePiece model has no byte fallback: it cannot encode every text (prepare the data again)")
+            raise DataError("the SentencePiece model has no byte fallback: it cannot encode every text (prepare the data again)")
         # A literal "▁" in the text would come back as a space: it goes in as its three byte pieces instead.
         self._space_ids = [self.byte_ids[b] for b in SPACE.encode()]
 
@@ -173,19 +173,19 @@ class SpmVocab:
     def from_meta(cls, meta: dict, model_bytes: bytes | None, where: str) -> "SpmVocab":
         """The vocabulary of a record plus its serialized model, checked against the record's sha256."""
         if model_bytes is None:
-            raise CharlmError(f"{where} uses a SentencePiece tokenizer but holds no serialized model")
+            raise DataError(f"{where} uses a SentencePiece tokenizer but holds no serialized model")
         digest = meta.get("sha256")
         if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-            raise CharlmError(f"{where}: the SentencePiece vocabulary record has no valid sha256 (malformed)")
+            raise DataError(f"{where}: the SentencePiece vocabulary record has no valid sha256 (malformed)")
         if hashlib.sha256(model_bytes).hexdigest() != digest:
-            raise CharlmError(f"{where}: the SentencePiece model does not match its recorded sha256 (corrupt)")
+            raise DataError(f"{where}: the SentencePiece model does not match its recorded sha256 (corrupt)")
         tokenizer = meta.get("tokenizer", "bpe")
         if not isinstance(tokenizer, str) or tokenizer not in MODEL_TYPES:
-            raise CharlmError(f"{where}: unknown SentencePiece tokenizer {str(tokenizer)[:40]!r} in the vocabulary record")
+            raise DataError(f"{where}: unknown SentencePiece tokenizer {str(tokenizer)[:40]!r} in the vocabulary record")
         vocab = cls(model_bytes, tokenizer)
         size = meta.get("vocab_size", len(vocab))
         if type(size) is not int or size != len(vocab):
-            raise CharlmError(f"{where}: the vocabulary record says {str(size)[:40]} pieces, its SentencePiece model has {len(vocab)}")
+            raise DataError(f"{where}: the vocabulary record says {str(size)[:40]} pieces, its SentencePiece model has {len(vocab)}")
         return vocab
 
     def describe(self) -> str:

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from charlm import CharlmError
+from charlm.errors import DataError
 
 MAX_CODEPOINT = 0x110000
 
@@ -39,13 +39,13 @@ class Vocab:
 
     def __init__(self, kind: str, codes: Iterable[int]):
         if kind not in ("char", "bytes"):
-            raise CharlmError(f"unknown vocabulary kind {kind!r}")
+            raise DataError(f"unknown vocabulary kind {kind!r}")
         self.kind = kind
         self.codes = np.array(sorted(set(int(c) for c in codes)), dtype=np.uint32)
         if len(self.codes) == 0:
-            raise CharlmError("the vocabulary is empty")
+            raise DataError("the vocabulary is empty")
         if int(self.codes[-1]) >= (MAX_CODEPOINT if kind == "char" else 256):
-            raise CharlmError(f"the vocabulary holds {int(self.codes[-1]):#x}, which is not a {'character' if kind == 'char' else 'byte'}")
+            raise DataError(f"the vocabulary holds {int(self.codes[-1]):#x}, which is not a {'character' if kind == 'char' else 'byte'}")
 
     # -- construction and serialisation ---------------------------------------------------
     @classmethod
@@ -62,20 +62,20 @@ class Vocab:
         """The vocabulary of a record as to_meta writes it: symbols distinct, in increasing order (ids are positions)."""
         if not isinstance(meta, dict) or meta.get("kind") not in ("char", "bytes"):
             kind = meta.get("kind") if isinstance(meta, dict) else None
-            raise CharlmError(f"the vocabulary record is malformed (unknown kind {str(kind)[:40]!r})")
+            raise DataError(f"the vocabulary record is malformed (unknown kind {str(kind)[:40]!r})")
         if meta["kind"] == "char":
             chars = meta.get("chars")
             if not isinstance(chars, str):
-                raise CharlmError("the vocabulary record is malformed (chars is not a string)")
+                raise DataError("the vocabulary record is malformed (chars is not a string)")
             codes = [ord(c) for c in chars]
             if any(0xD800 <= c <= 0xDFFF for c in codes):
-                raise CharlmError("the vocabulary record is malformed (a lone surrogate is not a character)")
+                raise DataError("the vocabulary record is malformed (a lone surrogate is not a character)")
         else:
             codes = meta.get("bytes")
             if not isinstance(codes, list) or not all(type(b) is int and 0 <= b <= 255 for b in codes):
-                raise CharlmError("the vocabulary record is malformed (bytes must be a list of integers 0..255)")
+                raise DataError("the vocabulary record is malformed (bytes must be a list of integers 0..255)")
         if any(a >= b for a, b in zip(codes, codes[1:])):
-            raise CharlmError("the vocabulary record is malformed (symbols must be distinct and in increasing order)")
+            raise DataError("the vocabulary record is malformed (symbols must be distinct and in increasing order)")
         return cls(meta["kind"], codes)
 
     def __len__(self) -> int:
@@ -122,7 +122,7 @@ class Vocab:
             missing = sorted(set(units[~known].tolist()))
             shown = ", ".join(repr(chr(c)) if self.kind == "char" else f"0x{c:02X}" for c in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise CharlmError(
+            raise DataError(
                 f"{len(missing)} character(s) not in the model's vocabulary: {shown}{more} "
                 "(--unknown skip drops them; a SentencePiece tokenizer, --tokenizer spm-char, encodes any text)"
             )

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 
 METRICS = "metrics.jsonl"
 SERIES = {"train": "train_bpc", "val": "val_bpc"}  # record kind -> the bits/char field it carries

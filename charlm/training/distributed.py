@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 
 BACKENDS = ("auto", "nccl", "gloo")
 ENV_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")

@@ -11,7 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from charlm import CharlmError, checkpoint
+from charlm import checkpoint
+from charlm.errors import CharlmError
 from charlm.jsonsafe import finite_or_null
 
 METRICS = "metrics.jsonl"

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import charlm
-from charlm import CharlmError, checkpoint
+from charlm import checkpoint
+from charlm.errors import CharlmError
 from charlm.allocator import keep_freed_memory
 from charlm.config import ModelConfig, TrainConfig, as_dict
 from charlm.data import PreparedData, StreamBatcher, row_span

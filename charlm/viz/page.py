@@ -13,7 +13,7 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 
 
 def render(data: dict, title: str) -> str:

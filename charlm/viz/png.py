@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 
 LAYER_COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 
 TAB = 8  # columns per tab stop, for indent
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 from charlm.viz import gates, predicates, surprise
 from charlm.viz.trace import Trace
 

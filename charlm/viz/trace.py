@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from charlm import CharlmError
+from charlm.errors import CharlmError
 from charlm.cells import Cell
 
 TOP = 5  # predictions kept per position
