@@ -146,7 +146,7 @@ def test_mean_of_vanishing_probabilities_stays_finite():
     """A symbol every member gives less than 1e-38 (exp would underflow) keeps a finite, exact log-probability."""
     ens = Ensemble([scorer("lstm", 0), scorer("gru", 1)], weights=[3, 1])
     logps = [torch.tensor([[0.0, -200.0, -300.0]]), torch.tensor([[-1e-3, -7.0, -250.0]])]
-    got = ens._combine(torch.stack(logps))
+    got = ens.combine_logprobs(torch.stack(logps))
     want = torch.logsumexp(torch.stack(logps) + torch.tensor([0.75, 0.25]).log().view(2, 1, 1), dim=0)
     assert torch.isfinite(got).all() and torch.allclose(got, want, atol=1e-5)
 

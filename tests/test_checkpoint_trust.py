@@ -412,8 +412,8 @@ def test_info_prints_file_text_literally(bases, tmp_path):
 
 
 def test_json_output_refuses_nan():
-    from charlm.cli.decode import _json
+    from charlm.cli.decode import strict_json
 
     with pytest.raises(CharlmError, match="not a finite number"):
-        _json({"bits_per_char": float("nan")})
-    assert _json({"a": 1.5}) == '{"a": 1.5}'
+        strict_json({"bits_per_char": float("nan")})
+    assert strict_json({"a": 1.5}) == '{"a": 1.5}'

@@ -23,11 +23,11 @@ from safetensors.torch import save as st_save
 
 from charlm.errors import CheckpointError
 from charlm.checkpoint.checks import (
-    _check_entries,
-    _check_values,
-    _checked_meta,
-    _checked_vocab,
-    _verify_checksums,
+    check_entries,
+    check_values,
+    checked_meta,
+    checked_vocab,
+    verify_checksums,
     model_tensor_shapes,  # noqa: F401 (API)
 )
 from charlm.checkpoint.layout import (  # noqa: F401  (the format's names, part of this package's API)
@@ -39,8 +39,8 @@ from charlm.checkpoint.layout import (  # noqa: F401  (the format's names, part 
     TOKENIZER_TENSOR,
     VERSION,
     WEIGHTS_SHA256,
-    _digest_order,
-    _utf8,
+    digest_order,
+    utf8,
 )
 from charlm.checkpoint.tensorfile import (  # noqa: F401 (MAX_HEADER: API)
     MAX_HEADER,
@@ -49,7 +49,7 @@ from charlm.checkpoint.tensorfile import (  # noqa: F401 (MAX_HEADER: API)
     parse_json,
     tensor_digest,
 )
-from charlm.checkpoint.trainstate import pack_train_state, unpack_train_state  # noqa: F401 (API)
+from charlm.checkpoint.trainstate import gradient_second_moments, pack_train_state, unpack_train_state  # noqa: F401 (API)
 from charlm.config import ModelConfig
 from charlm.model import CharRNN
 from charlm.tokenizers.vocab import load_vocab
@@ -114,13 +114,13 @@ def save(path: str | Path, model: CharRNN, meta: dict, train_tensors: dict[str, 
     for k, v in (train_tensors or {}).items():
         tensors[STATE_PREFIX + k] = v.detach().to("cpu", copy=True).contiguous()
     text = json.dumps(meta, ensure_ascii=False)
-    weights, others = _digest_order(tensors)
+    weights, others = digest_order(tensors)
     header = {
         "format": FORMAT,
         "format_version": str(VERSION),
         "meta": text,
         WEIGHTS_SHA256: tensor_digest(tensors[k] for k in weights),
-        RECORD_SHA256: tensor_digest((tensors[k] for k in others), prefix=_utf8(text)),
+        RECORD_SHA256: tensor_digest((tensors[k] for k in others), prefix=utf8(text)),
     }
     blob = st_save(tensors, metadata=header)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,17 +188,17 @@ def load(path: str | Path) -> Checkpoint:
     """Read a checkpoint onto the CPU, whatever device wrote it; a CharlmError says what is wrong with a bad one."""
     f, meta, cfg = _open(path)
     f.read_data()  # its size is now known to be exactly what the config's tensors need (and the state, tokenizer)
-    checksum = _verify_checksums(f)
-    vocab = _checked_vocab(f, meta, cfg)
+    checksum = verify_checksums(f)
+    vocab = checked_vocab(f, meta, cfg)
     tensors = {name: f.tensor(name) for name in f.entries}
-    _check_values(f.path, tensors, cfg)
+    check_values(f.path, tensors, cfg)
     return Checkpoint(path=f.path, meta=meta, tensors=tensors, checksum=checksum, _vocab=vocab)
 
 
 def _open(path: str | Path) -> tuple[TensorFile, dict, ModelConfig]:
     """The header checked against the schema and the recorded config; no tensor data read yet."""
     f = open_file(path)
-    meta = _checked_meta(f)
+    meta = checked_meta(f)
     cfg = ModelConfig(**meta["model"])
-    _check_entries(f, meta, cfg)
+    check_entries(f, meta, cfg)
     return f, meta, cfg

@@ -30,8 +30,8 @@ from charlm.checkpoint.layout import (
     TRAIN_STATE_INTS,
     VERSION,
     WEIGHTS_SHA256,
-    _digest_order,
-    _utf8,
+    digest_order,
+    utf8,
 )
 from charlm.checkpoint.tensorfile import (
     TensorFile,
@@ -42,7 +42,7 @@ from charlm.model import parameter_shapes
 from charlm.tokenizers.vocab import load_vocab
 
 
-def _checked_meta(f: TensorFile) -> dict:
+def checked_meta(f: TensorFile) -> dict:
     path, md = f.path, f.metadata
     if md.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a charlm checkpoint (no '{FORMAT}' format field)")
@@ -72,11 +72,11 @@ def _checked_meta(f: TensorFile) -> dict:
     if not isinstance(provenance.get("data_dir", ""), str):
         raise CheckpointError(f"{path} is corrupt: provenance.data_dir is not a path")
     for key, value in meta.get("train_state", {}).items():
-        _check_state_field(path, key, value, key in TRAIN_STATE_INTS)
+        check_state_field(path, key, value, key in TRAIN_STATE_INTS)
     return meta
 
 
-def _check_state_field(path: Path, key: str, value: Any, integer: bool) -> float | int:
+def check_state_field(path: Path, key: str, value: Any, integer: bool) -> float | int:
     """A progress field: an integer >= 0, or a finite float >= 0 (best_val: or Infinity, before the first evaluation)."""
     if integer:
         ok, need = type(value) is int and 0 <= value <= config.MAX_COUNT, "an integer >= 0"
@@ -105,7 +105,7 @@ def _index(text: str, limit: int) -> int | None:
     return None
 
 
-def _check_entries(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
+def check_entries(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
     """Every tensor's name, dtype and shape against the recorded config; nothing missing, nothing extra."""
     path = f.path
     expected = model_tensor_shapes(cfg)
@@ -198,23 +198,23 @@ def _check_state_set(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
             raise CheckpointError(f"{path}: the optimizer state of parameter {i} lacks {', '.join(sorted(set(ADAM_SLOTS) - names))}")
 
 
-def _verify_checksums(f: TensorFile) -> str:
+def verify_checksums(f: TensorFile) -> str:
     """'verified', or 'none' for a file written before checksums; a mismatch is an error."""
     have = [k for k in (WEIGHTS_SHA256, RECORD_SHA256) if k in f.metadata]
     if not have:
         return "none"
     if len(have) == 1:
         raise CheckpointError(f"{f.path} is corrupt: it has {have[0]} but no {({WEIGHTS_SHA256, RECORD_SHA256} - set(have)).pop()}")
-    weights, others = _digest_order(f.entries)
+    weights, others = digest_order(f.entries)
     if f.digest(weights) != f.metadata[WEIGHTS_SHA256]:
         raise CheckpointError(f"{f.path} is corrupt: its weights do not match their sha256 checksum; use another checkpoint")
-    if f.digest(others, prefix=_utf8(f.metadata["meta"])) != f.metadata[RECORD_SHA256]:
+    if f.digest(others, prefix=utf8(f.metadata["meta"])) != f.metadata[RECORD_SHA256]:
         raise CheckpointError(f"{f.path} is corrupt: its metadata or training state does not match its sha256 checksum; "
                           "use another checkpoint")
     return "verified"
 
 
-def _checked_vocab(f: TensorFile, meta: dict, cfg: ModelConfig):
+def checked_vocab(f: TensorFile, meta: dict, cfg: ModelConfig):
     blob = bytes(f.view(TOKENIZER_TENSOR)) if TOKENIZER_TENSOR in f.entries else None
     try:
         vocab = load_vocab(meta["vocab"], blob, where=str(f.path))
@@ -227,7 +227,7 @@ def _checked_vocab(f: TensorFile, meta: dict, cfg: ModelConfig):
     return vocab
 
 
-def _check_values(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+def check_values(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     """Weights and training state are finite numbers (a NaN weight makes every output NaN), and small
     enough that no output can overflow float32 (finite weights near 1e38 give NaN log-probs too)."""
     for name, t in tensors.items():

@@ -19,11 +19,11 @@ TRAIN_STATE_INTS = ("step", "epoch", "window", "tokens", "best_step", "ss_step")
 PART_FILE = re.compile(r"\..+\.[A-Za-z0-9_]+\.part")  # what save's mkstemp names its temporary files
 
 
-def _digest_order(names) -> tuple[list[str], list[str]]:
+def digest_order(names) -> tuple[list[str], list[str]]:
     """The tensor names each checksum covers, in the order it covers them: model.* ones, then all others."""
     names = sorted(names)
     return [k for k in names if k.startswith(MODEL_PREFIX)], [k for k in names if not k.startswith(MODEL_PREFIX)]
 
 
-def _utf8(text: str) -> bytes:
+def utf8(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")  # a lone surrogate (JSON "\ud800") still hashes

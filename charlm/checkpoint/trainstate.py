@@ -11,7 +11,7 @@ import torch
 
 from charlm.errors import CheckpointError
 from charlm.cells import cell_class
-from charlm.checkpoint.checks import _check_state_field
+from charlm.checkpoint.checks import check_state_field
 
 if TYPE_CHECKING:
     from charlm.checkpoint import Checkpoint
@@ -32,6 +32,28 @@ def pack_train_state(optimizer: torch.optim.Optimizer, hidden: tuple[torch.Tenso
         for name, value in slots.items():
             tensors[f"optim.{idx}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     return tensors
+
+
+# The trainer's AdamW keeps torch's default betas; its exp_avg_sq is bias-corrected with this beta2.
+ADAM_BETA2 = 0.999
+
+
+def gradient_second_moments(ckpt: Checkpoint) -> list[torch.Tensor] | None:
+    """The training run's mean squared gradient per parameter (model.parameters() order): AdamW's
+    exp_avg_sq, bias-corrected, an average over the last ~1000 training batches. None for a file
+    without optimizer state (best.safetensors, an exported file) or one saved before the first step.
+
+    Dynamic evaluation's RMS-normalised update needs these; only this module knows the key names.
+    """
+    tensors = ckpt.train_tensors()
+    moments = []
+    while f"optim.{len(moments)}.exp_avg_sq" in tensors:
+        i = len(moments)
+        step = float(tensors.get(f"optim.{i}.step", torch.zeros(())))
+        if step < 1:
+            return None
+        moments.append(tensors[f"optim.{i}.exp_avg_sq"].float() / (1.0 - ADAM_BETA2**step))
+    return moments or None
 
 
 def unpack_train_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress_type,
@@ -90,4 +112,4 @@ def _progress(record: dict, progress_type, where: Path) -> dict:
     if unknown:
         raise CheckpointError(f"{where}: unknown training-state field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
                           "written by a newer charlm, or corrupt")
-    return {name: _check_state_field(where, name, value, known[name].startswith("int")) for name, value in record.items()}
+    return {name: check_state_field(where, name, value, known[name].startswith("int")) for name, value in record.items()}

@@ -38,16 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from charlm.errors import CharlmError
+from charlm import checkpoint  # owns the training state's key names (the optimizer's statistics)
 from charlm.data import eval_windows
+from charlm.errors import CharlmError
 from charlm.decoding.evaluate import bits_per_char
+from charlm.decoding.options import DYN_DEFAULTS, DYN_UPDATES, check_dynamic_options
 from charlm.model import CharRNN, detach
 
-UPDATES = ("auto", "rms", "sgd")
-# Defaults per rule (lr, decay), chosen by measurement (docs/results.md, benchmarks/dynamic_eval.py).
-DEFAULTS = {"rms": (1.5e-4, 0.0), "sgd": (0.1, 0.0)}
+UPDATES = DYN_UPDATES
+DEFAULTS = DYN_DEFAULTS  # per rule: (lr, decay)
 EPSILON = 1e-5  # added to sqrt(MS): bounds the step of weights whose training gradients were ~0 (rare symbols)
-ADAM_BETA2 = 0.999  # the trainer's AdamW uses torch's default betas: exp_avg_sq's bias correction
 
 
 @dataclass
@@ -60,16 +60,7 @@ class AdaptSource:
 
 def adapt_source(ckpt) -> AdaptSource:
     """The window and statistics of a loaded Checkpoint (None statistics: it holds no optimizer state)."""
-    window = int(ckpt.meta["train"]["seq_length"])
-    tensors = ckpt.train_tensors()
-    mean_sq = []
-    while f"optim.{len(mean_sq)}.exp_avg_sq" in tensors:  # one per parameter, in model.parameters() order
-        i = len(mean_sq)
-        step = float(tensors.get(f"optim.{i}.step", torch.zeros(())))
-        if step < 1:
-            return AdaptSource(window, None)
-        mean_sq.append(tensors[f"optim.{i}.exp_avg_sq"].float() / (1.0 - ADAM_BETA2**step))
-    return AdaptSource(window, mean_sq or None)
+    return AdaptSource(int(ckpt.meta["train"]["seq_length"]), checkpoint.gradient_second_moments(ckpt))
 
 
 @dataclass
@@ -80,16 +71,7 @@ class Settings:
     window: int
 
 
-def check_options(update: str, lr: float | None, decay: float | None, window: int | None) -> None:
-    """The flags' own ranges, before anything is loaded."""
-    if update not in UPDATES:
-        raise CharlmError(f"--dyn-update must be one of {', '.join(UPDATES)} (got {update!r})")
-    if lr is not None and not (math.isfinite(lr) and lr >= 0):
-        raise CharlmError(f"--dyn-lr must be a finite number >= 0 (got {lr}); 0 leaves the model as trained")
-    if decay is not None and not (math.isfinite(decay) and 0 <= decay <= 1):
-        raise CharlmError(f"--dyn-decay must be in [0, 1]: the share of the way back to the trained weights per window (got {decay})")
-    if window is not None and not 1 <= window <= 1 << 20:
-        raise CharlmError(f"--dyn-window must be between 1 and {1 << 20} (got {window})")
+check_options = check_dynamic_options  # the flags' own ranges, before anything is loaded
 
 
 def resolve(sources: list[AdaptSource], names: list[str], update: str, lr: float | None, decay: float | None,

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from charlm.errors import CharlmError
+from charlm.decoding.options import COMBINE_RULES
 from charlm.decoding.scorer import ModelScorer, Scorer
 
-COMBINE_RULES = ("mean", "geometric")
 
 
 class Ensemble:
@@ -50,7 +50,7 @@ class Ensemble:
     def start(self, batch_size: int):
         return tuple(m.start(batch_size) for m in self.members)
 
-    def _combine(self, stacked: Tensor) -> Tensor:
+    def combine_logprobs(self, stacked: Tensor) -> Tensor:
         """The members' log-probs (M, ..., V) -> the ensemble's (..., V)."""
         shape = (-1,) + (1,) * (stacked.dim() - 1)
         if self.combine == "mean":
@@ -63,13 +63,13 @@ class Ensemble:
             self._stacked = ModelScorer.stacked(self.members) or False
         if self._stacked:  # the same numbers as stepping the members one by one, fewer operations
             logps, state = self._stacked.step(ids, state)
-            return self._combine(logps), state
+            return self.combine_logprobs(logps), state
         outs = [m.step(ids, s) for m, s in zip(self.members, state)]
-        return self._combine(torch.stack([o[0] for o in outs])), tuple(o[1] for o in outs)
+        return self.combine_logprobs(torch.stack([o[0] for o in outs])), tuple(o[1] for o in outs)
 
     def score(self, ids: Tensor, state):
         outs = [m.score(ids, s) for m, s in zip(self.members, state)]
-        return self._combine(torch.stack([o[0] for o in outs])), tuple(o[1] for o in outs)
+        return self.combine_logprobs(torch.stack([o[0] for o in outs])), tuple(o[1] for o in outs)
 
     def reorder(self, state, index: Tensor):
         return tuple(m.reorder(s, index) for m, s in zip(self.members, state))

@@ -23,7 +23,7 @@ def bits_per_char(nll: float, chars: float) -> float:
 
 @torch.inference_mode()
 def evaluate(scorer: Scorer, tokens: np.ndarray, chars_per_token: float = 1.0, streams: int = 1, window: int = 512,
-             chars: int | None = None) -> dict:
+             chars: int | None = None, record: list | None = None) -> dict:
     """Score every token after the first given the ones before it, the state carried through.
 
     streams=1 scores the text as one stream (exact); more streams cut it into that many rows
@@ -35,7 +35,10 @@ def evaluate(scorer: Scorer, tokens: np.ndarray, chars_per_token: float = 1.0, s
     state = scorer.start(streams)
     for x, y in eval_windows(tokens, streams, window):
         logp, state = scorer.score(x, state)  # (B, T, V)
-        nll -= float(logp.gather(-1, y.unsqueeze(-1).to(logp.device)).sum())
+        token_logp = logp.gather(-1, y.unsqueeze(-1).to(logp.device)).squeeze(-1)  # (B, T)
+        nll -= float(token_logp.sum())
+        if record is not None:
+            record.append(token_logp.cpu())
         n += y.numel()
     if n == 0:
         return {"bits_per_char": float("nan"), "perplexity": float("nan"), "chars": 0, "tokens": 0, "nll": 0.0,

@@ -78,6 +78,16 @@ def processors(temperature: float = 1.0, top_k: int | None = None, top_p: float 
     return chain
 
 
+def draw(logits: Tensor, uniforms: Tensor) -> Tensor:
+    """One symbol per row of logits (B, V), by inverting the row's cumulative distribution at its
+    uniform number in [0, 1) (B,), float64. A row's draw depends on that row and its number only, so
+    a stream samples the same text alone or beside others (charlm/decoding/streams.py)."""
+    cdf = torch.softmax(logits, dim=-1).double().cumsum(dim=-1)  # (B, V); float64: 1e-16 steps, not 1e-7
+    target = (uniforms.to(cdf.device, torch.float64) * cdf[:, -1]).unsqueeze(1)  # (B, 1), below the row's total
+    # The first symbol whose cumulative mass exceeds the target: never one of probability 0 (masked by top-k/top-p).
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)
+
+
 def sample(
     scorer: Scorer,
     prime: Tensor,
@@ -91,6 +101,7 @@ def sample(
     """Generate `length` ids after `prime` (1-D ids) for num_samples streams at once -> (N, length).
 
     The prime goes through the network in one forward call; then one step per generated symbol.
+    The streams share one generator (the API's Streams gives each stream its own).
     """
     if length < 0:
         raise OptionError(f"--length must be >= 0 (got {length})")
@@ -112,7 +123,7 @@ def sample(
             logits = logp
             for proc in chain:
                 logits = proc(logits)
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+            nxt = draw(logits, torch.rand(num_samples, generator=generator, dtype=torch.float64))
         out[:, t] = nxt
         if on_step is not None:
             on_step(nxt)

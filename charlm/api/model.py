@@ -1,0 +1,364 @@
+"""A trained model (or an ensemble of several) as one Python object: load, generate, stream, beam, score.
+
+    lm = charlm.load("run/best.safetensors")                # or several paths: an ensemble
+    lm.generate("ROMEO:", length=200, temperature=0.8, seed=1)
+    for piece in lm.stream("ROMEO:", length=200): ...
+    lm.score("Some text.").bits_per_char
+
+The CLI's sample, beam and eval are this module's calls plus printing, so the same settings and
+seed give the same text and figures from either.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from charlm import checkpoint
+from charlm.config import DECODE_DTYPES, DEVICES, DTYPES, ModelConfig
+from charlm.decoding import dynamic
+from charlm.decoding.beam import beam_search
+from charlm.decoding.ensemble import Ensemble
+from charlm.decoding.evaluate import bits_per_char, evaluate, scored_chars
+from charlm.decoding.scorer import ModelScorer, Scorer
+from charlm.decoding.streams import Streams, prime_ids, random_seed
+from charlm import devices
+from charlm.devices import check_dtype, pick_device
+from charlm.errors import CharlmError, DataError, OptionError
+
+if TYPE_CHECKING:
+    from charlm.tokenizers.vocab import Vocab
+
+
+@dataclass(frozen=True)
+class Score:
+    """How well a model predicts a text: the figures of `charlm eval`, per character of the text.
+
+    logprobs: each scored token's log-probability (natural log), in order (the first token is the
+    context, not scored). members: an ensemble's members' own figures. dynamic: the settings of a
+    dynamic evaluation (update, lr, decay, window, note), None for a static one.
+    """
+
+    bits_per_char: float
+    perplexity: float  # per character: 2 ** bits_per_char
+    chars: int  # characters scored
+    tokens: int  # tokens scored
+    nll: float  # total negative log-likelihood, nats
+    bits_per_token: float
+    seconds: float  # time spent scoring
+    logprobs: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    members: list[Score] = field(default_factory=list)
+    dynamic: dict[str, Any] | None = None
+
+    @property
+    def chars_per_s(self) -> float:
+        return self.chars / max(self.seconds, 1e-9)
+
+    def figures(self, speed: bool = False) -> dict[str, Any]:
+        """The record `charlm eval --json` prints: bits_per_token only where tokens are not characters."""
+        record: dict[str, Any] = {"bits_per_char": self.bits_per_char, "perplexity": self.perplexity, "chars": self.chars,
+                                  "tokens": self.tokens, "nll": self.nll}
+        if self.tokens != self.chars:
+            record["bits_per_token"] = self.bits_per_token
+        if speed:
+            record["chars_per_s"] = self.chars_per_s
+        return record
+
+
+class Beam(NamedTuple):
+    """One beam-search result: the continuation (without the prime) and its total log-probability (nats)."""
+
+    text: str
+    logprob: float
+    tokens: int  # symbols generated
+
+    @property
+    def bits_per_char(self) -> float:
+        return bits_per_char(-self.logprob, max(len(self.text), 1))
+
+
+def load(*checkpoints: str | Path, device: str = "auto", dtype: str = "auto", weights: Sequence[float] | None = None,
+         combine: str = "mean") -> LanguageModel:
+    """Load one checkpoint, or several as an ensemble (distributions averaged: combine="mean" or "geometric").
+
+    device: auto (a GPU when there is one), cpu, cuda or mps. dtype: the precision of step-by-step
+    generation (fp32, bf16, int8, or auto: the fastest for this machine); scoring is fp32 unless
+    bf16 is asked for. weights: one per checkpoint for an ensemble.
+    """
+    if not checkpoints:
+        raise OptionError("give at least one checkpoint to load")
+    paths = [Path(p) for p in checkpoints]
+    if device not in DEVICES:
+        raise OptionError(f"--device must be one of {', '.join(DEVICES)} (got {device!r})")
+    if dtype != "auto" and dtype not in DECODE_DTYPES:
+        raise OptionError(f"--dtype must be one of auto, {', '.join(DECODE_DTYPES)} (got {dtype!r})")
+    dev = pick_device(device)
+    decode_dtype = devices.resolve_dtype(dev, "ensemble" if len(paths) > 1 else "step") if dtype == "auto" else dtype
+    check_dtype(dev, decode_dtype)
+    loaded = [checkpoint.load(p) for p in paths]
+    members = [ModelScorer(c.build_model().to(dev), c.vocab, dtype=decode_dtype) for c in loaded]
+    return LanguageModel(members, loaded, weights=weights, combine=combine, eval_dtype=None if dtype == "auto" else dtype)
+
+
+class LanguageModel:
+    """One model or an ensemble, ready to generate and score. Make one with charlm.load()."""
+
+    def __init__(self, members: list[ModelScorer], checkpoints: list[checkpoint.Checkpoint], weights: Sequence[float] | None = None,
+                 combine: str = "mean", eval_dtype: str | None = None):
+        self.members = members
+        self._checkpoints = checkpoints
+        self.weights = None if weights is None else [float(w) for w in weights]
+        self.combine = combine
+        self._eval_dtype = eval_dtype  # None: exact fp32 for scoring
+        self.adaptation: Score | None = None  # on a copy adapted() returns: the figure while reading the text
+        # One model is its own Scorer; several (or one with a weight) are an Ensemble, which checks the vocabularies.
+        self.scorer: Scorer = members[0] if len(members) == 1 and weights is None else Ensemble(members, self.weights, combine)
+
+    # -- what it is ----------------------------------------------------------------------------
+    @property
+    def vocab(self) -> Vocab:
+        """The vocabulary every member shares (characters, bytes or SentencePiece pieces)."""
+        return self.scorer.vocab
+
+    @property
+    def config(self) -> ModelConfig:
+        """The model's configuration (an ensemble's first member's; see info for each)."""
+        return self._checkpoints[0].model_config
+
+    @property
+    def info(self) -> list[dict[str, Any]]:
+        """Each checkpoint's metadata (model, train, metrics, provenance), one entry per member."""
+        return [{"path": str(c.path), **copy.deepcopy(c.meta)} for c in self._checkpoints]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [c.path for c in self._checkpoints]
+
+    @property
+    def dtype(self) -> str:
+        """The precision of step-by-step generation (what dtype="auto" resolved to)."""
+        return self.members[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.members[0].device
+
+    def __repr__(self) -> str:
+        what = str(self.paths[0]) if len(self.members) == 1 else f"ensemble of {len(self.members)} ({self.combine})"
+        return f"LanguageModel({what}, {self.vocab.describe()}, {self.device}, {self.dtype})"
+
+    # -- generation ----------------------------------------------------------------------------
+    def streams(self) -> Streams:
+        """A Streams object over this model: add streams, step them all together, remove them (charlm/decoding/streams.py)."""
+        return Streams(self.scorer)
+
+    def stream(self, prime: str = "", length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, greedy: bool = False, seed: int | None = None, stop: str | Sequence[str] | None = None,
+               unknown: str = "error") -> Iterator[str]:
+        """Generate after `prime`, yielding the text as it is produced (the prime itself is not repeated)."""
+        streams = self.streams()  # add() checks every argument now, not at the first next()
+        streams.add(prime, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed,
+                    stop=stop, unknown=unknown)
+        return (event.text for event in streams.run() if event.text)
+
+    def generate(self, prime: str = "", length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, greedy: bool = False, seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 unknown: str = "error") -> str:
+        """The text generated after `prime` (without the prime): `length` symbols, or up to a stop string (not included).
+
+        The same seed gives the same text, from here, from `charlm sample --seed` and beside other streams.
+        """
+        return "".join(self.stream(prime, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                   seed=seed, stop=stop, unknown=unknown))
+
+    def generate_many(self, primes: Sequence[str], length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, greedy: bool = False, seed: int | None = None,
+                      stop: str | Sequence[str] | None = None, unknown: str = "error") -> list[str]:
+        """Generate after each prime, all streams stepped together as one batch. Stream i uses seed + i, so it
+        equals generate(primes[i], seed=seed + i)."""
+        return ["".join(parts) for parts in self.iter_many(primes, length, temperature=temperature, top_k=top_k,
+                                                            top_p=top_p, greedy=greedy, seed=seed, stop=stop, unknown=unknown)]
+
+    def iter_many(self, primes: Sequence[str], length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, greedy: bool = False, seed: int | None = None,
+                  stop: str | Sequence[str] | None = None, unknown: str = "error") -> list[list[str]]:
+        """generate_many's pieces: for each prime, the list of text pieces in the order they were produced."""
+        if isinstance(primes, str):
+            raise OptionError("generate_many takes a list of primes; for one prime use generate")
+        base = random_seed() >> 8 if seed is None else seed
+        if not isinstance(base, int) or not 0 <= base <= 2**63 - 1 - len(primes):
+            raise OptionError(f"seed must be between 0 and 2^63-1 less the number of streams (got {seed!r})")
+        streams = self.streams()
+        ids = [streams.add(p, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=base + i,
+                           stop=stop, unknown=unknown) for i, p in enumerate(primes)]
+        pieces: dict[int, list[str]] = {i: [] for i in ids}
+        for event in streams.run():
+            if event.text:
+                pieces[event.stream].append(event.text)
+        return [pieces[i] for i in ids]
+
+    def beam(self, prime: str = "", length: int = 100, *, beam_width: int = 5, n_best: int = 1, length_penalty: float = 0.0,
+             stop: str | None = None, unknown: str = "error") -> list[Beam]:
+        """The n_best most likely continuations of `prime` by beam search, best first: (text, log-prob, tokens)."""
+        stop_ids = None
+        if stop:
+            stop_ids = torch.from_numpy(np.asarray(self.vocab.encode(stop), dtype=np.int64))
+        prime_t = torch.from_numpy(prime_ids(self.vocab, prime, unknown))
+        results = beam_search(self.scorer, prime_t, length, beam_width, n_best, length_penalty, stop_ids)
+        return [Beam(self.vocab.decode(ids), logprob, len(ids)) for ids, logprob in results]
+
+    # -- scoring -------------------------------------------------------------------------------
+    def score(self, text: str | bytes | None = None, *, split: str | None = None, data: str | Path | None = None,
+              unknown: str = "error", dynamic: bool = False, dyn_lr: float | None = None, dyn_decay: float | None = None,
+              dyn_update: str = "auto", dyn_window: int | None = None) -> Score:
+        """Bits per character of a text (or of a split of the prepared data the model was trained on), scored as
+        one stream with the state carried through.
+
+        dynamic=True: dynamic evaluation (the model takes a gradient step after each window it has
+        scored; on a copy: this object's weights never change). unknown="skip" drops characters a
+        char vocabulary lacks instead of refusing the text.
+        """
+        tokens, text_chars = self._tokens(text, split, data, unknown)
+        if len(tokens) < 2:
+            raise DataError("the text to score has fewer than 2 characters")
+        chars = scored_chars(self.vocab, tokens, text_chars)
+        if chars < 1:
+            raise DataError("the text to score spells no character after its first token: nothing to score")
+        if dynamic:
+            return self._dynamic_score(tokens, chars, dyn_update, dyn_lr, dyn_decay, dyn_window)
+        dynamic_options_given = dyn_lr is not None or dyn_decay is not None or dyn_window is not None or dyn_update != "auto"
+        if dynamic_options_given:
+            raise OptionError("the dyn_* options go with dynamic=True (--dynamic)")
+        scorers = self._eval_scorers()
+        whole = self._static(scorers[0] if len(scorers) == 1 and self.weights is None else
+                             Ensemble(scorers, self.weights, self.combine), tokens, chars)
+        if len(scorers) > 1:
+            whole = replace(whole, members=[self._static(m, tokens, chars) for m in scorers])
+        _check_finite(whole, self.paths, "")
+        return whole
+
+    def adapted(self, text: str, *, unknown: str = "error", dyn_lr: float | None = None, dyn_decay: float | None = None,
+                dyn_update: str = "auto", dyn_window: int | None = None) -> LanguageModel:
+        """A copy of this model adapted to `text` by dynamic evaluation over it (as `charlm sample --adapt`), to
+        generate in its style. The copy's `adaptation` holds the figure while reading it and the settings."""
+        if not text:
+            raise DataError("the text to adapt to is empty: nothing to adapt to")
+        tokens = np.asarray(self.vocab.encode(text, unknown), dtype=np.int64)
+        if len(tokens) < 2:
+            raise DataError("the text to adapt to has fewer than 2 symbols the model knows: nothing to adapt to")
+        members = [ModelScorer(copy.deepcopy(m.model), m.vocab, dtype=m.dtype) for m in self.members]
+        twin = LanguageModel(members, self._checkpoints, self.weights, self.combine, self._eval_dtype)
+        twin.adaptation = twin._adapt_in_place(tokens, len(tokens), dyn_update, dyn_lr, dyn_decay, dyn_window)
+        return twin
+
+    # -- internals -----------------------------------------------------------------------------
+    def _eval_scorers(self) -> list[ModelScorer]:
+        """The members as scorers in the scoring precision: exact fp32 unless bf16 was asked for at load."""
+        dtype = self._eval_dtype or "fp32"
+        if dtype not in DTYPES:
+            raise OptionError(f"scoring runs in {' or '.join(DTYPES)} (int8 is for step-by-step decoding: sample and beam); "
+                              f"load the model with dtype fp32 or bf16 to score")
+        return [m if m.dtype == dtype else ModelScorer(m.model, m.vocab, dtype=dtype) for m in self.members]
+
+    @staticmethod
+    def _static(scorer: Scorer, tokens: np.ndarray, chars: int) -> Score:
+        record: list[torch.Tensor] = []
+        start = time.perf_counter()
+        r = evaluate(scorer, tokens, chars=chars, record=record)
+        seconds = time.perf_counter() - start
+        logprobs = torch.cat(record, dim=-1).flatten().numpy() if record else np.zeros(0)
+        return Score(r["bits_per_char"], r["perplexity"], r["chars"], r["tokens"], r["nll"], r["bits_per_token"], seconds,
+                     logprobs)
+
+    def _dynamic_score(self, tokens: np.ndarray, chars: int, update: str, lr, decay, window) -> Score:
+        if self._eval_dtype not in (None, "fp32"):
+            raise OptionError(f"dynamic evaluation runs in fp32 (it takes gradient steps); leave out --dtype {self._eval_dtype}")
+        members = [ModelScorer(copy.deepcopy(m.model), m.vocab, dtype="fp32") for m in self.members]
+        twin = LanguageModel(members, self._checkpoints, self.weights, self.combine, "fp32")
+        result = twin._adapt_in_place(tokens, chars, update, lr, decay, window)
+        _check_finite(result, self.paths, "; with dynamic evaluation, try a lower --dyn-lr")
+        return result
+
+    def _adapt_in_place(self, tokens: np.ndarray, chars: float, update: str, lr, decay, window) -> Score:
+        """Dynamic evaluation over tokens, leaving this object's members adapted (callers pass a copy)."""
+        sources = [dynamic.AdaptSource(int(c.meta["train"]["seq_length"]), checkpoint.gradient_second_moments(c))
+                   for c in self._checkpoints]
+        settings, note = dynamic.resolve(sources, [str(p) for p in self.paths], update, lr, decay, window)
+        adapters = [dynamic.Adapter(m.model, settings, s.mean_sq) for m, s in zip(self.members, sources)]
+        combine = self.scorer.combine_logprobs if isinstance(self.scorer, Ensemble) else None
+        record: list[torch.Tensor] = []
+        whole, per_member = dynamic.dynamic_evaluate(adapters, tokens, chars, combine, record=record)
+        described = {"update": settings.update, "lr": settings.lr, "decay": settings.decay, "window": settings.window, "note": note}
+        logprobs = -torch.cat(record, dim=-1).flatten().numpy() if record else np.zeros(0)
+        members = [_from_record(r) for r in per_member] if len(self.members) > 1 else []
+        return replace(_from_record(whole), logprobs=logprobs, members=members, dynamic=described)
+
+    def _tokens(self, text: str | bytes | None, split: str | None, data: str | Path | None, unknown: str) -> tuple[np.ndarray, int]:
+        """The token stream to score and the number of characters of the text it spells."""
+        if unknown not in ("error", "skip"):
+            raise OptionError(f"--unknown must be error or skip (got {unknown!r})")
+        vocab = self.vocab
+        if text is not None and split is not None:
+            raise OptionError("score a text or a split, not both")
+        if text is not None:
+            if isinstance(text, bytes):
+                if vocab.kind == "bytes":
+                    ids = vocab.encode_units(np.frombuffer(text, dtype=np.uint8).astype(np.uint32), unknown)
+                    return ids, len(ids)
+                try:
+                    text = text.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"the text is not valid UTF-8 (byte offset {e.start})") from None
+            if not isinstance(text, str):
+                raise OptionError(f"text must be a str or bytes (got {type(text).__name__})")
+            if not text:
+                raise DataError("the text to score is empty")
+            ids = vocab.encode(text, unknown)
+            # With unknown="skip" (char vocabularies), the figure covers the kept characters only.
+            return ids, len(text) if vocab.kind == "spm" else len(ids)
+        return self._split_tokens(split or "val", data)
+
+    def _split_tokens(self, split: str, data_dir: str | Path | None) -> tuple[np.ndarray, int]:
+        from charlm.data import PreparedData  # only for splits: scoring a text needs no data code
+
+        first = self._checkpoints[0]
+        recorded = (first.meta.get("provenance") or {}).get("data_dir")
+        if data_dir is None and not isinstance(recorded, str):
+            raise CharlmError(f"{first.path} does not record the data it was trained on; give it with --data DIR, or score a file with --text")
+        data = PreparedData(data_dir or recorded)
+        if data.vocab != self.vocab:
+            raise DataError(f"{data.dir} has a different vocabulary than {first.path}")
+        parts = split.split("+")
+        tokens = np.concatenate([np.asarray(data.tokens(s)) for s in parts])
+        return tokens, sum(data.chars(s) for s in parts)
+
+
+def _from_record(r: dict) -> Score:
+    return Score(r["bits_per_char"], r["perplexity"], r["chars"], r["tokens"], r["nll"], r["bits_per_token"],
+                 r["chars"] / max(r["chars_per_s"], 1e-30) if r.get("chars_per_s") else 0.0)
+
+
+def _check_finite(score: Score, paths: list[Path], hint: str) -> None:
+    """A figure that is not finite means weights that overflow float32 on this text: an error, never a NaN figure."""
+    named = [(str(p), m) for p, m in zip(paths, score.members)] + [("the model", score)]
+    for label, s in named:
+        if not math.isfinite(s.bits_per_char):
+            raise CharlmError(f"{label} gives a non-finite figure ({s.bits_per_char} bits/char): "
+                              f"its weights overflow float32 on this text{hint}")
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint file holds, read and checked as a stranger's file (no model is built): its
+    metadata, vocabulary, checksum status, whether it is resumable, and its tensor and parameter counts."""
+    c = checkpoint.load(path)
+    return {"path": c.path, "meta": copy.deepcopy(c.meta), "vocab": c.vocab, "checksum": c.checksum,
+            "resumable": c.has_train_state, "tensors": len(c.tensors),
+            "parameters": sum(t.numel() for t in c.model_state().values()),
+            "format": checkpoint.FORMAT, "version": checkpoint.VERSION}

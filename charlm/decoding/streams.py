@@ -1,0 +1,278 @@
+"""Many generation streams stepped together: streams join and leave at any step (continuous batching).
+
+A recurrent model's whole context is its state, a few (num_layers, 1, H) rows per stream, so a
+stream joins the batch by concatenating its rows and leaves by dropping them: no cache to page.
+Each stream keeps its own prime, sampling settings, random generator, stop strings and length, so
+its text depends on its own request and seed only, never on which other streams run beside it:
+
+    streams = Streams(scorer)
+    a = streams.add("ROMEO:", length=100, temperature=0.8, seed=1)
+    b = streams.add("JULIET:", length=50, greedy=True)
+    while streams.active:
+        for event in streams.step():      # one batched model step for every active stream
+            print(event.stream, event.text, event.finished)
+
+A prime is run through the whole-window forward pass in chunks of `prime_chunk` tokens, one chunk
+per stream per step() before the batched step, so a long prime delays the others by one chunk's
+forward pass per step, not by the whole prime.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from charlm.decoding.options import UNKNOWN_RULES
+from charlm.decoding.sampling import draw, processors
+from charlm.decoding.scorer import Scorer
+from charlm.errors import OptionError
+
+PRIME_CHUNK = 4096  # tokens of a prime per forward call: bounds memory (B x T x V log-probs) and the others' wait
+MAX_SEED = 2**63 - 1
+MAX_LENGTH = 1 << 40  # far above any text, far below what an int64 counter holds
+
+
+def random_seed() -> int:
+    """A seed from the operating system, for a stream given none."""
+    return int.from_bytes(os.urandom(8), "little") & MAX_SEED
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one stream picks its next symbol: greedy, or temperature -> top-k -> top-p -> draw."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    greedy: bool = False
+
+    def chain(self) -> list:
+        """The processors, validated (a bad value is an OptionError naming the option)."""
+        return processors(self.temperature, self.top_k, self.top_p)
+
+
+@dataclass
+class Event:
+    """What one step produced for one stream: new text (possibly empty, while a character's bytes or
+    a possible stop string are held back), and whether the stream has ended and why."""
+
+    stream: int  # the id add() returned
+    text: str
+    finished: bool = False
+    reason: str | None = None  # "length" (its length reached) or "stop" (a stop string produced); None while running
+    symbols: int = 0  # symbols generated so far by this stream
+
+
+@dataclass
+class _Stream:
+    """One stream's own request and progress (the batched state holds its recurrent rows)."""
+
+    id: int
+    settings: SamplingSettings
+    chain: list
+    rng: random.Random
+    length: int
+    stops: tuple[str, ...]
+    decode: Callable[[int], str]
+    prime: np.ndarray  # the ids still to run through the network before the stream can join
+    state: tuple | None = None  # its own state while its prime runs
+    generated: int = 0
+    held: str = ""  # text not emitted yet: it might be the start of a stop string
+    ids: list[int] = field(default_factory=list)
+
+
+def concat_states(states: Sequence) -> tuple:
+    """Join the states of several batches (nested tuples of (L, B, H) tensors) along the stream dimension."""
+    first = states[0]
+    if isinstance(first, Tensor):
+        return torch.cat(list(states), dim=1)  # type: ignore[return-value]
+    return tuple(concat_states([s[i] for s in states]) for i in range(len(first)))
+
+
+class Streams:
+    """Generation streams over one Scorer (a model or an ensemble), advanced one symbol per step, together."""
+
+    def __init__(self, scorer: Scorer, prime_chunk: int = PRIME_CHUNK):
+        self.scorer = scorer
+        self.vocab = scorer.vocab
+        self.prime_chunk = prime_chunk
+        self._ids = itertools.count()
+        self._pending: list[_Stream] = []  # priming, not yet in the batch
+        self._rows: list[_Stream] = []  # in the batch, in row order
+        self._state: tuple | None = None  # the batch's state, rows in self._rows order
+        self._logp: Tensor | None = None  # (B, V): each row's next-symbol log-probs
+
+    # -- adding and removing -------------------------------------------------------------------
+    def add(self, prime: str | Sequence[int] = "", length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
+            top_p: float | None = None, greedy: bool = False, seed: int | None = None, stop: str | Sequence[str] | None = None,
+            unknown: str = "error") -> int:
+        """Queue a stream; it joins the batch once its prime has run (over the next step() calls). Returns its id.
+
+        prime: text (or ids); with none, the stream starts as if after a line break. length: symbols to
+        generate. stop: a string or strings that end the stream when produced (not included in its text).
+        """
+        settings = SamplingSettings(temperature, top_k, top_p, greedy)
+        chain = [] if greedy else settings.chain()
+        if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= MAX_LENGTH:
+            raise OptionError(f"--length must be a whole number between 0 and {MAX_LENGTH} (got {length!r})")
+        if seed is None:
+            seed = random_seed()
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+            raise OptionError(f"--seed must be between 0 and 2^63-1 (got {seed!r})")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise OptionError("stop must be a non-empty string or a list of non-empty strings")
+        ids = prime_ids(self.vocab, prime, unknown) if isinstance(prime, str) else np.asarray(prime, dtype=np.int64)
+        if ids.ndim != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= len(self.vocab):
+            raise OptionError(f"prime ids must be a non-empty list of ids below {len(self.vocab)}")
+        stream = _Stream(next(self._ids), settings, chain, random.Random(int(seed)), int(length), stops,
+                         self.vocab.stream_decoder(), ids)
+        self._pending.append(stream)
+        return stream.id
+
+    def remove(self, stream_id: int) -> bool:
+        """Drop a stream at once (a client went away); False if it is not here."""
+        for i, s in enumerate(self._pending):
+            if s.id == stream_id:
+                del self._pending[i]
+                return True
+        for i, s in enumerate(self._rows):
+            if s.id == stream_id:
+                self._keep([j for j in range(len(self._rows)) if j != i])
+                return True
+        return False
+
+    @property
+    def active(self) -> int:
+        """Streams not finished: in the batch or still priming."""
+        return len(self._rows) + len(self._pending)
+
+    @property
+    def batch_size(self) -> int:
+        """Streams in the batch (stepped together)."""
+        return len(self._rows)
+
+    def __len__(self) -> int:
+        return self.active
+
+    # -- stepping ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Run one chunk of each pending prime, then one symbol for every stream in the batch.
+
+        Returns an Event per stream that produced a symbol (or finished); finished streams have left.
+        """
+        self._advance_primes()
+        if not self._rows:
+            return []
+        assert self._logp is not None
+        nxt = self._choose(self._logp)  # (B,)
+        events, keep = [], []
+        for row, (stream, symbol) in enumerate(zip(self._rows, nxt.tolist())):
+            event = self._emit(stream, symbol)
+            events.append(event)
+            if not event.finished:
+                keep.append(row)
+        if len(keep) < len(self._rows):
+            nxt = nxt[torch.tensor(keep, dtype=torch.long)] if keep else nxt[:0]
+            self._keep(keep)
+        if self._rows:
+            self._logp, self._state = self.scorer.step(nxt, self._state)
+        return events
+
+    def run(self) -> Iterator[Event]:
+        """Step until every stream has finished, yielding the events."""
+        while self.active:
+            yield from self.step()
+
+    def _advance_primes(self) -> None:
+        joined = []
+        for stream in list(self._pending):
+            chunk, stream.prime = stream.prime[: self.prime_chunk], stream.prime[self.prime_chunk:]
+            state = stream.state if stream.state is not None else self.scorer.start(1)
+            logp, stream.state = self.scorer.score(torch.from_numpy(chunk).view(1, -1), state)
+            if len(stream.prime) == 0:
+                self._pending.remove(stream)
+                if stream.length == 0:
+                    continue  # nothing to generate: it ends without joining (run() sees it gone)
+                joined.append((stream, logp[:, -1]))
+        if joined:
+            streams = [s for s, _ in joined]
+            states = ([self._state] if self._rows else []) + [s.state for s in streams]
+            logps = ([self._logp] if self._rows else []) + [lp for _, lp in joined]
+            self._state = concat_states(states)
+            self._logp = torch.cat(logps, dim=0)  # type: ignore[arg-type]
+            for s in streams:
+                s.state = None
+            self._rows += streams
+
+    def _choose(self, logp: Tensor) -> Tensor:
+        """Each row's next symbol under its own settings: rows that share settings are processed together."""
+        groups: dict[SamplingSettings, list[int]] = {}
+        for row, stream in enumerate(self._rows):
+            groups.setdefault(stream.settings, []).append(row)
+        if len(groups) == 1:
+            return self._choose_group(logp, self._rows)
+        out = torch.empty(len(self._rows), dtype=torch.long)
+        for rows in groups.values():
+            index = torch.tensor(rows, dtype=torch.long)
+            out[index] = self._choose_group(logp.index_select(0, index.to(logp.device)), [self._rows[r] for r in rows])
+        return out
+
+    @staticmethod
+    def _choose_group(logp: Tensor, streams: list[_Stream]) -> Tensor:
+        first = streams[0]
+        if first.settings.greedy:
+            return logp.argmax(dim=-1).cpu()
+        logits = logp
+        for proc in first.chain:
+            logits = proc(logits)
+        uniforms = torch.tensor([s.rng.random() for s in streams], dtype=torch.float64)
+        return draw(logits, uniforms).cpu()
+
+    def _emit(self, stream: _Stream, symbol: int) -> Event:
+        stream.generated += 1
+        stream.ids.append(symbol)
+        text = stream.held + stream.decode(symbol)
+        if stream.stops:
+            for stop in stream.stops:
+                at = text.find(stop)
+                if at >= 0:
+                    return Event(stream.id, text[:at], True, "stop", stream.generated)
+            # Hold back the longest end of the text that could still become a stop string.
+            hold = max((k for stop in stream.stops for k in range(1, min(len(stop), len(text) + 1))
+                        if text.endswith(stop[:k])), default=0)
+            text, stream.held = (text[:-hold], text[-hold:]) if hold else (text, "")
+        if stream.generated >= stream.length:
+            return Event(stream.id, text + stream.held, True, "length", stream.generated)
+        return Event(stream.id, text, False, None, stream.generated)
+
+    def _keep(self, rows: list[int]) -> None:
+        """Keep only these rows of the batch, in this order."""
+        self._rows = [self._rows[r] for r in rows]
+        if not rows:
+            self._state, self._logp = None, None
+            return
+        assert self._logp is not None and self._state is not None
+        index = torch.tensor(rows, dtype=torch.long)
+        self._state = self.scorer.reorder(self._state, index)
+        self._logp = self._logp.index_select(0, index.to(self._logp.device))
+
+
+def prime_ids(vocab, prime: str, unknown: str = "error") -> np.ndarray:
+    """The prime as ids; with no prime (or none left), start as if after a line break (or from the first symbol)."""
+    if unknown not in UNKNOWN_RULES:
+        raise OptionError(f"--unknown must be error or skip (got {unknown!r})")
+    ids = vocab.encode(prime, unknown) if prime else np.zeros(0, dtype=np.int64)
+    if len(ids) == 0:
+        ids = vocab.encode("\n", unknown="skip")[:1] if vocab.kind in ("char", "spm") else np.zeros(0, dtype=np.int64)
+        if len(ids) == 0:
+            ids = np.zeros(1, dtype=np.int64)
+    return np.asarray(ids, dtype=np.int64)
