@@ -183,26 +183,25 @@ class LanguageModel:
                       stop: str | Sequence[str] | None = None, unknown: str = "error") -> list[str]:
         """Generate after each prime, all streams stepped together as one batch. Stream i uses seed + i, so it
         equals generate(primes[i], seed=seed + i)."""
-        return ["".join(parts) for parts in self.iter_many(primes, length, temperature=temperature, top_k=top_k,
-                                                            top_p=top_p, greedy=greedy, seed=seed, stop=stop, unknown=unknown)]
+        texts = [""] * len(primes)
+        for i, piece in self.stream_many(primes, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                         seed=seed, stop=stop, unknown=unknown):
+            texts[i] += piece
+        return texts
 
-    def iter_many(self, primes: Sequence[str], length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, greedy: bool = False, seed: int | None = None,
-                  stop: str | Sequence[str] | None = None, unknown: str = "error") -> list[list[str]]:
-        """generate_many's pieces: for each prime, the list of text pieces in the order they were produced."""
+    def stream_many(self, primes: Sequence[str], length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, greedy: bool = False, seed: int | None = None,
+                    stop: str | Sequence[str] | None = None, unknown: str = "error") -> Iterator[tuple[int, str]]:
+        """generate_many as it is produced: (index of the prime, new text) pairs, step by step."""
         if isinstance(primes, str):
             raise OptionError("generate_many takes a list of primes; for one prime use generate")
         base = random_seed() >> 8 if seed is None else seed
-        if not isinstance(base, int) or not 0 <= base <= 2**63 - 1 - len(primes):
-            raise OptionError(f"seed must be between 0 and 2^63-1 less the number of streams (got {seed!r})")
+        if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= 2**63 - 1 - len(primes):
+            raise OptionError(f"--seed must be between 0 and 2^63-1 less the number of streams (got {seed!r})")
         streams = self.streams()
-        ids = [streams.add(p, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=base + i,
-                           stop=stop, unknown=unknown) for i, p in enumerate(primes)]
-        pieces: dict[int, list[str]] = {i: [] for i in ids}
-        for event in streams.run():
-            if event.text:
-                pieces[event.stream].append(event.text)
-        return [pieces[i] for i in ids]
+        index = {streams.add(p, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=base + i,
+                             stop=stop, unknown=unknown): i for i, p in enumerate(primes)}
+        return ((index[event.stream], event.text) for event in streams.run() if event.text)
 
     def beam(self, prime: str = "", length: int = 100, *, beam_width: int = 5, n_best: int = 1, length_penalty: float = 0.0,
              stop: str | None = None, unknown: str = "error") -> list[Beam]:
@@ -332,7 +331,7 @@ class LanguageModel:
         recorded = (first.meta.get("provenance") or {}).get("data_dir")
         if data_dir is None and not isinstance(recorded, str):
             raise CharlmError(f"{first.path} does not record the data it was trained on; give it with --data DIR, or score a file with --text")
-        data = PreparedData(data_dir or recorded)
+        data = PreparedData(data_dir if data_dir is not None else str(recorded))
         if data.vocab != self.vocab:
             raise DataError(f"{data.dir} has a different vocabulary than {first.path}")
         parts = split.split("+")

@@ -173,6 +173,7 @@ def remove_stale_parts(directory: str | Path) -> list[Path]:
 def read_header(path: str | Path) -> dict:
     """The safetensors JSON header of a charlm checkpoint, checked, without reading the tensors."""
     f, _, _ = _open(path)
+    f.close()
     header: dict[str, Any] = {name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
                               for name, e in f.entries.items()}
     header["__metadata__"] = dict(f.metadata)
@@ -181,14 +182,34 @@ def read_header(path: str | Path) -> dict:
 
 def read_meta(path: str | Path) -> dict:
     """The JSON metadata of a checkpoint (config, vocabulary, provenance ...), checked, without reading the tensors."""
-    return _open(path)[1]
+    f, meta, _ = _open(path)
+    f.close()
+    return meta
 
 
 def load(path: str | Path) -> Checkpoint:
-    """Read a checkpoint onto the CPU, whatever device wrote it; a CharlmError says what is wrong with a bad one."""
+    """Read a checkpoint onto the CPU, whatever device wrote it; a CharlmError says what is wrong with a bad one.
+
+    Header and data come through one open file (tensorfile.TensorFile), so a concurrent atomic save
+    of the same path is never mixed into what is read. A checksum mismatch in a file that was
+    modified in place while it was read is read again once before it is called corrupt.
+    """
+    try:
+        return _load(path)
+    except CheckpointError as e:
+        if not getattr(e, "changed_while_read", False):
+            raise
+        return _load(path)
+
+
+def _load(path: str | Path) -> Checkpoint:
     f, meta, cfg = _open(path)
     f.read_data()  # its size is now known to be exactly what the config's tensors need (and the state, tokenizer)
-    checksum = verify_checksums(f)
+    try:
+        checksum = verify_checksums(f)
+    except CheckpointError as e:
+        e.changed_while_read = f.replaced()  # type: ignore[attr-defined]
+        raise
     vocab = checked_vocab(f, meta, cfg)
     tensors = {name: f.tensor(name) for name in f.entries}
     check_values(f.path, tensors, cfg)
@@ -198,7 +219,11 @@ def load(path: str | Path) -> Checkpoint:
 def _open(path: str | Path) -> tuple[TensorFile, dict, ModelConfig]:
     """The header checked against the schema and the recorded config; no tensor data read yet."""
     f = open_file(path)
-    meta = checked_meta(f)
-    cfg = ModelConfig(**meta["model"])
-    check_entries(f, meta, cfg)
+    try:
+        meta = checked_meta(f)
+        cfg = ModelConfig(**meta["model"])
+        check_entries(f, meta, cfg)
+    except BaseException:
+        f.close()
+        raise
     return f, meta, cfg

@@ -18,9 +18,9 @@ import math
 import os
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, BinaryIO, Iterable
 
 import torch
 
@@ -53,7 +53,12 @@ class Entry:
 
 @dataclass
 class TensorFile:
-    """A safetensors file's checked header, and (once read) its data section."""
+    """A safetensors file's checked header, and (once read) its data section.
+
+    Header and data are read through one open file: a save that atomically replaces the path in
+    between (a training run writing last.safetensors while `sample` reads it) cannot pair one
+    file's header with another file's data; the reader keeps reading the file it opened.
+    """
 
     path: Path
     header_size: int  # N
@@ -61,15 +66,35 @@ class TensorFile:
     metadata: dict[str, str]
     entries: dict[str, Entry]
     data: bytes | None = None
+    identity: tuple[int, int, int] = (0, 0, 0)  # (device, inode, mtime_ns) of the file opened: did the path change since?
+    handle: BinaryIO | None = field(default=None, repr=False)
 
     def read_data(self) -> None:
-        """Read the data section (after the caller has checked the header against what it expects)."""
-        with open(self.path, "rb") as f:
-            f.seek(8 + self.header_size)
-            data = f.read()
+        """Read the data section (after the caller has checked the header against what it expects), then close the file."""
+        if self.handle is None:
+            raise CheckpointError(f"{self.path}: its data was read already")
+        try:
+            self.handle.seek(8 + self.header_size)
+            data = self.handle.read()
+        finally:
+            self.close()
         if len(data) != self.file_size - 8 - self.header_size:
             raise CheckpointError(f"{self.path} changed while it was being read; try again")
         self.data = data
+
+    def close(self) -> None:
+        """Let go of the open file (reading the header only, or done)."""
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def replaced(self) -> bool:
+        """Whether the path now names another file, or the file changed, since it was opened."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino, st.st_mtime_ns) != self.identity
 
     def view(self, name: str) -> memoryview:
         """The raw bytes of one tensor (no copy)."""
@@ -140,22 +165,40 @@ def open_file(path: str | Path) -> TensorFile:
         raise CheckpointError(f"{path} is a directory; pass a checkpoint file such as {path / 'best.safetensors'}")
     if not path.is_file():  # a FIFO or a device would block or never end
         raise CheckpointError(f"{path} is not a regular file; pass a checkpoint file")
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(9)
-        if head[:2] == b"PK":
-            raise CheckpointError(f"{path} is a zip archive (a torch.save file?), not a charlm checkpoint; charlm never unpickles files")
-        # A header length whose low byte is 0x80 looks like a pickle's first byte; a safetensors
-        # header (JSON) always opens with "{" at byte 8, a pickle there is anything else.
-        if head[:1] == b"\x80" and head[8:9] != b"{":
-            raise CheckpointError(f"{path} is a pickle file (torch.save or pickle.dump), not a charlm checkpoint; charlm never unpickles files")
-        if len(head) < 8:
-            raise CheckpointError(f"{path} is empty or truncated: not a charlm checkpoint")
-        (n,) = struct.unpack("<Q", head[:8])
-        if n < 2 or n > min(size - 8, MAX_HEADER):
-            raise CheckpointError(f"{path} is not a safetensors file, or it is truncated")
-        f.seek(8)
-        raw = f.read(n)
+    f = open(path, "rb")  # kept open: the data is read through the same descriptor (TensorFile.read_data)
+    try:
+        st = os.fstat(f.fileno())
+        size = st.st_size
+        raw = _read_header(f, path, size)
+        tf = _checked_file(path, raw, size)
+    except BaseException:
+        f.close()
+        raise
+    tf.identity, tf.handle = (st.st_dev, st.st_ino, st.st_mtime_ns), f
+    return tf
+
+
+def _read_header(f: BinaryIO, path: Path, size: int) -> bytes:
+    """The header's bytes, after the checks that tell a safetensors file from a zip, a pickle or a stub."""
+    head = f.read(9)
+    if head[:2] == b"PK":
+        raise CheckpointError(f"{path} is a zip archive (a torch.save file?), not a charlm checkpoint; charlm never unpickles files")
+    # A header length whose low byte is 0x80 looks like a pickle's first byte; a safetensors
+    # header (JSON) always opens with "{" at byte 8, a pickle there is anything else.
+    if head[:1] == b"\x80" and head[8:9] != b"{":
+        raise CheckpointError(f"{path} is a pickle file (torch.save or pickle.dump), not a charlm checkpoint; charlm never unpickles files")
+    if len(head) < 8:
+        raise CheckpointError(f"{path} is empty or truncated: not a charlm checkpoint")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n < 2 or n > min(size - 8, MAX_HEADER):
+        raise CheckpointError(f"{path} is not a safetensors file, or it is truncated")
+    f.seek(8)
+    return f.read(n)
+
+
+def _checked_file(path: Path, raw: bytes, size: int) -> TensorFile:
+    """The header parsed and checked whole: known dtypes, shapes, and offsets that tile the data exactly."""
+    n = len(raw)
     try:
         header = parse_json(raw.decode("utf-8"))
     except ValueError as e:  # UnicodeDecodeError too

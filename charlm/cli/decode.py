@@ -127,10 +127,21 @@ def sample(
             out.flush()
         out.write("\n")
         return
-    samples = lm.generate_many([prime] * num_samples, length, seed=seed, **settings)
-    for i, text in enumerate(samples):
+    # All samples step together; the first is printed as it is produced, the others (held in memory)
+    # one after another when they are done: a reader that stops early stops the run at once.
+    held = [""] * num_samples
+    err.print(f"── sample 1/{num_samples} ──")
+    out.write(prime)
+    for i, piece in lm.stream_many([prime] * num_samples, length, seed=seed, **settings):
+        if i == 0:
+            out.write(piece)
+            out.flush()
+        else:
+            held[i] += piece
+    out.write("\n")
+    for i in range(1, num_samples):
         err.print(f"── sample {i + 1}/{num_samples} ──")
-        out.write(prime + text + "\n")
+        out.write(prime + held[i] + "\n")
         out.flush()
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from charlm.errors import CharlmError
-from charlm.decoding.scorer import Scorer
+from charlm.decoding.scorer import Scorer, run_prime
 
 MAX_LENGTH_PENALTY = 10.0  # len ** 10 stays finite for any length a beam reaches
 
@@ -35,9 +35,7 @@ def beam_search(
     if not -MAX_LENGTH_PENALTY <= length_penalty <= MAX_LENGTH_PENALTY:  # NaN fails this too
         raise CharlmError(f"--length-penalty must be a number between -{MAX_LENGTH_PENALTY} and {MAX_LENGTH_PENALTY} "
                           f"(got {length_penalty}); 0 ranks by the total log-prob, 1 by the mean")
-    state = scorer.start(1)
-    logp, state = scorer.score(prime.view(1, -1), state)
-    logp = logp[:, -1]  # (1, V)
+    logp, state = run_prime(scorer, prime)  # (1, V)
     vocab_size = logp.shape[-1]
     scores = torch.zeros(1)  # (K,) total log-prob of each live hypothesis
     seqs = torch.zeros((1, 0), dtype=torch.long)  # (K, t)

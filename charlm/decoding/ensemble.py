@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ class Ensemble:
     softmax(sum_i w_i log p_i).
     """
 
-    def __init__(self, members: list[Scorer], weights: list[float] | None = None, combine: str = "mean"):
+    def __init__(self, members: Sequence[Scorer], weights: Sequence[float] | None = None, combine: str = "mean"):
         if not members:
             raise CharlmError("an ensemble needs at least one model")
         if combine not in COMBINE_RULES:
@@ -40,7 +41,7 @@ class Ensemble:
         # taken of the weights themselves, so a weight of 1e-320 next to 1 stays finite (log 0 would not).
         top = max(weights)
         total = sum(w / top for w in weights)  # in [1, n]
-        self.members = members
+        self.members = list(members)
         self.vocab = first
         self.combine = combine
         self.weights = [w / top / total for w in weights]

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from charlm.errors import OptionError
-from charlm.decoding.scorer import Scorer
+from charlm.decoding.scorer import Scorer, run_prime
 
 
 class Temperature:
@@ -100,7 +100,7 @@ def sample(
 ) -> Tensor:
     """Generate `length` ids after `prime` (1-D ids) for num_samples streams at once -> (N, length).
 
-    The prime goes through the network in one forward call; then one step per generated symbol.
+    The prime goes through the network in whole-window forward calls (run_prime); then one step per generated symbol.
     The streams share one generator (the API's Streams gives each stream its own).
     """
     if length < 0:
@@ -111,9 +111,7 @@ def sample(
     out = torch.empty((num_samples, length), dtype=torch.long)
     if length == 0:
         return out
-    state = scorer.start(num_samples)
-    logp, state = scorer.score(prime.view(1, -1).expand(num_samples, -1), state)
-    logp = logp[:, -1]  # (N, V): the distribution after the whole prime
+    logp, state = run_prime(scorer, prime, num_samples)  # (N, V): the distribution after the whole prime
     for t in range(length):
         # No finiteness check per step (it costs ~5% of a small model's step): checkpoint.load refuses
         # weights whose outputs could overflow float32, so a loaded model's log-probs are finite.

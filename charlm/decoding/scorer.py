@@ -34,6 +34,24 @@ class Scorer(Protocol):
         """Gather streams: row i of the result is row index[i] of state (beam search)."""
 
 
+PRIME_CHUNK = 4096  # tokens per forward call: bounds the (B, T, V) log-probs of a long prime, not its length
+
+
+def run_prime(scorer: Scorer, ids: Tensor, batch_size: int = 1, chunk: int = PRIME_CHUNK) -> tuple[Tensor, State]:
+    """A known text (1-D ids) through the whole-window forward pass in chunks, the state carried: the
+    log-probs after its last symbol (B, V) and the state, for batch_size copies. Memory is bounded by
+    the chunk, whatever the prime's length (a 10 MB prime costs what 4,096 symbols cost)."""
+    state = scorer.start(batch_size)
+    logp = None
+    for begin in range(0, len(ids), chunk):
+        part = ids[begin : begin + chunk].view(1, -1).expand(batch_size, -1)
+        logp, state = scorer.score(part, state)
+        logp = logp[:, -1]  # only the last position's distribution is kept
+    if logp is None:
+        raise ValueError("run_prime needs at least one id")
+    return logp, state
+
+
 class ModelScorer:
     """One trained CharRNN behind the Scorer protocol."""
 

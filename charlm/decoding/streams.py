@@ -31,10 +31,9 @@ from torch import Tensor
 
 from charlm.decoding.options import UNKNOWN_RULES
 from charlm.decoding.sampling import draw, processors
-from charlm.decoding.scorer import Scorer
-from charlm.errors import OptionError
+from charlm.decoding.scorer import PRIME_CHUNK, Scorer
+from charlm.errors import DataError, OptionError
 
-PRIME_CHUNK = 4096  # tokens of a prime per forward call: bounds memory (B x T x V log-probs) and the others' wait
 MAX_SEED = 2**63 - 1
 MAX_LENGTH = 1 << 40  # far above any text, far below what an int64 counter holds
 
@@ -184,6 +183,7 @@ class Streams:
             nxt = nxt[torch.tensor(keep, dtype=torch.long)] if keep else nxt[:0]
             self._keep(keep)
         if self._rows:
+            assert self._state is not None
             self._logp, self._state = self.scorer.step(nxt, self._state)
         return events
 
@@ -270,6 +270,10 @@ def prime_ids(vocab, prime: str, unknown: str = "error") -> np.ndarray:
     """The prime as ids; with no prime (or none left), start as if after a line break (or from the first symbol)."""
     if unknown not in UNKNOWN_RULES:
         raise OptionError(f"--unknown must be error or skip (got {unknown!r})")
+    bad = next((i for i, c in enumerate(prime) if "\udc80" <= c <= "\udcff"), None)
+    if bad is not None:  # an argument's undecodable byte, as Python passes it on (surrogateescape)
+        raise DataError(f"the prime holds the byte 0x{ord(prime[bad]) - 0xDC00:02X} at character {bad + 1}, which is not UTF-8 text; "
+                        "give the prime as UTF-8 (or in a UTF-8 file with --prime-file)")
     ids = vocab.encode(prime, unknown) if prime else np.zeros(0, dtype=np.int64)
     if len(ids) == 0:
         ids = vocab.encode("\n", unknown="skip")[:1] if vocab.kind in ("char", "spm") else np.zeros(0, dtype=np.int64)
