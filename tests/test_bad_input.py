@@ -581,9 +581,10 @@ for _name, _make, _stream in (("sample", _sample, True), ("beam", _beam, False))
     add(f"{_name}-dtype-unknown", r"dtype", _make("--dtype", "int4"), stream=_stream)
     add(f"{_name}-dtype-bf16-no-bf16-cpu", r"bf16", _make("--dtype", "bf16"), stream=_stream, skip=no_bf16)
     add(f"{_name}-unknown-mode", r"unknown", _make("--unknown", "replace"), stream=_stream)
-    add(f"{_name}-ensemble-vocab-mismatch", r"vocabular", lambda c, m=_make: m()(c)[:2] + [forge(
+    # Members of different character vocabularies join over the union (decoding/union.py), under the mean rule only.
+    add(f"{_name}-ensemble-vocab-mismatch-geometric", r"geometric.*vocabulary", lambda c, m=_make: m()(c)[:2] + [forge(
         c, "other-vocab.safetensors", lambda meta: meta["vocab"].update(chars=meta["vocab"]["chars"][:-1] + "~"),
-        src=c.shared.best)] + m()(c)[2:], stream=_stream)
+        src=c.shared.best)] + m()(c)[2:] + ["--combine", "geometric"], stream=_stream)
 
 add("sample-temperature-0", r"temperature.*greedy", _sample("--temperature", "0"), stream=True)
 add("sample-temperature-negative", r"temperature", _sample("--temperature", "-0.5"), stream=True)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from charlm import checkpoint
+from charlm import checkpoint, devices
 from charlm.config import DECODE_DTYPES, DEVICES, DTYPES, ModelConfig
 from charlm.decoding import dynamic
 from charlm.decoding.beam import beam_search
@@ -29,7 +29,6 @@ from charlm.decoding.ensemble import Ensemble
 from charlm.decoding.evaluate import bits_per_char, evaluate, scored_chars
 from charlm.decoding.scorer import ModelScorer, Scorer
 from charlm.decoding.streams import Streams, prime_ids, random_seed
-from charlm import devices
 from charlm.devices import check_dtype, pick_device
 from charlm.errors import CharlmError, DataError, OptionError
 
@@ -239,7 +238,7 @@ class LanguageModel:
         whole = self._static(scorers[0] if len(scorers) == 1 and self.weights is None else
                              Ensemble(scorers, self.weights, self.combine), tokens, chars)
         if len(scorers) > 1:
-            whole = replace(whole, members=[self._static(m, tokens, chars) for m in scorers])
+            whole = replace(whole, members=[self._member_static(m, tokens, chars) for m in scorers])
         _check_finite(whole, self.paths, "")
         return whole
 
@@ -247,6 +246,7 @@ class LanguageModel:
                 dyn_update: str = "auto", dyn_window: int | None = None) -> LanguageModel:
         """A copy of this model adapted to `text` by dynamic evaluation over it (as `charlm sample --adapt`), to
         generate in its style. The copy's `adaptation` holds the figure while reading it and the settings."""
+        self._refuse_union("adapting")
         if not text:
             raise DataError("the text to adapt to is empty: nothing to adapt to")
         tokens = np.asarray(self.vocab.encode(text, unknown), dtype=np.int64)
@@ -276,7 +276,22 @@ class LanguageModel:
         return Score(r["bits_per_char"], r["perplexity"], r["chars"], r["tokens"], r["nll"], r["bits_per_token"], seconds,
                      logprobs)
 
+    def _member_static(self, member: ModelScorer, tokens: np.ndarray, chars: int) -> Score:
+        """A member's own figure on the ensemble's text. In a union-vocabulary ensemble the symbols it never saw
+        are left out of its text (as unknown="skip" would), so its figure covers the rest only."""
+        if member.vocab == self.vocab:
+            return self._static(member, tokens, chars)
+        own = member.vocab.lookup(self.vocab.codes[tokens])  # -1: a symbol this member lacks
+        kept = own[own >= 0]
+        return self._static(member, kept, scored_chars(member.vocab, kept, len(kept)))
+
+    def _refuse_union(self, what: str) -> None:
+        if isinstance(self.scorer, Ensemble) and self.scorer.union:
+            raise OptionError(f"{what} needs ensemble members that share one vocabulary (these differ: each adapts on its "
+                              "own symbols); score or sample the union ensemble statically, or adapt the members one by one")
+
     def _dynamic_score(self, tokens: np.ndarray, chars: int, update: str, lr, decay, window) -> Score:
+        self._refuse_union("dynamic evaluation")
         if self._eval_dtype not in (None, "fp32"):
             raise OptionError(f"dynamic evaluation runs in fp32 (it takes gradient steps); leave out --dtype {self._eval_dtype}")
         members = [ModelScorer(copy.deepcopy(m.model), m.vocab, dtype="fp32") for m in self.members]
@@ -332,10 +347,14 @@ class LanguageModel:
         if data_dir is None and not isinstance(recorded, str):
             raise CharlmError(f"{first.path} does not record the data it was trained on; give it with --data DIR, or score a file with --text")
         data = PreparedData(data_dir if data_dir is not None else str(recorded))
-        if data.vocab != self.vocab:
-            raise DataError(f"{data.dir} has a different vocabulary than {first.path}")
         parts = split.split("+")
         tokens = np.concatenate([np.asarray(data.tokens(s)) for s in parts])
+        if data.vocab != self.vocab:
+            # A union-vocabulary ensemble reads a member's data: its symbols are all in the union.
+            mapped = self.vocab.lookup(data.vocab.codes) if data.vocab.kind == self.vocab.kind != "spm" else None
+            if mapped is None or bool((mapped < 0).any()):
+                raise DataError(f"{data.dir} has a different vocabulary than {first.path}")
+            tokens = mapped[tokens]
         return tokens, sum(data.chars(s) for s in parts)
 
 

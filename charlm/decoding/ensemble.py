@@ -11,11 +11,12 @@ from torch import Tensor
 from charlm.errors import CharlmError
 from charlm.decoding.options import COMBINE_RULES
 from charlm.decoding.scorer import ModelScorer, Scorer
-
+from charlm.decoding.union import UnionMember, check_combine, union_vocab
 
 
 class Ensemble:
-    """Members share one vocabulary; each keeps its own recurrent state.
+    """Members share one vocabulary (or, for character vocabularies, speak their union: union.py); each
+    keeps its own recurrent state.
 
     combine='mean': the weighted mean of the members' probabilities, log(sum_i w_i p_i), computed
     as a logsumexp in log space. combine='geometric': the normalized weighted geometric mean,
@@ -28,9 +29,14 @@ class Ensemble:
         if combine not in COMBINE_RULES:
             raise CharlmError(f"--combine must be one of {', '.join(COMBINE_RULES)} (got {combine!r})")
         first = members[0].vocab
-        for i, m in enumerate(members[1:], start=2):
-            if m.vocab != first:
-                raise CharlmError(f"model 1 and model {i} have different vocabularies: {vocab_difference(first, m.vocab)}")
+        self.union = any(m.vocab != first for m in members[1:])
+        if self.union:  # characters one member lacks: every member speaks the union vocabulary (union.py)
+            for i, m in enumerate(members[1:], start=2):
+                if "spm" in (first.kind, m.vocab.kind) and m.vocab != first:
+                    raise CharlmError(f"model 1 and model {i} have different vocabularies: {vocab_difference(first, m.vocab)}")
+            check_combine(combine)
+            first = union_vocab([m.vocab for m in members])
+            members = [UnionMember(m, first) for m in members]
         if weights is None:
             weights = [1.0] * len(members)
         if len(weights) != len(members):

@@ -139,6 +139,12 @@ class Vocab:
                 self._lut[self.codes] = np.arange(len(self.codes))
         return self._lut
 
+    def lookup(self, codes: np.ndarray) -> np.ndarray:
+        """Each code point (char) or byte value's id, -1 for those not in the vocabulary (int64)."""
+        codes = np.asarray(codes, dtype=np.int64)
+        idx = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
+        return np.where(self.codes[idx] == codes, idx, -1).astype(np.int64)
+
     def encode(self, text: str, unknown: str = "error") -> np.ndarray:
         return self.encode_units(self.units(text), unknown)
 
