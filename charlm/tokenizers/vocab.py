@@ -32,20 +32,34 @@ def load_vocab(record: dict, model_bytes: bytes | None = None, where: str = "the
 
 
 class Vocab:
-    """A sorted set of symbols: Unicode characters (kind 'char') or byte values (kind 'bytes').
+    """A set of symbols: Unicode characters (kind 'char') or byte values (kind 'bytes').
 
-    Ids are positions in code-point order, so encoding is a binary search over a small array.
+    Ids are positions in code-point order, except in a grown vocabulary (extended(): a checkpoint's
+    vocabulary with the characters of a new text appended), whose old ids are kept and whose new
+    symbols follow. Encoding is a table lookup, or a binary search over the sorted codes.
     """
 
-    def __init__(self, kind: str, codes: Iterable[int]):
+    def __init__(self, kind: str, codes: Iterable[int], ordered: bool = False):
+        """codes: the symbols; sorted into code-point order unless ordered=True (then ids follow the order given)."""
         if kind not in ("char", "bytes"):
             raise DataError(f"unknown vocabulary kind {kind!r}")
         self.kind = kind
-        self.codes = np.array(sorted(set(int(c) for c in codes)), dtype=np.uint32)
+        given = [int(c) for c in codes]
+        if ordered and len(set(given)) != len(given):
+            raise DataError("the vocabulary lists a symbol twice")
+        self.codes = np.array(given if ordered else sorted(set(given)), dtype=np.uint32)  # id -> code
         if len(self.codes) == 0:
             raise DataError("the vocabulary is empty")
-        if int(self.codes[-1]) >= (MAX_CODEPOINT if kind == "char" else 256):
-            raise DataError(f"the vocabulary holds {int(self.codes[-1]):#x}, which is not a {'character' if kind == 'char' else 'byte'}")
+        self._order = np.argsort(self.codes, kind="stable")  # positions in code-point order -> ids
+        self._sorted = self.codes[self._order]
+        if int(self._sorted[-1]) >= (MAX_CODEPOINT if kind == "char" else 256):
+            raise DataError(f"the vocabulary holds {int(self._sorted[-1]):#x}, which is not a {'character' if kind == 'char' else 'byte'}")
+
+    def extended(self, codes: Iterable[int]) -> "Vocab":
+        """This vocabulary with the given symbols it lacks appended (in code-point order): every old id is kept."""
+        have = set(self.codes.tolist())
+        new = sorted({int(c) for c in codes} - have)
+        return self if not new else Vocab(self.kind, self.codes.tolist() + new, ordered=True)
 
     # -- construction and serialisation ---------------------------------------------------
     @classmethod
@@ -59,7 +73,7 @@ class Vocab:
 
     @classmethod
     def from_meta(cls, meta: dict) -> "Vocab":
-        """The vocabulary of a record as to_meta writes it: symbols distinct, in increasing order (ids are positions)."""
+        """The vocabulary of a record as to_meta writes it: distinct symbols, listed in id order."""
         if not isinstance(meta, dict) or meta.get("kind") not in ("char", "bytes"):
             kind = meta.get("kind") if isinstance(meta, dict) else None
             raise DataError(f"the vocabulary record is malformed (unknown kind {str(kind)[:40]!r})")
@@ -74,9 +88,9 @@ class Vocab:
             codes = meta.get("bytes")
             if not isinstance(codes, list) or not all(type(b) is int and 0 <= b <= 255 for b in codes):
                 raise DataError("the vocabulary record is malformed (bytes must be a list of integers 0..255)")
-        if any(a >= b for a, b in zip(codes, codes[1:])):
-            raise DataError("the vocabulary record is malformed (symbols must be distinct and in increasing order)")
-        return cls(meta["kind"], codes)
+        if len(set(codes)) != len(codes):
+            raise DataError("the vocabulary record is malformed (symbols must be distinct)")
+        return cls(meta["kind"], codes, ordered=True)
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -113,12 +127,12 @@ class Vocab:
             if ids.min() >= 0:
                 return ids.astype(dtype, copy=False)
         units = units.astype(np.uint32, copy=False)
-        idx = np.searchsorted(self.codes, units)
-        idx_clipped = np.minimum(idx, len(self.codes) - 1)
-        known = self.codes[idx_clipped] == units
+        pos = np.minimum(np.searchsorted(self._sorted, units), len(self.codes) - 1)
+        known = self._sorted[pos] == units
+        idx = self._order[pos]
         if not known.all():
             if unknown == "skip":
-                return idx_clipped[known].astype(dtype)
+                return idx[known].astype(dtype)
             missing = sorted(set(units[~known].tolist()))
             shown = ", ".join(repr(chr(c)) if self.kind == "char" else f"0x{c:02X}" for c in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
@@ -131,7 +145,7 @@ class Vocab:
     def lookup_table(self) -> np.ndarray | None:
         """code -> id (-1: not in the vocabulary), when the largest code is small enough for a dense table."""
         if not hasattr(self, "_lut"):
-            top = int(self.codes[-1])
+            top = int(self._sorted[-1])
             self._lut = None
             if top < (1 << 18):  # at most 1 MiB; int16 entries gather much faster than int32 ones
                 small = len(self.codes) < (1 << 15)
@@ -142,8 +156,8 @@ class Vocab:
     def lookup(self, codes: np.ndarray) -> np.ndarray:
         """Each code point (char) or byte value's id, -1 for those not in the vocabulary (int64)."""
         codes = np.asarray(codes, dtype=np.int64)
-        idx = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
-        return np.where(self.codes[idx] == codes, idx, -1).astype(np.int64)
+        pos = np.minimum(np.searchsorted(self._sorted, codes), len(self.codes) - 1)
+        return np.where(self._sorted[pos] == codes, self._order[pos], -1).astype(np.int64)
 
     def encode(self, text: str, unknown: str = "error") -> np.ndarray:
         return self.encode_units(self.units(text), unknown)
