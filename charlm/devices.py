@@ -35,8 +35,53 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+# What `auto` may be asked to choose for: training; step-by-step decoding of one stream (sample,
+# beam at small width, the API's generation); many streams or whole windows at once (sample
+# --num-samples 64, the server's batch); an ensemble stepped one stream at a time; evaluation.
+USES = ("train", "step", "batch", "ensemble", "eval")
+
+# int8 weights change the distribution sampled from: auto picks them only where that cost is below
+# this, in bits per character scored step by step (benchmarks/decode_quality.py). Measured: +0.0000
+# to +0.0012 on three 2x256 Shakespeare models, +0.0004 for their ensemble (docs/performance.md).
+INT8_MAX_COST_BITS = 0.005
+
+
+def gpu_has_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device runs bf16 natively (Ampere and later; torch's own test)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # older torch: no including_emulation
+        return bool(torch.cuda.is_bf16_supported())
+
+
+def resolve_dtype(device: torch.device, use: str) -> str:
+    """What `--dtype auto` means for this use on this device: fp32, bf16 or int8.
+
+    The rule, measured (docs/performance.md, "What auto picks"):
+    - eval: always fp32: a score is a figure people compare, so it is exact unless asked otherwise;
+    - a CPU with native bf16 (AVX-512 BF16 or AMX): bf16 for training and for many streams (products
+      of many rows: bf16 halves the bytes and doubles the rate); int8 weights for one stream and for an
+      ensemble (the weights are read once per character, so their size sets the pace; 1.2-1.4x
+      bf16 here), whose cost in bits is far under INT8_MAX_COST_BITS;
+    - a GPU with bf16: bf16 for everything but eval (int8 has no GPU kernel: it would run as bf16);
+    - anything else (a CPU without bf16, where bf16 is emulated ~100x slower; older GPUs; MPS): fp32.
+    """
+    if use not in USES:
+        raise CharlmError(f"dtype auto: the use must be one of {', '.join(USES)} (got {use!r})")
+    if use == "eval":
+        return "fp32"
+    if device.type == "cpu" and cpu_has_bf16():
+        return "int8" if use in ("step", "ensemble") else "bf16"
+    if device.type == "cuda" and gpu_has_bf16(device):
+        return "bf16"
+    return "fp32"
+
+
 def check_dtype(device: torch.device, dtype: str) -> None:
-    """Refuse a reduced precision the device cannot run, before any work starts."""
+    """Refuse a reduced precision the device cannot run, before any work starts. `auto` is always
+    fine: it resolves (resolve_dtype) to something this device runs."""
     if dtype in ("bf16", "int8") and device.type == "cpu" and not cpu_has_bf16():
         raise CharlmError(
             f"--dtype {dtype} needs a CPU with bf16 support (AVX-512 BF16 or AMX), and this one has none: "

@@ -55,6 +55,7 @@ def isolated_corpora(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("CHARLM_CORPORA_DIR", str(d))
     monkeypatch.delenv("CHARLM_CORPUS_MIRROR", raising=False)
+    monkeypatch.setenv("CHARLM_THREADS", "1")  # tests share 2 cores with each other: no test follows the free cores
     torch.set_num_threads(1)
     return d
 

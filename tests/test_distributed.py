@@ -19,15 +19,15 @@ from typer.testing import CliRunner
 from charlm import CharlmError, checkpoint
 from charlm.cli import app
 from charlm.data import PreparedData, StreamBatcher, eval_windows, row_span
-from charlm.training.distributed import World, pick_backend
+from charlm.training.distributed import World, live_group_threads, pick_backend
 from charlm.training.trainer import Trainer
 
 B, K = 4, 6  # per-rank batch; steps per phase
 FAST = ["--rnn-size", "32", "--embed-size", "16", "--batch-size", str(B), "--seq-length", "16", "--device", "cpu"]
 HOOK = """
-    # Loaded at start-up by every process of the run (PYTHONPATH): breaks rank 1 after step 7.
+    # Loaded at start-up by every process of the run (PYTHONPATH). CHARLM_TEST_HOOK raise or nan: breaks rank 1 after step 7.
     import os
-    if os.environ.get("RANK") == "1" and os.environ.get("CHARLM_TEST_HOOK"):
+    if os.environ.get("RANK") == "1" and os.environ.get("CHARLM_TEST_HOOK") in ("raise", "nan"):
         import torch
         from charlm.training.trainer import Trainer
 
@@ -42,7 +42,26 @@ HOOK = """
                     self.model.head.bias.fill_(float("nan"))  # rank 1 only
 
         Trainer.step = step
+    # The exit timing perturbed: this rank leaves the process group (and the process) a second late.
+    if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("CHARLM_TEST_EXIT_DELAY_RANK"):
+        import time
+        from charlm.training.distributed import World
+
+        leave = World.close
+
+        def close(self):
+            time.sleep(1.0)
+            leave(self)
+
+        World.close = close
 """
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Every process of these tests (ranks inherit the environment) on one thread: the figures compared
+    are then the same whatever else runs on the machine (charlm/threads.py would follow the free cores)."""
+    monkeypatch.setenv("CHARLM_THREADS", "1")
 
 
 def params(model):
@@ -55,10 +74,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, port, data_dir, out, results, cell="lstm"):
-    """One of two ranks: K steps, validate, then resume the 2-rank checkpoint for K more."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _rank_main(rank, port, data_dir, out, results, cell="lstm", late_rank=None):
+    """One of two ranks: K steps, validate, then resume the 2-rank checkpoint for K more. `late_rank`
+    leaves the process group a second after the other (the exit timing perturbed)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE="2", CHARLM_THREADS="1")
     from charlm.training import distributed
 
     world = distributed.setup(torch.device("cpu"), "gloo")
@@ -72,9 +92,15 @@ def _rank_main(rank, port, data_dir, out, results, cell="lstm"):
         cfg.max_steps = 2 * K
         second = Trainer(model_cfg, cfg, data, out, resume=checkpoint.load(out / "last.safetensors"), world=world)
         second.run()
-        torch.save({"first": params(first.model), "val": val, "second": params(second.model)}, results / f"rank{rank}.pt")
+        result = {"first": params(first.model), "val": val, "second": params(second.model), "threads": torch.get_num_threads()}
+        if rank == late_rank:
+            time.sleep(1.0)
     finally:
         world.close()
+    # Nothing of the group may outlive close(): a Gloo thread still running at interpreter exit is what
+    # aborted a rank now and then ("terminate called without an active exception"; distributed.py).
+    result["threads_after_close"] = live_group_threads()
+    torch.save(result, results / f"rank{rank}.pt")
 
 
 def spawn_two(fn, args, timeout=60):
@@ -114,6 +140,19 @@ def test_two_ranks_equal_one_process_with_both_batches(tmp_path, prepared, cell)
         torch.testing.assert_close(r0["second"][name], value, atol=1e-5, rtol=0)
     # Guard: the weights moved well beyond the tolerance, so a wrong row or state would show.
     assert max((expected[k] - params(straight.model)[k]).abs().max() for k in expected) > 1e-3
+    assert r0["threads"] == r1["threads"] == 1  # CHARLM_THREADS
+    assert r0["threads_after_close"] == r1["threads_after_close"] == []
+
+
+@pytest.mark.parametrize("late_rank", [0, 1])
+def test_every_rank_exits_cleanly_whichever_leaves_last(tmp_path, prepared, late_rank):
+    """The exit timing perturbed: one rank leaves the group a second after the other. Both exit with
+    code 0 (spawn_two fails on a signal or a non-zero exit), and no Gloo or store thread survives close()."""
+    results = tmp_path / "results"
+    results.mkdir()
+    spawn_two(_rank_main, (free_port(), str(prepared.dir), tmp_path / "ddp", results, "lstm", late_rank))
+    for rank in (0, 1):
+        assert torch.load(results / f"rank{rank}.pt")["threads_after_close"] == []
 
 
 def run_cli(args, tmp_path, hook=None, timeout=90):
@@ -150,11 +189,14 @@ def test_a_failing_rank_stops_the_run(tmp_path, text_file, hook, message):
     assert all(torch.isfinite(v).all() for v in last.model_state().values())
 
 
-def test_two_rank_checkpoint_resumes_in_one_process_and_samples(tmp_path, text_file, isolated_corpora):
+def test_two_rank_checkpoint_resumes_in_one_process_and_samples(tmp_path, text_file, isolated_corpora, monkeypatch):
     out = tmp_path / "run"
-    proc, _ = run_cli(["train", text_file, "--out", out, "--nproc", "2", "--max-steps", "10", "--eval-every", "10", *FAST], tmp_path)
+    monkeypatch.setenv("CHARLM_TEST_EXIT_DELAY_RANK", "0")  # rank 0 (the store's host) leaves a second after rank 1
+    proc, _ = run_cli(["train", text_file, "--out", out, "--nproc", "2", "--max-steps", "10", "--eval-every", "10", *FAST],
+                      tmp_path, hook="exit-delay")
     assert proc.returncode == 0, proc.stderr
     assert "done: step 10" in proc.stderr and not error_lines(proc.stderr)
+    assert "terminate called" not in proc.stderr
     last = checkpoint.load(out / "last.safetensors")
     # Same format as one process: plain key names, and the carried state of all 2 x B rows.
     assert not any(k.startswith("module.") for k in last.model_state())

@@ -354,14 +354,3 @@ def test_a_cell_with_its_own_internals_is_asked(monkeypatch):
     for name in plain.acts:
         torch.testing.assert_close(plain.acts[name], asked.acts[name])
 
-
-def test_the_trace_uses_only_the_idle_cores(monkeypatch):
-    threads = torch.get_num_threads()
-    seen = {}
-    for idle in (threads + 6.0, threads - 0.6, 0.0):
-        monkeypatch.setattr(trace, "idle_cores", lambda idle=idle: idle)
-        with trace.idle_core_threads(torch.device("cpu")):
-            seen[idle] = torch.get_num_threads()
-        assert torch.get_num_threads() == threads  # restored
-    assert list(seen.values()) == [threads, max(1, threads - 1), 1]
-    assert 0 <= trace.idle_cores(0.02) <= (os.cpu_count() or 1) + 1e-6

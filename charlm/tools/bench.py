@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from charlm import machine, threads
 from charlm.allocator import keep_freed_memory
 from charlm.config import DECODE_DTYPES, ModelConfig, TrainConfig
 from charlm.data import PreparedData
@@ -29,7 +30,7 @@ from charlm.decoding.beam import beam_search
 from charlm.decoding.ensemble import Ensemble
 from charlm.decoding.sampling import processors, sample
 from charlm.decoding.scorer import ModelScorer
-from charlm.devices import autocast_for, cpu_has_bf16
+from charlm.devices import USES, autocast_for, cpu_has_bf16, resolve_dtype
 from charlm.model import CharRNN
 from charlm.tokenizers.vocab import Vocab
 from charlm.training.trainer import Trainer
@@ -186,7 +187,7 @@ def step_elsewhere(kind: str, data: PreparedData, layers: int, hidden: int, embe
     untimed steps (while the heap grows), then times `steps` steps and prints the seconds; the
     call returns them (the child's start-up is not counted)."""
     args = [kind, str(data.dir), layers, hidden, embed, batch, seq, steps, torch.get_num_threads()]
-    code = f"from charlm.tools.bench import _time_steps; _time_steps(*{args!r})"
+    code = f"from charlm.tools.bench import time_steps; time_steps(*{args!r})"
     env = {**os.environ, "CHARLM_MALLOC": allocator}
 
     def run() -> float:
@@ -196,8 +197,9 @@ def step_elsewhere(kind: str, data: PreparedData, layers: int, hidden: int, embe
     return run
 
 
-def _time_steps(kind: str, data_dir: str, layers: int, hidden: int, embed: int, batch: int, seq: int, steps: int,
-                threads: int) -> None:
+def time_steps(kind: str, data_dir: str, layers: int, hidden: int, embed: int, batch: int, seq: int, steps: int,
+               threads: int) -> None:
+    """The child process of a timed training run (see above): builds the step, warms up, prints the seconds of `steps` steps."""
     keep_freed_memory()  # unless CHARLM_MALLOC=system
     torch.set_num_threads(threads)
     data = PreparedData(Path(data_dir))
@@ -307,11 +309,32 @@ def prepare_speed(megabytes: int = 64, work_dir=None) -> dict:
     return {"mb_per_s": round(megabytes * (1 << 20) / 1e6 / seconds, 1), "megabytes": megabytes}
 
 
-def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progress: Callable[[str], None] | None = None) -> dict:
-    """Everything `charlm bench` reports, as one nested dict."""
+def auto_against_measured(report: dict) -> dict:
+    """For each use, what `--dtype auto` picks on this CPU and which dtype measured fastest in this run
+    (eval is fp32 by rule, not by speed). A pick that is not the fastest is worth a look."""
+    measured = {
+        "train": {d: report["train"][d]["chars_per_s"] for d in dtypes_here()},
+        "step": {d: g["sample"]["single"]["chars_per_s"] for d, g in report["generation"].items()},
+        "batch": {d: g["sample"]["batch64"]["chars_per_s"] for d, g in report["generation"].items()},
+        "ensemble": {d: g["ensemble"]["three_chars_per_s"] for d, g in report["generation"].items()},
+    }
+    out = {}
+    for use in USES:
+        pick = resolve_dtype(torch.device("cpu"), use)
+        rates = measured.get(use)
+        out[use] = {"auto": pick, "fastest": max(rates, key=lambda d: rates[d]) if rates else None, "chars_per_s": rates}
+    return out
+
+
+def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progress: Callable[[str], None] | None = None,
+            num_threads: int | None = None) -> dict:
+    """Everything `charlm bench` reports, as one nested dict. It runs on the threads charlm would use
+    for batched work now (threads.py: the free cores, or `num_threads` / --threads)."""
     say = progress or (lambda s: None)
     allocator = "charlm (freed memory kept)" if keep_freed_memory() else "system default"
-    report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "allocator": allocator}}
+    threads.apply("batch", num_threads)
+    report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "allocator": allocator,
+                          "line": machine.describe()}}
     say("matrix-product roof")
     report["roof"] = roof(quick)
     with tempfile.TemporaryDirectory() as tmp:
@@ -339,6 +362,8 @@ def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progre
         report["sample"][case] = {**gen[dtype]["sample"][case], "dtype": dtype}
     if "int8" in gen:
         report["sample_int8"] = gen["int8"]["sample"]
+    report["generation"] = gen
+    report["auto"] = auto_against_measured(report)
     report["beam"] = {d: g["beam"] for d, g in gen.items()}
     report["ensemble"] = {d: g["ensemble"] for d, g in gen.items()}
     say("prepare")

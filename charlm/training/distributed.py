@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import torch
@@ -68,6 +69,7 @@ class World:
     size: int = 1  # ranks in the run
     rank: int = 0  # this process, 0..size-1; rank 0 logs and writes checkpoints
     local_rank: int = 0  # this process on its machine: picks the GPU
+    local_size: int = 1  # ranks of this run on this machine: they share its cores (charlm/threads.py)
     backend: str | None = None  # nccl or gloo; None for a single process
 
     @property
@@ -191,11 +193,47 @@ def setup(device: torch.device, backend: str = "auto") -> World:
             raise CharlmError(f"local rank {local_rank} has no GPU of its own: this machine has {torch.cuda.device_count()}; "
                               f"use --nproc-per-node {torch.cuda.device_count()} (one rank per GPU)")
         torch.cuda.set_device(local_rank)
+    _import_group_defaults()
     try:
         dist.init_process_group(chosen, timeout=TIMEOUT)
     except (RuntimeError, ValueError) as e:
         raise CharlmError(f"rank {rank} could not join the process group ({_first_line(e)}); check the torchrun rendezvous flags") from None
-    return World(size=size, rank=rank, local_rank=local_rank, backend=chosen)
+    local_size = _env_int("LOCAL_WORLD_SIZE", 1)  # torchrun sets it; another launcher may not
+    return World(size=size, rank=rank, local_rank=local_rank, local_size=local_size, backend=chosen)
+
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return max(1, int(os.environ.get(name, default)))
+    except ValueError:
+        return default
+
+
+def _import_group_defaults() -> None:
+    """Import, before the process group exists, the torch modules that bind it at import time.
+
+    torch.distributed.nn.functional declares `def broadcast(..., group=group.WORLD)` and the like:
+    the default is evaluated when the module is first imported, and DDP imports it lazily (through
+    torch._dynamo) on its first use, after init_process_group. Ten function defaults then hold the
+    Gloo process group, so destroy_process_group() cannot free it: its worker threads, its TCP loop
+    and rank 0's store thread run on into interpreter shutdown, where the group is destroyed at an
+    arbitrary point of the teardown, and now and then a rank aborts there ("terminate called without
+    an active exception", SIGABRT) or hangs joining a thread. Imported first, the defaults are None.
+    """
+    import torch.distributed.nn.functional  # noqa: F401  (about 2 ms)
+
+
+def live_group_threads() -> list[str]:
+    """The names of this process's Gloo and store threads (Linux; empty elsewhere): none may be left after close()."""
+    names = []
+    for comm in Path("/proc/self/task").glob("*/comm"):
+        try:
+            name = comm.read_text().strip()
+        except OSError:  # the thread ended while we looked
+            continue
+        if name.startswith(("pt_gloo", "gloo", "pt_tcpstore")):
+            names.append(name)
+    return sorted(names)
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -217,14 +255,19 @@ def launch(nproc: int, train_args: Sequence[str]) -> None:
         raise CharlmError(f"--nproc must be at least 1 (got {nproc})")
     if in_torchrun():
         raise CharlmError("--nproc starts torchrun itself; under torchrun, leave it out")
-    # torchrun would pick 1 thread per rank anyway, and print a banner saying so.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # Each rank's share of the free cores, measured once here before any rank starts (the ranks would
+    # otherwise see each other's start-up as load); torchrun would set 1, with a banner saying so.
+    from charlm import threads
+
+    share = None if "OMP_NUM_THREADS" in os.environ else str(threads.choose("train", ranks=nproc))
     # Its logs would repeat, as a report, what the failed rank already said in one line.
     for name in list(logging.root.manager.loggerDict):
         if name.startswith("torch.distributed"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     args = parse_args(["--standalone", "--nproc-per-node", str(nproc), "-m", "charlm", "train", *train_args])
     try:
+        if share is not None:  # for the ranks only: this process (a test, a notebook) keeps its environment
+            os.environ["OMP_NUM_THREADS"] = share
         run(args)
     except ChildFailedError as e:
         codes = {rank: f.exitcode for rank, f in e.failures.items()}
@@ -237,6 +280,9 @@ def launch(nproc: int, train_args: Sequence[str]) -> None:
         # Ctrl-C, SIGTERM or SIGHUP reached the launcher: torchrun passed it on to the ranks, which
         # save, stop and say so (rank 0's one line); anything else killed the run unannounced.
         raise RanksFailed(f"stopped by {e.sigval.name}", reported=e.sigval.name in ("SIGINT", "SIGTERM", "SIGHUP")) from None
+    finally:
+        if share is not None:
+            os.environ.pop("OMP_NUM_THREADS", None)
 
 
 def _first_line(e: BaseException) -> str:

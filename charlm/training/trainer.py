@@ -7,20 +7,20 @@ import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
 import charlm
-from charlm import checkpoint
-from charlm.errors import CharlmError
+from charlm import checkpoint, threads
 from charlm.allocator import keep_freed_memory
 from charlm.config import ModelConfig, TrainConfig, as_dict
 from charlm.data import PreparedData, StreamBatcher, row_span
 from charlm.decoding.evaluate import bits_per_char, evaluate
 from charlm.decoding.scorer import ModelScorer
-from charlm.devices import autocast_for, check_dtype, pick_device
+from charlm.devices import autocast_for, check_dtype, pick_device, resolve_dtype
+from charlm.errors import CharlmError
 from charlm.model import CharRNN, State, detach
 from charlm.training import rundir
 from charlm.training.distributed import World
@@ -72,7 +72,12 @@ class Trainer:
         quiet = lambda kind, info: None  # noqa: E731
         self.report = (report or quiet) if self.world.is_main else quiet  # one voice: rank 0's
         self.device = self.world.place(pick_device(cfg.device))
-        check_dtype(self.device, cfg.dtype)
+        # The precision the steps run in: cfg.dtype as given, or what "auto" means on this device. The
+        # config (and so the checkpoint's train section) keeps "auto", so that a run resumed on another
+        # machine chooses again; the checkpoint's provenance records what this run used.
+        self.dtype = resolve_dtype(self.device, "train") if cfg.dtype == "auto" else cfg.dtype
+        check_dtype(self.device, self.dtype)
+        self.threads: threads.Follower | None = None  # chosen when run() starts (threads.py)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed window shapes: let cuDNN pick its fastest kernels
         model_cfg.vocab_size = len(data.vocab)
@@ -102,9 +107,21 @@ class Trainer:
             self._restore(resume)
         self.world.reseed(cfg.seed, self.progress.step)
         self.sampler = ScheduledSampler(cfg, model_cfg.vocab_size, self.world.rank) if cfg.scheduled_sampling != "none" else None
-        self.net = self.world.wrap(self.model)  # the module that trains: DDP averages gradients over ranks
-        if cfg.compile:  # compiled lazily, on the first step; checkpoints keep using self.model
-            self.net = torch.compile(self.net)
+        # The module that trains (DDP, compiled) exists only while run() runs: see _training_net.
+        self.net: Any = None  # nn.Module, DDP or torch.compile's wrapper
+
+    def _training_net(self) -> Any:
+        """The module the steps run: the model, under DDP with several ranks (it averages gradients),
+        compiled with --compile (lazily, on the first step; checkpoints keep using self.model).
+
+        Made when training starts and dropped when it ends (run's finally), so that no trainer, kept
+        or not, holds DDP's reducer, which holds the process group that the caller destroys after
+        run(): a group that outlives destroy_process_group() keeps Gloo's threads running into
+        interpreter shutdown, where a rank now and then aborts ("terminate called without an active
+        exception") or hangs (distributed.py, _import_group_defaults, has the other such holder).
+        """
+        net = self.world.wrap(self.model)
+        return torch.compile(net) if self.cfg.compile else net
 
     # -- limits and schedule -------------------------------------------------------------
     def planned_steps(self) -> int | None:
@@ -141,16 +158,14 @@ class Trainer:
             checkpoint.remove_stale_parts(self.out_dir)
             if self.resumed:
                 rundir.continue_metrics(self.out_dir, self.progress.step)
+        follower = self.threads = threads.Follower("train", ranks=self.world.local_size)
+        self.net = self._training_net()
         try:
-            return self._loop()
+            return self._loop(follower)
         finally:
-            # DDP's reducer holds the process group, which the caller destroys next: were it freed
-            # after that (the trainer outliving the group), Gloo's destructor would join a thread
-            # that never ends (the rank hangs) or abort ("terminate called without an active
-            # exception"). Both were seen under --nproc 2 in benchmarks/faults.py.
-            self.net = self.model
+            self.net = None  # the DDP wrapper goes now, before the caller destroys the process group
 
-    def _loop(self) -> dict:
+    def _loop(self, follower: threads.Follower) -> dict:
         cfg, p = self.cfg, self.progress
         self.report("start", self.describe())
         start_time, start_elapsed = time.monotonic(), p.elapsed
@@ -170,10 +185,12 @@ class Trainer:
             if p.step % cfg.log_every == 0 or finished or (solo and self.stop_requested()):
                 # The one host sync per interval; several ranks agree here on the clock and on stopping.
                 mean_loss, p.elapsed, stop = self.world.sync_interval(loss_sum, clock, self.stop_requested() is not None)
+                follower.poll()  # another process started or ended beside this one: follow the free cores
                 finished = self._finished(p.elapsed)
                 train_bpc = self._check_loss(mean_loss / steps_in_window)
                 rate = steps_in_window * self.rows * cfg.seq_length * self.chars_per_token / (time.monotonic() - window_start)
-                self._log({"kind": "train", **self._position(), "train_bpc": train_bpc, "lr": self._lr(), "chars_per_s": rate, "eta_s": self._eta(rate)})
+                self._log({"kind": "train", **self._position(), "train_bpc": train_bpc, "lr": self._lr(), "chars_per_s": rate,
+                           "eta_s": self._eta(rate), "threads": follower.threads})
                 loss_sum.zero_()
                 window_start, steps_in_window = time.monotonic(), 0
             if solo:
@@ -205,9 +222,10 @@ class Trainer:
         if self.sampler is not None:  # inputs mixed with the model's own predictions (scheduled.py)
             x = self.sampler.inputs(self.model, x, self.state, p.ss_step)
             p.ss_replace, p.ss_step = self.sampler.replace_probability(p.ss_step), p.ss_step + 1
-        self.net.train()
-        with autocast_for(self.device, cfg.dtype):
-            logits, state = self.net(x, self.state)  # (B, T, V); the loss is against the true y whatever x was
+        net = self.net if self.net is not None else self.model  # step() called on its own (bench): the model itself
+        net.train()
+        with autocast_for(self.device, self.dtype):
+            logits, state = net(x, self.state)  # (B, T, V); the loss is against the true y whatever x was
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         self.state = detach(state)  # truncated BPTT: carry the values, cut the graph
         self.optimizer.zero_grad(set_to_none=True)
@@ -254,7 +272,7 @@ class Trainer:
         if len(self.val_tokens) < 2:
             return math.nan
         self.model.eval()
-        scorer = ModelScorer(self.model, self.data.vocab, dtype=self.cfg.dtype)
+        scorer = ModelScorer(self.model, self.data.vocab, dtype=self.dtype)
         streams = max(1, min(self.rows, (len(self.val_tokens) - 1) // self.cfg.seq_length))
         lo, hi = self.world.share(streams)
         nll, tokens = 0.0, 0
@@ -309,10 +327,17 @@ class Trainer:
         self.report(record["kind"], record)
 
     def describe(self) -> dict:
+        """The run's facts, reported once at the start ("start"): config, size, where and how it runs."""
+        ranks = f" x {self.world.size} ranks ({self.world.backend})" if self.world.size > 1 else ""
+        how = f"{self.dtype}{' (auto)' if self.cfg.dtype == 'auto' else ''}"
+        if self.threads is not None:
+            how += f", {self.threads.threads} thread{'s' if self.threads.threads != 1 else ''}{'' if self.threads.fixed else ' (the free cores)'}"
         return {
             "config": as_dict(self.model_cfg, self.cfg),
             "parameters": self.model.num_parameters(),
-            "device": str(self.device) + (f" x {self.world.size} ranks ({self.world.backend})" if self.world.size > 1 else ""),
+            "device": f"{self.device}{ranks}, {how}",
+            "dtype": self.dtype,
+            "threads": self.threads.threads if self.threads is not None else None,
             "data": str(self.data.dir),
             "steps_per_epoch": len(self.batcher),
             "planned_steps": self.planned_steps(),
@@ -336,6 +361,8 @@ class Trainer:
                 "charlm_version": charlm.__version__,
                 "torch_version": torch.__version__,
                 "device": str(self.device),
+                "dtype": self.dtype,  # what the steps ran in: train.dtype may say "auto"
+                "threads": self.threads.threads if self.threads is not None else None,  # per rank, at this save
                 "world_size": self.world.size,
                 "parameters": self.model.num_parameters(),
             },

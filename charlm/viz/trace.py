@@ -17,10 +17,8 @@ Python steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from charlm.errors import CharlmError
+from charlm import threads as cpu_threads
 from charlm.cells import Cell
+from charlm.errors import CharlmError
 
 TOP = 5  # predictions kept per position
 
@@ -92,10 +91,12 @@ def char_bits(tok_bits: np.ndarray, char_tok: np.ndarray, num_tokens: int) -> np
 
 
 @torch.inference_mode()
-def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=None, stream: bool | None = None) -> Trace:
+def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=None, stream: bool | None = None,
+        threads: int | None = None) -> Trace:
     """Run `text` through `model` once, the state carried; see the module docstring for the layout.
     `keep`: the internals to keep (default all; the gates are always kept, for their saturation).
-    `stream`: through the cell's own `inspect` in one pass (default where it has one) or in rows."""
+    `stream`: through the cell's own `inspect` in one pass (default where it has one) or in rows.
+    `threads`: on CPU, this many threads (default: the free cores, charlm/threads.py)."""
     ids = np.asarray(vocab.encode(text, unknown), dtype=np.int64)
     if len(ids) == 0:
         raise CharlmError("the text has no character the model's vocabulary holds")
@@ -107,7 +108,7 @@ def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=No
     ids_t = torch.from_numpy(ids).to(device)
     keep = None if keep is None else set(keep) | set(model.rnn.gate_names)
     stream = has_own_inspect(model.rnn) if stream is None else stream
-    with idle_core_threads(device):
+    with idle_core_threads(device, threads):
         if stream:
             logps, acts = _stream(model, ids_t, keep)
         else:
@@ -160,47 +161,15 @@ def _score(model, ids: Tensor, span: int) -> tuple[list, Tensor]:
     return starts, torch.cat(logps)
 
 
-@contextmanager
-def idle_core_threads(device: torch.device):
-    """On CPU, use only as many threads as there are idle cores (at least one). The trace is many
-    small steps (a matrix-vector product per token of the stream), each a parallel region that
-    waits for every thread: with a thread on a core that another job holds, every step waits for
-    it to be scheduled. On the 2-core development machine with other jobs running, two threads made
-    a 2x512 LSTM's trace several times slower (2,000 tokens of the stream: 0.5-0.7 s on one thread,
-    4.7-32 s on two); idle, two threads are 1.6x faster than one (20,000 characters: 4.6 s
-    against 7.4 s)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, min(threads, round(idle_cores()))))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def idle_cores(interval: float = 0.1) -> float:
-    """How many cores no process is using: the idle share of all CPU time over `interval` seconds
-    times the cores (Linux's /proc/stat); elsewhere the cores less the 1-minute load average, or
-    all of them where there is none."""
-    cores = os.cpu_count() or 1
-    try:
-        before = _cpu_times()
-        time.sleep(interval)
-        after = _cpu_times()
-        total, idle = after[0] - before[0], after[1] - before[1]
-        return cores * idle / total if total > 0 else float(cores)
-    except OSError:
-        try:
-            return max(0.0, cores - os.getloadavg()[0])
-        except (AttributeError, OSError):
-            return float(cores)
-
-
-def _cpu_times() -> tuple[int, int]:
-    """All CPUs' (total, idle + iowait) time so far, in clock ticks, from /proc/stat's first line."""
-    with open("/proc/stat") as f:
-        ticks = [int(v) for v in f.readline().split()[1:9]]
-    return sum(ticks), ticks[3] + ticks[4]
+def idle_core_threads(device: torch.device, threads: int | None = None):
+    """On CPU, the trace runs on the free cores only (charlm/threads.py; `threads` overrides). The
+    trace is many small steps (a matrix-vector product per token of the stream), each a parallel
+    region that waits for every thread: with a thread on a core that another job holds, every step
+    waits for it to be scheduled. On the 2-core development machine with other jobs running, two
+    threads made a 2x512 LSTM's trace several times slower (2,000 tokens of the stream: 0.5-0.7 s
+    on one thread, 4.7-32 s on two); idle, two threads are 1.6x faster than one (20,000 characters:
+    4.6 s against 7.4 s)."""
+    return cpu_threads.use("batch", threads) if device.type == "cpu" else contextlib.nullcontext()
 
 
 def _internals(model, ids: Tensor, starts: list, span: int, rows: int, keep) -> dict[str, Tensor]:
