@@ -17,7 +17,11 @@ everything about itself. What the rest of charlm uses, and nothing else:
   members of this class and shape at once (one model is M = 1; an ensemble steps its members
   together): ids (B,) and a state whose tensors are (M, L, B, H) -> top-layer outputs (M, B, H)
   and the new state. Fast cells build it from packed products (cells/products.py: fp32, bf16,
-  int8); the default steps `layer_step`.
+  int8); the default steps `layer_step`;
+- optionally `native_spec(embedding)`: the model's weights in the form the native single-step
+  library takes (cells/native.py: a few rows at a time, the whole step in one C call). Only the
+  built-in cells have one (the library holds their equations); any other cell steps through its
+  decoder.
 
 Any cell fits: one whose gates read the cell state (peephole.py) says so in its layer_step; one
 without a recurrent matrix whose window comes from a scan (mingru.py, minlstm.py) overrides forward.

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from charlm.cells.base import Cell, State
+from charlm.cells.native import NativeSpec
 from charlm.cells.products import affine, products
 from charlm.cells.scan import log_scan, pick_scan, sequential_scan
 
@@ -93,6 +94,13 @@ class MinimalCell(Cell):
     @classmethod
     def decoder(cls, cells: list[MinimalCell], embeddings: list[Tensor], dtype: str = "fp32") -> MinimalDecoder:
         return MinimalDecoder(cells, embeddings, dtype)
+
+    def native_spec(self, embedding: Tensor) -> NativeSpec:
+        """This model's step for the native library (cells/native.py): one product per layer, no recurrent matrix."""
+        w = [self.weights(k) for k in range(self.num_layers)]  # (W, b)
+        rest = range(1, self.num_layers)
+        return NativeSpec(self.name, self.blocks, F.linear(embedding, *w[0]), rec=[None for _ in w],
+                          inp=[None] + [w[k][0] for k in rest], bias=[None] + [w[k][1] for k in rest])
 
 
 class MinimalDecoder:

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from charlm.cells.base import Cell, State, register
-from charlm.cells.peephole_kernel import PeepholeLayer
 from charlm.cells.lstm import GateProducts
+from charlm.cells.native import NativeSpec
+from charlm.cells.peephole_kernel import PeepholeLayer
 
 
 @register
@@ -81,6 +82,14 @@ class Peephole(Cell):
     @classmethod
     def decoder(cls, cells: list[Peephole], embeddings: list[Tensor], dtype: str = "fp32") -> PeepholeDecoder:
         return PeepholeDecoder(cells, embeddings, dtype)
+
+    def native_spec(self, embedding: Tensor) -> NativeSpec:
+        """This model's step for the native library (cells/native.py): the LSTM's, with the peepholes."""
+        w = [self.weights(k) for k in range(self.num_layers)]  # (w_ih, w_hh, b, peep)
+        rest = range(1, self.num_layers)
+        return NativeSpec(self.name, 4, embedding @ w[0][0].t() + w[0][2], rec=[w[0][1]] + [None for _ in rest],
+                          inp=[None] + [torch.cat([w[k][0], w[k][1]], dim=1) for k in rest],
+                          bias=[None] + [w[k][2] for k in rest], peep=[wk[3] for wk in w])
 
 
 class PeepholeDecoder:

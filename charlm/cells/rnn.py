@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from charlm.cells.base import State, register
 from charlm.cells.fused import FusedCell
+from charlm.cells.native import NativeSpec
 from charlm.cells.products import add_products, affine, products
 
 
@@ -31,6 +32,14 @@ class RNN(FusedCell, nn.RNN):
     @classmethod
     def decoder(cls, cells: list["RNN"], embeddings: list[Tensor], dtype: str = "fp32") -> "RNNDecoder":
         return RNNDecoder(cells, embeddings, dtype)
+
+    def native_spec(self, embedding: Tensor) -> NativeSpec:
+        """This model's step for the native library (cells/native.py)."""
+        w = [self.weights(k) for k in range(self.num_layers)]  # (w_ih, w_hh, b_ih, b_hh)
+        rest = range(1, self.num_layers)
+        return NativeSpec(self.name, 1, embedding @ w[0][0].t() + w[0][2] + w[0][3], rec=[w[0][1]] + [None for _ in rest],
+                          inp=[None] + [torch.cat([w[k][0], w[k][1]], dim=1) for k in rest],
+                          bias=[None] + [w[k][2] + w[k][3] for k in rest])
 
 
 class RNNDecoder:

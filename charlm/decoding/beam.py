@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from charlm.errors import CharlmError
 from charlm.decoding.scorer import Scorer, run_prime
+from charlm.errors import CharlmError
 
 MAX_LENGTH_PENALTY = 10.0  # len ** 10 stays finite for any length a beam reaches
 

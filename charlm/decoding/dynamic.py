@@ -28,7 +28,6 @@ predicted before its step.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -39,10 +38,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from charlm import checkpoint  # owns the training state's key names (the optimizer's statistics)
+from charlm.cells import native
 from charlm.data import eval_windows
-from charlm.errors import CharlmError
 from charlm.decoding.evaluate import bits_per_char
 from charlm.decoding.options import DYN_DEFAULTS, DYN_UPDATES, check_dynamic_options
+from charlm.errors import CharlmError
 from charlm.model import CharRNN, detach
 
 UPDATES = DYN_UPDATES
@@ -131,10 +131,14 @@ class Adapter:
     def _update(self, grads) -> None:
         lr, decay = self.settings.lr, self.decay_rate
         for i, (p, g, p0) in enumerate(zip(self.params, grads, self.theta0)):
+            d = decay if isinstance(decay, float) else decay[i]
+            scale = None if self.step_scale is None else self.step_scale[i]
+            if g is not None and native.dyn_update(p, g, scale, p0, d, lr):
+                continue  # the same operations in one pass over memory (cells/native.py), bit for bit
             pull = p0 - p  # toward the trained weights, from where the weights were before this step
             if g is not None:
-                p.sub_(lr * (g if self.step_scale is None else g * self.step_scale[i]))
-            p.add_(pull * (decay if isinstance(decay, float) else decay[i]))
+                p.sub_(lr * (g if scale is None else g * scale))
+            p.add_(pull * d)
 
 
 def figures(nll: float, tokens: int, chars: float, seconds: float) -> dict:

@@ -8,10 +8,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from charlm.errors import CharlmError
 from charlm.decoding.options import COMBINE_RULES
 from charlm.decoding.scorer import ModelScorer, Scorer
 from charlm.decoding.union import UnionMember, check_combine, union_vocab
+from charlm.errors import CharlmError
 
 
 class Ensemble:

@@ -8,8 +8,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from charlm.errors import OptionError
+from charlm.cells import native
 from charlm.decoding.scorer import Scorer, run_prime
+from charlm.errors import OptionError
 
 
 class Temperature:
@@ -88,6 +89,29 @@ def draw(logits: Tensor, uniforms: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_max(logits.shape[-1] - 1)
 
 
+def temperature_only(chain: list, vocab_size: int) -> float | None:
+    """The temperature when it is all a chain does (top-k of the whole vocabulary and top-p 1 keep every
+    symbol), for draw_one; None when a processor masks symbols."""
+    t = None
+    for proc in chain:
+        if isinstance(proc, Temperature):
+            t = proc.t
+        elif not ((isinstance(proc, TopK) and proc.k >= vocab_size) or (isinstance(proc, TopP) and proc.p >= 1.0)):
+            return None
+    return t
+
+
+def draw_one(logp: Tensor, temperature: float, u: float) -> int:
+    """draw() of one row of log-probs (or logits) (V,) at a temperature, with its uniform number: one native
+    call where the library is built (cells/native.py), else the processors and draw() themselves."""
+    if logp.device.type == "cpu" and logp.dtype == torch.float32 and logp.is_contiguous():
+        symbol = native.draw(logp, temperature, u)
+        if symbol >= 0:
+            return symbol
+    logits = Temperature(temperature)(logp.unsqueeze(0))
+    return int(draw(logits, torch.tensor([u], dtype=torch.float64))[0])
+
+
 def sample(
     scorer: Scorer,
     prime: Tensor,
@@ -112,11 +136,15 @@ def sample(
     if length == 0:
         return out
     logp, state = run_prime(scorer, prime, num_samples)  # (N, V): the distribution after the whole prime
+    only_t = temperature_only(chain, logp.shape[-1]) if num_samples == 1 else None
     for t in range(length):
         # No finiteness check per step (it costs ~5% of a small model's step): checkpoint.load refuses
         # weights whose outputs could overflow float32, so a loaded model's log-probs are finite.
         if greedy:
             nxt = logp.argmax(dim=-1)
+        elif only_t is not None:  # one stream, temperature only: one call (the same uniform, the same rule)
+            u = float(torch.rand(1, generator=generator, dtype=torch.float64))
+            nxt = torch.tensor([draw_one(logp[0], only_t, u)])
         else:
             logits = logp
             for proc in chain:

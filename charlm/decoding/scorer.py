@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from charlm.cells.native import MAX_ROWS
 from charlm.decoding.stepper import StackedModels, Stepper, can_stack
 from charlm.devices import autocast_for
 from charlm.model import CharRNN, State
@@ -71,10 +72,13 @@ class ModelScorer:
     def start(self, batch_size: int) -> State:
         return self.model.init_state(batch_size)
 
-    @torch.inference_mode()
     def step(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
-        logits, state = self.stepper(ids.to(self.device), tuple(s.unsqueeze(0) for s in state))  # one member: (1, B, V)
-        return F.log_softmax(logits[0].float(), dim=-1), tuple(s[0] for s in state)
+        native = (self._stepper or self.stepper).native
+        if native is not None and ids.shape[0] <= MAX_ROWS:  # one call, the state as it is (L, B, H); no autograd to turn off
+            return native.run(ids, state, (ids.shape[0], native.vocab), True)
+        with torch.inference_mode():
+            logp, state = self.stepper(ids.to(self.device), tuple(s.unsqueeze(0) for s in state), log_probs=True)  # (1, B, V)
+        return logp[0], tuple(s[0] for s in state)
 
     @torch.inference_mode()
     def score(self, ids: Tensor, state: State) -> tuple[Tensor, State]:

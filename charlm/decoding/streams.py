@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from charlm.decoding.options import UNKNOWN_RULES
-from charlm.decoding.sampling import draw, processors
+from charlm.decoding.sampling import draw, draw_one, processors, temperature_only
 from charlm.decoding.scorer import PRIME_CHUNK, Scorer
 from charlm.errors import DataError, OptionError
 
@@ -81,6 +81,7 @@ class _Stream:
     stops: tuple[str, ...]
     decode: Callable[[int], str]
     prime: np.ndarray  # the ids still to run through the network before the stream can join
+    draw_t: float | None = None  # the temperature, when it is the chain's only effect: one native call picks the symbol
     state: tuple | None = None  # its own state while its prime runs
     generated: int = 0
     held: str = ""  # text not emitted yet: it might be the start of a stop string
@@ -107,6 +108,7 @@ class Streams:
         self._rows: list[_Stream] = []  # in the batch, in row order
         self._state: tuple | None = None  # the batch's state, rows in self._rows order
         self._logp: Tensor | None = None  # (B, V): each row's next-symbol log-probs
+        self._groups: list[list[int]] | None = None  # rows by sampling settings; None: to be worked out again
 
     # -- adding and removing -------------------------------------------------------------------
     def add(self, prime: str | Sequence[int] = "", length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
@@ -132,7 +134,7 @@ class Streams:
         if ids.ndim != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= len(self.vocab):
             raise OptionError(f"prime ids must be a non-empty list of ids below {len(self.vocab)}")
         stream = _Stream(next(self._ids), settings, chain, random.Random(int(seed)), int(length), stops,
-                         self.vocab.stream_decoder(), ids)
+                         self.vocab.stream_decoder(), ids, temperature_only(chain, len(self.vocab)))
         self._pending.append(stream)
         return stream.id
 
@@ -172,19 +174,19 @@ class Streams:
         if not self._rows:
             return []
         assert self._logp is not None
-        nxt = self._choose(self._logp)  # (B,)
+        symbols = self._choose(self._logp)  # one per row
         events, keep = [], []
-        for row, (stream, symbol) in enumerate(zip(self._rows, nxt.tolist())):
+        for row, (stream, symbol) in enumerate(zip(self._rows, symbols)):
             event = self._emit(stream, symbol)
             events.append(event)
             if not event.finished:
                 keep.append(row)
         if len(keep) < len(self._rows):
-            nxt = nxt[torch.tensor(keep, dtype=torch.long)] if keep else nxt[:0]
+            symbols = [symbols[r] for r in keep]
             self._keep(keep)
         if self._rows:
             assert self._state is not None
-            self._logp, self._state = self.scorer.step(nxt, self._state)
+            self._logp, self._state = self.scorer.step(torch.from_numpy(np.array(symbols, dtype=np.int64)), self._state)
         return events
 
     def run(self) -> Iterator[Event]:
@@ -212,30 +214,37 @@ class Streams:
             for s in streams:
                 s.state = None
             self._rows += streams
+            self._groups = None
 
-    def _choose(self, logp: Tensor) -> Tensor:
+    def _choose(self, logp: Tensor) -> list[int]:
         """Each row's next symbol under its own settings: rows that share settings are processed together."""
-        groups: dict[SamplingSettings, list[int]] = {}
-        for row, stream in enumerate(self._rows):
-            groups.setdefault(stream.settings, []).append(row)
-        if len(groups) == 1:
+        if self._groups is None:  # worked out when the rows change, not every step
+            groups: dict[SamplingSettings, list[int]] = {}
+            for row, stream in enumerate(self._rows):
+                groups.setdefault(stream.settings, []).append(row)
+            self._groups = list(groups.values())
+        if len(self._groups) == 1:
             return self._choose_group(logp, self._rows)
-        out = torch.empty(len(self._rows), dtype=torch.long)
-        for rows in groups.values():
+        out = [0] * len(self._rows)
+        for rows in self._groups:
             index = torch.tensor(rows, dtype=torch.long)
-            out[index] = self._choose_group(logp.index_select(0, index.to(logp.device)), [self._rows[r] for r in rows])
+            picked = self._choose_group(logp.index_select(0, index.to(logp.device)), [self._rows[r] for r in rows])
+            for r, symbol in zip(rows, picked):
+                out[r] = symbol
         return out
 
     @staticmethod
-    def _choose_group(logp: Tensor, streams: list[_Stream]) -> Tensor:
+    def _choose_group(logp: Tensor, streams: list[_Stream]) -> list[int]:
         first = streams[0]
         if first.settings.greedy:
-            return logp.argmax(dim=-1).cpu()
+            return logp.argmax(dim=-1).tolist()
+        if len(streams) == 1 and first.draw_t is not None:  # one row, temperature only: one call (sampling.draw_one)
+            return [draw_one(logp[0], first.draw_t, first.rng.random())]
         logits = logp
         for proc in first.chain:
             logits = proc(logits)
         uniforms = torch.tensor([s.rng.random() for s in streams], dtype=torch.float64)
-        return draw(logits, uniforms).cpu()
+        return draw(logits, uniforms).tolist()
 
     def _emit(self, stream: _Stream, symbol: int) -> Event:
         stream.generated += 1
@@ -257,6 +266,7 @@ class Streams:
     def _keep(self, rows: list[int]) -> None:
         """Keep only these rows of the batch, in this order."""
         self._rows = [self._rows[r] for r in rows]
+        self._groups = None
         if not rows:
             self._state, self._logp = None, None
             return
