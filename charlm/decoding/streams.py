@@ -195,16 +195,26 @@ class Streams:
             yield from self.step()
 
     def _advance_primes(self) -> None:
+        """Run the pending primes, together: those with a whole chunk left advance by a chunk in one call, the
+        others by the shortest remainder among them in another; a prime that is done joins the batch."""
         joined = []
-        for stream in list(self._pending):
-            chunk, stream.prime = stream.prime[: self.prime_chunk], stream.prime[self.prime_chunk:]
-            state = stream.state if stream.state is not None else self.scorer.start(1)
-            logp, stream.state = self.scorer.score(torch.from_numpy(chunk).view(1, -1), state)
-            if len(stream.prime) == 0:
-                self._pending.remove(stream)
-                if stream.length == 0:
-                    continue  # nothing to generate: it ends without joining (run() sees it gone)
-                joined.append((stream, logp[:, -1]))
+        full = [s for s in self._pending if len(s.prime) >= self.prime_chunk]
+        rest = [s for s in self._pending if len(s.prime) < self.prime_chunk]
+        for group in (full, rest):
+            if not group:
+                continue
+            take = min(self.prime_chunk, min(len(s.prime) for s in group))
+            ids = torch.from_numpy(np.stack([s.prime[:take] for s in group]))  # (P, take)
+            state = concat_states([s.state if s.state is not None else self.scorer.start(1) for s in group])
+            logp, state = self.scorer.score(ids, state)
+            for i, stream in enumerate(group):
+                stream.prime = stream.prime[take:]
+                stream.state = self.scorer.reorder(state, torch.tensor([i])) if len(group) > 1 else state
+                if len(stream.prime) == 0:
+                    self._pending.remove(stream)
+                    if stream.length == 0:
+                        continue  # nothing to generate: it ends without joining (run() sees it gone)
+                    joined.append((stream, logp[i : i + 1, -1]))
         if joined:
             streams = [s for s, _ in joined]
             states = ([self._state] if self._rows else []) + [s.state for s in streams]
