@@ -1,22 +1,32 @@
-"""Typed configuration: defaults < preset < --config file < explicit flags."""
+"""Typed configuration: defaults < preset < --config file < explicit flags.
+
+Each option is declared once, as a field of ModelConfig or TrainConfig made by `option(...)`
+(charlm/options.py): its type, default, help and accepted values. The rest is derived from that declaration: the checks in
+`validate` (flags, presets, YAML files, the API's keywords and checkpoints alike), the YAML keys
+(`all_keys`), the `charlm train` flags (cli/train.py, from `declared_options`) and the keyword check
+of `charlm.train(**options)` (`check_options`).
+
+Nothing heavy is imported here: the CLI reads these declarations to build `charlm train --help`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-import yaml
-
+from charlm.cells import BUILTIN_CELLS
 from charlm.errors import CharlmError, OptionError
-from charlm.cells import cell_names
+from charlm.options import MAX_COUNT, Check, Declared, at_least, between, interval, one_of, option, positive
 
 SCHEDULES = ("constant", "step", "cosine")
-DTYPES = ("fp32", "bf16")  # training, and whole-window scoring (eval)
+DTYPES = ("fp32", "bf16")  # the precisions a window runs in: training, and whole-window scoring (eval)
+TRAIN_DTYPES = (*DTYPES, "auto")  # auto: the fastest of them this machine runs well (charlm/devices.py)
 DECODE_DTYPES = DTYPES + ("int8",)  # step-by-step decoding (sample, beam): int8 weights, charlm/cells/products.py
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SS_SCHEDULES = ("none", "linear", "exponential", "inverse-sigmoid")  # scheduled sampling: charlm/training/scheduled.py
@@ -29,56 +39,110 @@ MAX_WIDTH = 16384  # rnn_size and embed_size: one 16384-wide LSTM layer alone ha
 MAX_VOCAB = 1 << 21  # every Unicode code point (1,114,112) fits, and any SentencePiece vocabulary
 MAX_PARAMETERS = 1 << 31  # 2,147,483,648 weights: 8 GiB in fp32, 32 GiB with gradients and AdamW moments
 MAX_STREAMS = 1 << 20  # batch_size and seq_length
-MAX_COUNT = (1 << 63) - 1  # seeds, step counts: what a signed 64-bit integer holds (torch's seeds, JSON readers)
 
 
+def _registered_cells() -> tuple[str, ...]:
+    from charlm.cells import cell_names  # the registry imports torch: only when a config is checked
+
+    return cell_names()
+
+
+# -- the options ----------------------------------------------------------------------------------
 @dataclass
 class ModelConfig:
-    cell: str = "lstm"  # recurrent cell: a name in the registry (charlm/cells/: lstm, gru, rnn, ...)
-    num_layers: int = 2  # stacked recurrent layers
-    rnn_size: int = 256  # hidden units per layer
-    embed_size: int = 64  # character embedding width fed to the first layer
-    dropout: float = 0.0  # between layers and before the head; 0 disables
-    forget_bias: float = 0.0  # LSTM family (lstm, peephole, minlstm): the forget gate's initial bias (measured: docs/results.md)
-    vocab_size: int = 0  # set from the prepared data, never by hand
+    cell: str = option("lstm", "Recurrent cell: {choices} (see charlm/cells/)", one_of(BUILTIN_CELLS, _registered_cells))
+    num_layers: int = option(2, "Recurrent layers", between(1, MAX_LAYERS))
+    rnn_size: int = option(256, "Hidden units per layer", between(1, MAX_WIDTH))
+    embed_size: int = option(64, "Character embedding width fed to the first layer", between(1, MAX_WIDTH))
+    dropout: float = option(0.0, "Dropout between layers and before the head; 0 disables", interval("[0, 1)"))
+    # measured: docs/results.md
+    forget_bias: float = option(0.0, "LSTM family (lstm, peephole, minlstm): the forget gate's initial bias; other cells ignore it",
+                                between(-100, 100))
+    # 0 until the data is known; the message names the range a model needs
+    vocab_size: int = option(0, "Set from the prepared data", Check(lambda v: 0 <= v <= MAX_VOCAB, f"between 1 and {MAX_VOCAB}"),
+                             internal=True)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 64  # B: contiguous streams the training text is cut into
-    seq_length: int = 100  # T: steps per window; gradients flow back this far
-    lr: float = 2e-3  # peak learning rate (AdamW)
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    grad_clip: float = 5.0  # clip the global gradient norm to this; 0 disables
-    schedule: str = "constant"  # constant, step (x lr_decay every decay_every steps) or cosine
-    warmup_steps: int = 0  # linear warm-up from 0 to lr over this many steps
-    lr_decay: float = 0.5  # step schedule: multiply the lr by this ...
-    decay_every: int = 1000  # ... every this many steps
-    min_lr_ratio: float = 0.1  # cosine schedule: floor as a fraction of lr
-    max_steps: int | None = None  # stop after this many optimizer steps
-    max_epochs: float | None = None  # stop after this many passes over the training text
-    time_budget: float | None = None  # stop after this many seconds of training (flag: 90s, 10m, 1h)
-    eval_every: int = 200  # evaluate on the validation split every this many steps
-    log_every: int = 10  # report progress (and sync with the device) every this many steps
-    seed: int = 1337  # seeds initialisation and dropout
-    device: str = "auto"  # auto, cpu, cuda or mps
-    dtype: str = "fp32"  # fp32, or bf16 autocast (fp32 master weights)
-    compile: bool = False  # torch.compile the training module (meant for CUDA)
-    scheduled_sampling: str = "none"  # none, or the decay of the teacher-forcing probability: linear, exponential, inverse-sigmoid
-    ss_k: float | None = None  # the schedule's parameter k (None: the schedule's default; see charlm/training/scheduled.py)
-    ss_floor: float = 0.5  # the teacher-forcing probability never falls below this (1 = plain training)
-    ss_mode: str = "model"  # what replaces a true input: a sample of the model's prediction, or a uniform random symbol
+    batch_size: int = option(64, "Contiguous streams B the training text is cut into (per process with --nproc)",
+                             between(1, MAX_STREAMS))
+    seq_length: int = option(100, "Window length T: steps of backpropagation through time", between(1, MAX_STREAMS))
+    lr: float = option(2e-3, "Peak learning rate (AdamW)", positive())
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay", at_least(0))
+    grad_clip: float = option(5.0, "Clip the global gradient norm to this; 0 disables", at_least(0, " (0 disables clipping)"))
+    schedule: str = option("constant", "Learning-rate schedule: {choices} (step: times lr-decay every decay-every steps)",
+                           one_of(SCHEDULES))
+    warmup_steps: int = option(0, "Linear warm-up from 0 to lr over this many steps", between(0, MAX_COUNT))
+    # fine-tuning (--init-from): charlm/training/grow.py
+    freeze_layers: int = option(0, "Fine-tuning: hold the embedding and the lowest K recurrent layers fixed for the first "
+                                "--freeze-steps steps (the new characters' output rows and the upper layers learn first)",
+                                between(0, MAX_LAYERS))
+    freeze_steps: int = option(0, "Fine-tuning: the steps --freeze-layers holds", between(0, MAX_COUNT))
+    lr_decay: float = option(0.5, "step schedule: multiply the lr by this", interval("(0, 1]"))
+    decay_every: int = option(1000, "step schedule: every this many steps", between(1, MAX_COUNT))
+    min_lr_ratio: float = option(0.1, "cosine schedule: the final lr as a fraction of lr", interval("[0, 1]"))
+    max_steps: int | None = option(None, "Stop after this many optimizer steps", between(1, MAX_COUNT))
+    max_epochs: float | None = option(None, "Stop after this many passes over the training split", positive())
+    time_budget: float | None = option(None, "Stop after this long: 90s, 10m, 1h. No limit at all: one epoch", positive(),
+                                       flag_type=str)
+    eval_every: int = option(200, "Validate and checkpoint every N steps", between(1, MAX_COUNT))
+    log_every: int = option(10, "Report progress (and sync with the device) every N steps", between(1, MAX_COUNT))
+    seed: int = option(1337, "Seed for initialisation and dropout", between(0, MAX_COUNT, note=f" = {MAX_COUNT}"))
+    device: str = option("auto", "Device: {choices}", one_of(DEVICES))
+    dtype: str = option("fp32", "Precision: fp32, bf16 (autocast, fp32 master weights) or auto (the fastest this machine runs well)",
+                        one_of(TRAIN_DTYPES))
+    compile: bool = option(False, "torch.compile the training module: meant for CUDA; the first steps are slow while it compiles",
+                           switch=True)
+    scheduled_sampling: str = option(
+        "none", "Feed the model its own predictions with a probability growing over training: {choices} "
+        "(the teacher-forcing probability's decay)", one_of(SS_SCHEDULES))
+    # None: each schedule's own k (DEFAULT_K in charlm/training/scheduled.py); its range depends on the schedule
+    ss_k: float | None = option(
+        None, "The decay's k (default: each schedule's own, see charlm/training/scheduled.py): linear, steps to fall from 1 "
+        "to 0; exponential, factor per step in (0, 1); inverse-sigmoid, k/(k+exp(step/k)), >= 1", positive(got=True))
+    ss_floor: float = option(0.5, "The lowest teacher-forcing probability, in [0, 1] (1 = plain training)",
+                             interval("[0, 1]", ": the lowest teacher-forcing probability", got=True))
+    ss_mode: str = option("model", "What replaces a true input: {choices} (model: a sample of its prediction; uniform: "
+                          "a random symbol)", one_of(SS_MODES))
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig}
 
 
-def field_names(cls) -> list[str]:
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _kind(f: dataclasses.Field) -> str:
+    return str(f.type).split(" ")[0]  # "int | None" -> "int" (the annotations are strings: __future__ annotations)
+
+
+def declared_options() -> list[Declared]:
+    """Every option a user sets (vocab_size is not one), in declaration order: model first, then train."""
+    return [
+        Declared(f.name, section, _TYPES[_kind(f)], str(f.type).endswith("None"), f.default, f.metadata["option"])
+        for section, cls in SECTIONS.items() for f in fields(cls) if not f.metadata["option"].internal
+    ]
+
+
+def field_names(cls: type) -> list[str]:
+    """The field names of a config class (ModelConfig or TrainConfig), vocab_size included."""
     return [f.name for f in fields(cls)]
 
 
 def all_keys() -> list[str]:
-    return [k for cls in SECTIONS.values() for k in field_names(cls) if k != "vocab_size"]
+    """The option names, as YAML keys, API keywords and (with dashes) flags."""
+    return [d.name for d in declared_options()]
+
+
+def check_options(names: Iterable[str], where: str) -> None:
+    """Refuse names that are not options (the keywords of `charlm.train(**options)`), suggesting the nearest."""
+    keys = all_keys()
+    unknown = [n for n in names if n not in keys]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], keys, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise OptionError(f"{where}: unknown option(s) {', '.join(unknown)}{hint}; valid options: {', '.join(keys)}")
 
 
 def parse_duration(value: str | float | int | None) -> float | None:
@@ -94,17 +158,24 @@ def parse_duration(value: str | float | int | None) -> float | None:
 
 
 def list_presets() -> list[str]:
+    """The presets shipped in charlm/presets/ (NAME.yaml), by name."""
     return sorted(p.name[:-5] for p in resources.files("charlm.presets").iterdir() if p.name.endswith(".yaml"))
 
 
 def load_preset(name: str) -> dict[str, Any]:
+    """A shipped preset as a flat mapping of option: value, its keys checked."""
     if name not in list_presets():
         raise OptionError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
-    text = resources.files("charlm.presets").joinpath(f"{name}.yaml").read_text()
+    import yaml  # here: 8 ms, and --help needs no YAML
+
+    text = resources.files("charlm.presets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     return _check_keys(yaml.safe_load(text) or {}, f"preset {name}")
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
+    """A --config YAML file as a flat mapping of option: value, its keys checked."""
+    import yaml
+
     try:
         data = yaml.safe_load(Path(path).read_bytes().decode("utf-8"))
     except FileNotFoundError:
@@ -192,43 +263,20 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
 def validate(model: ModelConfig, train: TrainConfig) -> None:
     """Reject values that cannot work, with the option's name in the message.
 
-    Flags, presets, --config files and the configs read from checkpoints all come through here.
+    Flags, presets, --config files, the API's keywords and the configs read from checkpoints all
+    come through here; each option's check is the one its field declares.
     """
     for cfg in (model, train):
         for f in fields(cfg):
             value = getattr(cfg, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise OptionError(f"{f.name} must be a finite number (got {value})")
-    checks = [
-        (model.cell in cell_names(), f"cell must be one of {', '.join(cell_names())} (got {model.cell!r})"),
-        (1 <= model.num_layers <= MAX_LAYERS, f"num_layers must be between 1 and {MAX_LAYERS} (got {model.num_layers})"),
-        (1 <= model.rnn_size <= MAX_WIDTH, f"rnn_size must be between 1 and {MAX_WIDTH} (got {model.rnn_size})"),
-        (1 <= model.embed_size <= MAX_WIDTH, f"embed_size must be between 1 and {MAX_WIDTH} (got {model.embed_size})"),
-        (0 <= model.vocab_size <= MAX_VOCAB, f"vocab_size must be between 1 and {MAX_VOCAB} (got {model.vocab_size})"),
-        (0 <= model.dropout < 1, "dropout must be in [0, 1)"),
-        (-100 <= model.forget_bias <= 100, f"forget_bias must be between -100 and 100 (got {model.forget_bias})"),
-        (1 <= train.batch_size <= MAX_STREAMS, f"batch_size must be between 1 and {MAX_STREAMS} (got {train.batch_size})"),
-        (1 <= train.seq_length <= MAX_STREAMS, f"seq_length must be between 1 and {MAX_STREAMS} (got {train.seq_length})"),
-        (train.lr > 0, "lr must be positive"),
-        (train.weight_decay >= 0, "weight_decay must be >= 0"),
-        (train.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)"),
-        (train.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)} (got {train.schedule!r})"),
-        (0 <= train.warmup_steps <= MAX_COUNT, f"warmup_steps must be between 0 and 2^63-1 (got {train.warmup_steps})"),
-        (0 < train.lr_decay <= 1, "lr_decay must be in (0, 1]"),
-        (1 <= train.decay_every <= MAX_COUNT, f"decay_every must be between 1 and 2^63-1 (got {train.decay_every})"),
-        (0 <= train.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
-        (train.max_steps is None or 1 <= train.max_steps <= MAX_COUNT, f"max_steps must be between 1 and 2^63-1 (got {train.max_steps})"),
-        (train.max_epochs is None or train.max_epochs > 0, "max_epochs must be positive"),
-        (train.time_budget is None or train.time_budget > 0, "time_budget must be positive"),
-        (1 <= train.eval_every <= MAX_COUNT, f"eval_every must be between 1 and 2^63-1 (got {train.eval_every})"),
-        (1 <= train.log_every <= MAX_COUNT, f"log_every must be between 1 and 2^63-1 (got {train.log_every})"),
-        (0 <= train.seed <= MAX_COUNT, f"seed must be between 0 and 2^63-1 = {MAX_COUNT} (got {train.seed})"),
-        (train.device in DEVICES, f"device must be one of {', '.join(DEVICES)} (got {train.device!r})"),
-        (train.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)} (got {train.dtype!r})"),
-    ]
-    for ok, message in checks + _ss_checks(train):
-        if not ok:
-            raise OptionError(message)
+    for cfg in (model, train):
+        for f in fields(cfg):
+            value, check = getattr(cfg, f.name), f.metadata["option"].check
+            if value is not None and check is not None and not check.ok(value):
+                raise OptionError(check.message(f.name, value))
+    _check_ss_k(train)
     parameters = num_parameters(model)
     if parameters > MAX_PARAMETERS:
         raise OptionError(
@@ -237,25 +285,20 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
         )
 
 
-def _ss_checks(train: TrainConfig) -> list[tuple[bool, str]]:
-    """Scheduled sampling's options; ss_k's range depends on the schedule (charlm/training/scheduled.py)."""
-    k, name = train.ss_k, train.scheduled_sampling
+def _check_ss_k(train: TrainConfig) -> None:
+    """ss_k's range depends on the schedule (charlm/training/scheduled.py): the one check that reads two options."""
+    k = train.ss_k
     ranges = {"linear": (k is None or k >= 1, "linear: the steps over which it falls from 1 to 0, >= 1"),
               "exponential": (k is None or 0 < k < 1, "exponential: the factor per step, in (0, 1)"),
               "inverse-sigmoid": (k is None or k >= 1, "inverse-sigmoid: >= 1")}
-    ok, need = ranges.get(name, (True, ""))
-    return [
-        (name in SS_SCHEDULES, f"scheduled_sampling must be one of {', '.join(SS_SCHEDULES)} (got {name!r})"),
-        (train.ss_mode in SS_MODES, f"ss_mode must be one of {', '.join(SS_MODES)} (got {train.ss_mode!r})"),
-        (0 <= train.ss_floor <= 1, f"ss_floor must be in [0, 1]: the lowest teacher-forcing probability (got {train.ss_floor})"),
-        (k is None or k > 0, f"ss_k must be positive (got {k})"),
-        (ok, f"ss_k for {need} (got {k})"),
-    ]
+    ok, need = ranges.get(train.scheduled_sampling, (True, ""))
+    if not ok:
+        raise OptionError(f"ss_k for {need} (got {k})")
 
 
 def num_parameters(model: ModelConfig) -> int:
     """The parameters of the network this config describes, for any registered cell (nothing allocated)."""
-    from charlm.model import parameter_shapes  # here: model imports this module
+    from charlm.model import parameter_shapes  # here: it imports torch; model.py imports this module only for types
 
     return sum(math.prod(shape) for shape in parameter_shapes(model).values())
 
@@ -285,4 +328,5 @@ def from_record(model: Any, train: Any, where: str) -> tuple[ModelConfig, TrainC
 
 
 def as_dict(model: ModelConfig, train: TrainConfig) -> dict[str, dict]:
+    """Both configs as {"model": {...}, "train": {...}}: what a checkpoint records."""
     return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from charlm.cells import State, cell_class
-from charlm.config import ModelConfig
+
+if TYPE_CHECKING:  # for the annotations only: config imports this module (num_parameters), so the arrow goes config -> model
+    from charlm.config import ModelConfig
 
 
 class CharRNN(nn.Module):

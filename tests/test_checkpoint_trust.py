@@ -412,7 +412,7 @@ def test_info_prints_file_text_literally(bases, tmp_path):
 
 
 def test_json_output_refuses_nan():
-    from charlm.cli.decode import strict_json
+    from charlm.jsonsafe import strict_json
 
     with pytest.raises(CharlmError, match="not a finite number"):
         strict_json({"bits_per_char": float("nan")})

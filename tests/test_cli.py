@@ -172,12 +172,18 @@ def test_beam_and_ensemble_commands(tmp_path, text_file, cli_run):
     assert_clean_error(run("beam", a, b, "--weights", "1,-1"), "positive")
 
 
-def test_ensemble_vocabulary_mismatch_is_named(tmp_path, cli_run):
+def test_ensemble_across_vocabularies_uses_the_union(tmp_path, cli_run):
+    """Members trained on texts with different characters join over the union (decoding/union.py): the mean rule works,
+    the geometric one is refused with the reason."""
     f = tmp_path / "other.txt"
     f.write_text(make_text(20000, seed=5).replace("z", "Z").replace("q", "%"))
     r = run("train", f, "--out", tmp_path / "o", "--max-steps", "3", *FAST)
     assert r.exit_code == 0, r.output
-    assert_clean_error(run("eval", cli_run / "best.safetensors", tmp_path / "o" / "best.safetensors"), "different vocabularies.*'%'")
+    members = [cli_run / "best.safetensors", tmp_path / "o" / "best.safetensors"]
+    (tmp_path / "mixed.txt").write_text("the quiz % Zebra\n")
+    r = run("eval", *members, "--text", tmp_path / "mixed.txt")
+    assert r.exit_code == 0, r.output
+    assert_clean_error(run("eval", *members, "--combine", "geometric", "--text", tmp_path / "mixed.txt"), "geometric")
 
 
 def test_bench_quick_json():

@@ -120,12 +120,12 @@ def test_cached_prepare_reuses_the_cache(tmp_path, text_file):
 def test_input_changed_between_passes_is_an_error_and_leaves_no_parts(tmp_path, monkeypatch):
     f = tmp_path / "t.txt"
     f.write_text("hello world\n" * 100)
-    original = prep._char_ids
+    original = prep.char_ids
 
     def changed(files, encoding, vocab, sha256):  # as if the file changed after pass 1 hashed it
         yield from original(files, encoding, vocab, "0" * 64)
 
-    monkeypatch.setattr(prep, "_char_ids", changed)
+    monkeypatch.setattr(prep, "char_ids", changed)
     with pytest.raises(CharlmError, match="changed while it was being prepared"):
         prep.prepare([f], tmp_path / "p")
     assert not list((tmp_path / "p").glob("*.part")) and not (tmp_path / "p" / "meta.json").exists()

@@ -12,6 +12,8 @@ DataError, CheckpointError) carrying the messages the CLI prints; nothing here p
 from __future__ import annotations
 
 from charlm.api.model import Beam, LanguageModel, Score, checkpoint_info, load
+from charlm.api.training import Progress, TrainResult, prepare, train
 from charlm.decoding.streams import Event, Streams
 
-__all__ = ["Beam", "Event", "LanguageModel", "Score", "Streams", "checkpoint_info", "load"]
+__all__ = ["Beam", "Event", "LanguageModel", "Progress", "Score", "Streams", "TrainResult", "checkpoint_info", "load", "prepare",
+           "train"]

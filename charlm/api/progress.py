@@ -20,6 +20,8 @@ from rich.progress import BarColumn, DownloadColumn, TextColumn, TransferSpeedCo
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
+from charlm.terminal import PipeConsole
+
 PREPARE_BAR_BYTES = 32 << 20  # smaller inputs are prepared in a second or two: no bar
 
 
@@ -85,7 +87,7 @@ class ProgressDisplay:
     """The default `progress` of prepare and train: call it with each Progress; `close()` at the end."""
 
     def __init__(self, console: Console | None = None, plain_every: float = 15.0):
-        self.console = console or Console(stderr=True)
+        self.console = console or PipeConsole(stderr=True)  # a closed pipe raises BrokenPipeError: train stops and saves
         # Jupyter draws rich's live bars through ipywidgets; without it, plain lines.
         self.live = self.console.is_terminal or (self.console.is_jupyter and importlib.util.find_spec("ipywidgets") is not None)
         self.plain_every = plain_every
@@ -105,9 +107,10 @@ class ProgressDisplay:
                                             console=self.console, transient=True,
                                             disable=(p.total or 0) < PREPARE_BAR_BYTES or not self.live)
             self.prepare_bar.start()
-        if p.phase not in self.prepare_tasks:
-            self.prepare_tasks[p.phase] = self.prepare_bar.add_task(p.phase or "", total=p.total)
-        self.prepare_bar.update(self.prepare_tasks[p.phase], completed=p.done)
+        phase = p.phase or ""
+        if phase not in self.prepare_tasks:
+            self.prepare_tasks[phase] = self.prepare_bar.add_task(phase, total=p.total)
+        self.prepare_bar.update(self.prepare_tasks[phase], completed=p.done)
 
     def on_start(self, p: Progress) -> None:
         self._close_prepare()
@@ -154,11 +157,21 @@ class ProgressDisplay:
             self.prepare_tasks.clear()
 
     def close(self) -> None:
-        """Stop the live bars (the last state of the training bar stays on screen)."""
-        self._close_prepare()
-        if self.bar is not None:
-            self.bar.stop()
-            self.bar = None
+        """Stop the live bars (the last state of the training bar stays on screen); a closed output is no error here."""
+        try:
+            self._close_prepare()
+            if self.bar is not None:
+                self.bar.stop()
+        except BrokenPipeError:
+            pass
+        self.bar = None
 
 
 Sink = Callable[[Progress], None]
+
+
+def prepare_reporter(sink: Sink | None) -> Callable[[str, int, int], None] | None:
+    """prepare's progress callable (phase, bytes done, bytes total) that passes each report on to `sink` as a Progress."""
+    if sink is None:
+        return None
+    return lambda phase, done, total: sink(Progress(kind="prepare", phase=phase, done=done, total=total))

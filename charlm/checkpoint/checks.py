@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from charlm import config
-from charlm.errors import CharlmError, CheckpointError
 from charlm.cells import cell_class
 from charlm.checkpoint.layout import (
     ADAM_SLOTS,
@@ -38,6 +37,7 @@ from charlm.checkpoint.tensorfile import (
     parse_json,
 )
 from charlm.config import ModelConfig
+from charlm.errors import CharlmError, CheckpointError
 from charlm.model import parameter_shapes
 from charlm.tokenizers.vocab import load_vocab
 

@@ -12,6 +12,8 @@ from typing_extensions import Annotated
 from charlm.cli.app import err, read_text_file
 from charlm.decoding.options import DYN_DEFAULTS, check_dynamic_options
 from charlm.errors import CharlmError, DataError, OptionError
+from charlm.jsonsafe import strict_json
+from charlm.terminal import shown
 
 if TYPE_CHECKING:
     from charlm.api import LanguageModel, Score
@@ -32,8 +34,6 @@ def check_dtype(dtype: str) -> None:
 
 def eval_report(checkpoints: list[Path], static: Score, adapting: Score, source: str, combine: str, as_json: bool) -> None:
     """Static figures first (the weights as trained), then dynamic ones (the same weights, adapting), side by side."""
-    from charlm.cli.decode import strict_json
-
     settings = adapting.dynamic or {}
     note = settings.get("note")
     if note:
@@ -47,19 +47,20 @@ def eval_report(checkpoints: list[Path], static: Score, adapting: Score, source:
             payload["combine"] = combine
         print(strict_json(payload))
         return
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
+
+    from charlm.terminal import PipeConsole
 
     rule = "RMS-normalised" if settings["update"] == "rms" else "SGD"
     table = Table("model", "static bits/char", "dynamic bits/char", "change", "chars", "static chars/s", "dynamic chars/s",
                   title=f"charlm eval on {source}: static and dynamic ({rule}, lr {settings['lr']:g}, decay {settings['decay']:g}, window {settings['window']})")
-    name = f"ensemble ({combine}, {len(static.members)} models)" if static.members else str(checkpoints[0])
-    rows = [(str(p), s, d) for p, s, d in zip(checkpoints, static.members, adapting.members)] + [(name, static, adapting)]
+    name = f"ensemble ({combine}, {len(static.members)} models)" if static.members else shown(checkpoints[0])
+    rows = [(shown(p), s, d) for p, s, d in zip(checkpoints, static.members, adapting.members)] + [(name, static, adapting)]
     for label, s, d in rows:
         table.add_row(Text(label), f"{s.bits_per_char:.4f}", f"{d.bits_per_char:.4f}", f"{d.bits_per_char - s.bits_per_char:+.4f}",
                       f"{s.chars:,}", f"{s.chars_per_s:,.0f}", f"{d.chars_per_s:,.0f}")
-    Console().print(table)
+    PipeConsole().print(table)
 
 
 def read_adapt_text(path: Path) -> str:

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from typing_extensions import Annotated
 
 from charlm.cli.app import app, err, friendly
+from charlm.terminal import PipeConsole
 
 
 @app.command()
@@ -31,6 +31,7 @@ def bench(
     if as_json:
         print(json.dumps(r))
         return
+    err.print(r["machine"]["line"], soft_wrap=True, markup=False, highlight=False)  # the machine in one line: bug reports quote it
     t, roof = r["train"], r["roof"]
     table = Table("what", "measured", "note", title=f"charlm bench ({r['machine']['threads']} threads, torch {r['machine']['torch']})")
     table.add_row("roof fp32", f"{roof['fp32_gflops']:,.0f} GFLOP/s", "best of torch.mm and oneDNN, square and LSTM-shaped products")
@@ -65,8 +66,8 @@ def bench(
         table.add_row(f"ensemble of 3, {dtype}", f"{ens['three_chars_per_s']:,} / {ens['three_batch64_chars_per_s']:,} chars/s",
                       f"1 / 64 streams: {ens['three_over_one']}x / {ens['three_over_one_batch64']}x one model's time")
     table.add_row("prepare", f"{r['prepare']['mb_per_s']:,} MB/s", f"{r['prepare']['megabytes']} MiB synthetic ASCII text")
-    Console().print(table)
-    Console().print(f"model: {t['model']}; allocator: {r['machine']['allocator']}")
+    PipeConsole().print(table)
+    PipeConsole().print(f"model: {t['model']}; allocator: {r['machine']['allocator']}")
 
 
 @app.command()

@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 from typing_extensions import Annotated
 
-from charlm.errors import CharlmError
 from charlm.cli.app import app, err, friendly, read_text_file
+from charlm.errors import CharlmError
+from charlm.terminal import PipeConsole, stdout_is_utf8
 
 MAX_CHARS = 20_000
 
@@ -60,7 +60,8 @@ def viz(
     """Write a self-contained HTML page: the text coloured by a cell's activation or by the bits each character cost, the model's next-character predictions on hover, --find rankings and gate saturation."""
     from charlm import checkpoint, config  # imported here: `charlm --help` stays light
     from charlm.devices import pick_device
-    from charlm.viz import Options, page, png as png_mod, visualize
+    from charlm.viz import Options, page, visualize
+    from charlm.viz import png as png_mod
 
     if unknown not in ("error", "skip"):
         raise CharlmError(f"--unknown must be error or skip (got {unknown!r})")
@@ -82,13 +83,13 @@ def viz(
         err.print(f"the text has {full_length:,} characters: the page shows the first {len(data['text']):,} (--max-chars)")
     err.print(f"wrote {out} ({size / 1e6:.2f} MB)" + (f" and {png}" if png is not None else ""), soft_wrap=True)
     if as_json:
-        print(json.dumps(summary, allow_nan=False, ensure_ascii=False))
+        print(json.dumps(summary, allow_nan=False, ensure_ascii=not stdout_is_utf8()))
         return
     _print_tables(summary)
 
 
 def _print_tables(summary: dict) -> None:
-    console = Console()
+    console = PipeConsole()
     for name, f in summary["find"].items():
         table = Table("rank", "layer", "cell", "r", title=f"--find {name} ({f['method']}), {summary['show']}")
         for k, r in enumerate(f["top"], 1):

@@ -11,16 +11,20 @@ from typing import Iterator
 import numpy as np
 
 from charlm.errors import DataError
+from charlm.terminal import shown
 from charlm.tokenizers.vocab import MAX_CODEPOINT, Vocab
 
 CHUNK = 1 << 23  # 8 MiB of bytes per read
 
 
-def _reads(files: list[Path], hasher=None) -> Iterator[tuple[Path, bytes, bool, int, int]]:
+BOM = codecs.BOM_UTF8  # a leading BOM marks a file as UTF-8; it is not text (the rule everywhere a text is read)
+
+
+def _reads(files: list[Path], hasher=None, text: bool = False) -> Iterator[tuple[Path, bytes, bool, int, int]]:
     """Yield (path, raw chunk, last of its file?, its offset in the file, bytes consumed so far).
 
     `hasher` (e.g. hashlib.sha256()), if given, is fed every raw chunk: the checksum needs no
-    pass of its own.
+    pass of its own. `text`: each file's leading UTF-8 BOM is left out of the chunks (not of the hash).
     """
     done = 0
     for path in files:
@@ -32,29 +36,30 @@ def _reads(files: list[Path], hasher=None) -> Iterator[tuple[Path, bytes, bool, 
                 if hasher is not None:
                     hasher.update(chunk)
                 done += len(chunk)
-                yield path, chunk, final, offset, done
+                skip = len(BOM) if text and offset == 0 and chunk.startswith(BOM) else 0
+                yield path, chunk[skip:], final, offset + skip, done
                 offset += len(chunk)
                 if final:
                     break
 
 
-def _chunks(files: list[Path], encoding: str, hasher=None) -> Iterator[tuple[bytes, str | None, int]]:
+def read_chunks(files: list[Path], encoding: str, hasher=None) -> Iterator[tuple[bytes, str | None, int]]:
     """Yield (raw chunk, its text, bytes consumed so far), checking the encoding on the way.
 
     The text is None when the raw bytes are the units themselves: --encoding bytes, or a chunk of
     plain ASCII.
     """
-    decoder = None
-    for path, chunk, final, offset, done in _reads(files, hasher):
-        if offset == 0:
-            decoder = codecs.getincrementaldecoder("utf-8")()  # each file decodes on its own
+    decoder, current = None, None
+    for path, chunk, final, offset, done in _reads(files, hasher, text=encoding != "bytes"):
+        if path is not current:
+            decoder, current = codecs.getincrementaldecoder("utf-8")(), path  # each file decodes on its own
         text = None if encoding == "bytes" else _decode(chunk, decoder, final, path, offset)
         yield chunk, text, done
 
 
-def _units(files: list[Path], encoding: str) -> Iterator[tuple[np.ndarray, int]]:
+def read_units(files: list[Path], encoding: str) -> Iterator[tuple[np.ndarray, int]]:
     """Yield (units, bytes consumed so far): code points for 'utf-8', byte values for 'bytes'."""
-    for chunk, text, done in _chunks(files, encoding):
+    for chunk, text, done in read_chunks(files, encoding):
         if text is None:
             yield np.frombuffer(chunk, dtype=np.uint8), done
         else:
@@ -66,7 +71,7 @@ def _decode(chunk: bytes, decoder, final: bool, path: Path, offset: int) -> str 
     nul = chunk.find(b"\x00")
     if nul >= 0:
         raise DataError(
-            f"{path} looks like a binary file (NUL byte at offset {offset + nul}); charlm trains on text "
+            f"{shown(path)} looks like a binary file (NUL byte at offset {offset + nul}); charlm trains on text "
             "(use --encoding bytes to model raw bytes anyway)"
         )
     # ASCII fast path: no decoding needed when no multi-byte sequence is pending.
@@ -76,7 +81,7 @@ def _decode(chunk: bytes, decoder, final: bool, path: Path, offset: int) -> str 
         return decoder.decode(chunk, final=final)
     except UnicodeDecodeError as e:
         raise DataError(
-            f"{path} is not valid UTF-8 (byte offset {offset + e.start}); convert it "
+            f"{shown(path)} is not valid UTF-8 (byte offset {offset + e.start}); convert it "
             "(e.g. iconv -f latin1 -t utf-8) or use --encoding bytes for a byte-level vocabulary"
         ) from None
 
@@ -86,7 +91,7 @@ _NON_ASCII_BYTES = bytes(range(0x80, 0x100))  # in UTF-8 text, never symbols by 
 _CONTINUATION_BYTES = bytes(range(0x80, 0xC0))  # the 2nd-4th bytes of a UTF-8 character
 
 
-class _Scan:
+class Scan:
     """Pass 1's tally: units counted and symbols seen, without turning the text into arrays.
 
     Copying each chunk's text into UTF-32 code points and counting them all took most of this
@@ -120,10 +125,11 @@ class _Scan:
             self.ascii_seen += bytes(sorted(narrow))
 
     def codes(self) -> np.ndarray:
+        """The symbols seen so far: sorted code points (or byte values)."""
         return np.flatnonzero(self.seen)
 
 
-def _char_ids(files: list[Path], encoding: str, vocab: Vocab, sha256: str) -> Iterator[tuple[np.ndarray, int]]:
+def char_ids(files: list[Path], encoding: str, vocab: Vocab, sha256: str) -> Iterator[tuple[np.ndarray, int]]:
     """Pass 2 for a character vocabulary: (ids, one per unit, bytes consumed so far).
 
     Pass 1 has checked the encoding, so the bytes are turned into ids without Python's decoder
@@ -135,7 +141,7 @@ def _char_ids(files: list[Path], encoding: str, vocab: Vocab, sha256: str) -> It
     """
     lut = vocab.lookup_table()
     if lut is None:  # code points too large for a dense table: the general path
-        for units, done in _units(files, encoding):
+        for units, done in read_units(files, encoding):
             yield vocab.encode_units(units, dtype=vocab.id_dtype), done
         return
     top = 0x80 if encoding == "utf-8" else 0x100  # byte values that are symbols by themselves
@@ -143,7 +149,7 @@ def _char_ids(files: list[Path], encoding: str, vocab: Vocab, sha256: str) -> It
     table[: min(top, len(lut))] = np.maximum(lut[:top], 0)
     table = table.tobytes()
     sha, carry = hashlib.sha256(), b""
-    for _, chunk, final, _, done in _reads(files, sha):
+    for _, chunk, final, _, done in _reads(files, sha, text=encoding != "bytes"):
         data = carry + chunk if carry else chunk
         carry = b""
         if encoding == "utf-8" and not final:
@@ -154,7 +160,7 @@ def _char_ids(files: list[Path], encoding: str, vocab: Vocab, sha256: str) -> It
             ids = _utf8_ids(data, table, lut)
         yield ids.astype(vocab.id_dtype, copy=False), done
     if sha.hexdigest() != sha256:
-        raise DataError(f"the input changed while it was being prepared ({files[0] if len(files) == 1 else 'one of the files'}): run the command again")
+        raise DataError(f"the input changed while it was being prepared ({shown(files[0]) if len(files) == 1 else 'one of the files'}): run the command again")
 
 
 def _complete_utf8(data: bytes) -> tuple[bytes, bytes]:

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from charlm.errors import DataError
-from charlm.tokenizers.vocab import id_dtype_for
+from charlm.tokenizers.ids import id_dtype_for
 
 KINDS = ("char", "spm-char", "bpe", "unigram")  # the --tokenizer choices; all but char are SentencePiece
 MODEL_TYPES = {"spm-char": "char", "bpe": "bpe", "unigram": "unigram"}
