@@ -1,4 +1,4 @@
-from charlm.cli import main
+from charlm.entry import main
 
 if __name__ == "__main__":
     main()

@@ -160,6 +160,7 @@ class Case:
     new: tuple[str, ...] = ()  # globs (relative to the test's tmp_path) of paths allowed to appear
     via: str = "runner"  # runner: CliRunner on charlm.cli.app; main: charlm.cli.main in-process; process: python -m charlm
     skip: Callable[[], str | None] | None = None  # a reason to skip, on this machine
+    env: dict | None = None  # process only: environment variables for the command (a locale, say)
 
 
 CASES: list[Case] = []
@@ -343,8 +344,8 @@ add("info-header-length-past-end", r"not a safetensors|truncated|corrupt", lambd
     c, "long-header.safetensors", struct.pack("<Q", 1 << 40) + b'{"a": 1}')])
 add("sample-meta-a-list", r"corrupt|metadata|object|mapping", lambda c: ["sample", write_ckpt(
     c.d / "meta-list.safetensors", read_parts(c.shared.best)[0], "[1, 2, 3]"), "--length", "5"], stream=True)
-add("info-vocab-unsorted", r"vocab", lambda c: ["info", forge(
-    c, "unsorted.safetensors", lambda m: m["vocab"].update(chars=m["vocab"]["chars"][::-1]))])
+add("info-vocab-duplicate", r"vocab.*distinct", lambda c: ["info", forge(  # any order of distinct symbols is valid (a grown vocabulary)
+    c, "duplicate.safetensors", lambda m: m["vocab"].update(chars=m["vocab"]["chars"][:-1] + m["vocab"]["chars"][0]))])
 
 # Training states that cannot be resumed (the weights are fine; the state is not).
 _TS = "train_state"
@@ -668,6 +669,84 @@ def _bad_registry(c: Ctx) -> list:
 add("corpus-list-broken-registry-file", r"broken|yaml|corpus|registry", _bad_registry)
 
 
+# -- Hardening II: locales, bytes that are not UTF-8, owned run dirs, odd paths (issue 28) ----------
+
+ASCII = {"PYTHONIOENCODING": "ascii"}
+POSIX = {"PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "POSIX", "LANG": "", "PYTHONIOENCODING": ""}
+NOT_UTF8 = os.fsdecode(b"t\xfd")  # a name's byte 0xFD as Python passes it on (surrogateescape)
+
+# An error line with characters the locale cannot encode: escaped, still one line.
+for _env_id, _env in (("ascii", ASCII), ("posix", POSIX)):
+    add(f"{_env_id}-sample-prime-outside-vocabulary", r"vocabulary", _sample("--prime", "Se\u00f1or \u2713"), via="process",
+        env=_env, stream=True)
+    add(f"{_env_id}-beam-prime-outside-vocabulary", r"vocabulary", _beam("--prime", "Se\u00f1or \u2713"), via="process", env=_env)
+    add(f"{_env_id}-eval-text-outside-vocabulary", r"vocabulary", _with_file("u.txt", "The \u2713 is unseen\n", "--text", _eval),
+        via="process", env=_env)
+# Arguments holding bytes that are not UTF-8: an error that names the byte.
+add("process-sample-prime-undecodable-byte", r"byte 0xFF", _sample("--prime", "AB" + os.fsdecode(b"\xff")), via="process", stream=True)
+add("process-sample-prime-undecodable-skip", r"byte 0xFF", _sample("--prime", "AB" + os.fsdecode(b"\xff"), "--unknown", "skip"),
+    via="process", stream=True)
+add("process-beam-prime-undecodable-byte", r"byte 0xFF", _beam("--prime", os.fsdecode(b"A\xff")), via="process")
+add("process-beam-stop-at-undecodable-byte", r"--stop-at.*byte 0xFF", _beam("--stop-at", os.fsdecode(b"\xff")), via="process")
+# File names that are not UTF-8: shown escaped.
+add("process-prepare-not-utf8-name-missing", r"t\\xfd\.txt is neither", lambda c: ["prepare", c.d / f"{NOT_UTF8}.txt", "-o", c.d / "p"],
+    via="process")
+add("process-prepare-not-utf8-name-binary", r"t\\xfd\.bin looks like a binary", lambda c: [
+    "prepare", write(c, f"{NOT_UTF8}.bin", BINARY), "-o", c.d / "p"], via="process")
+add("process-train-not-utf8-name-latin1", r"t\\xfd\.txt is not valid UTF-8", lambda c: [
+    "train", write(c, f"{NOT_UTF8}.txt", LATIN1), "--out", c.d / "out", *FAST], via="process")
+add("eval-text-only-a-bom", r"empty", _with_file("bom.txt", b"\xef\xbb\xbf", "--text", _eval))
+
+
+def _dangling(c: Ctx) -> Path:
+    link = c.d / "dangling"
+    link.symlink_to(c.d / "nowhere")
+    return link
+
+
+def _held(c: Ctx) -> Path:
+    """A run dir whose lock this process holds, as a live training would (released when the test's process ends)."""
+    import fcntl
+
+    from charlm.training import runlock
+
+    out = copy_run(c)
+    fd = os.open(out / runlock.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _HELD.append(fd)
+    return out
+
+
+_HELD: list[int] = []
+add("train-out-dangling-symlink", r"symbolic link.*does not exist", lambda c: [
+    "train", c.shared.prepared, "--out", _dangling(c), *FAST, "--max-steps", "3"])
+add("prepare-out-dangling-symlink", r"symbolic link.*does not exist", lambda c: ["prepare", c.shared.text, "-o", _dangling(c)])
+add("train-out-a-file", r"is a file", lambda c: ["train", c.shared.prepared, "--out", write(c, "afile", "x"), *FAST])
+add("train-out-under-a-file", r"cannot create --out", lambda c: [
+    "train", c.shared.prepared, "--out", write(c, "afile", "x") / "run", *FAST])
+add("train-out-in-use", r"in use by process \d+; wait or choose another --out", lambda c: [
+    "train", c.shared.prepared, "--out", _held(c), *FAST, "--max-steps", "3"])
+add("train-resume-auto-out-in-use", r"in use by process", lambda c: [
+    "train", c.shared.prepared, "--out", _held(c), *FAST, "--max-steps", "8", "--resume", "auto"])
+add("train-overwrite-out-in-use", r"in use by process", lambda c: [  # --overwrite deletes nothing of a live run
+    "train", c.shared.prepared, "--out", _held(c), *FAST, "--max-steps", "3", "--overwrite"])
+add("prepare-out-name-too-long", r"too long", lambda c: ["prepare", c.shared.text, "-o", c.d / ("n" * 256)])
+add("train-nproc-more-memory-than-there-is", r"--nproc 100000: the ranks would need about .* use --nproc \d+ or fewer", lambda c: [
+    "train", c.shared.prepared, "--out", c.d / "out", *FAST, "--nproc", "100000"])
+
+
+def _mirror(c: Ctx) -> Path:
+    write(c, "mirror/shakespeare/input.txt", "x")
+    return c.d / "mirror"
+
+
+add("corpus-get-corpora-dir-not-writable", r"cannot write .*corpora-dir", lambda c: [
+    "--corpora-dir", write(c, "afile", "x"), "corpus", "get", "shakespeare", "--mirror", _mirror(c)])
+add("train-corpora-dir-not-writable", r"prepare cache.*corpora-dir", lambda c: [
+    "--corpora-dir", write(c, "afile", "x"), "train", c.shared.text, "--out", c.d / "out", *FAST])
+
+
 # -- running a case ------------------------------------------------------------------------------
 
 @dataclass
@@ -684,7 +763,7 @@ def _visible(w: warnings.WarningMessage) -> bool:
     return not issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, ImportWarning))
 
 
-def _invoke_runner(argv: list[str]) -> Outcome:
+def _invoke_runner(argv: list[str], case: Case | None = None) -> Outcome:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         r = runner.invoke(app, argv)
@@ -693,7 +772,7 @@ def _invoke_runner(argv: list[str]) -> Outcome:
     return Outcome(r.exit_code, r.stdout, shown + r.stderr, r.exception, trace)
 
 
-def _invoke_main(argv: list[str]) -> Outcome:
+def _invoke_main(argv: list[str], case: Case | None = None) -> Outcome:
     out, err = io.StringIO(), io.StringIO()
     code, exc, trace = 0, None, ""
     with warnings.catch_warnings(record=True) as seen, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -709,13 +788,15 @@ def _invoke_main(argv: list[str]) -> Outcome:
     return Outcome(code, out.getvalue(), shown + err.getvalue(), exc, trace)
 
 
-def _invoke_process(argv: list[str]) -> Outcome:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+def _invoke_process(argv: list[str], case: Case | None = None) -> Outcome:
+    """python -m charlm.entry (the console script's entry point); its output read as UTF-8, bytes that are not shown as U+FFFD."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **((case and case.env) or {})}
     try:
-        r = subprocess.run([sys.executable, "-m", "charlm", *argv], capture_output=True, text=True, env=env, timeout=120)
+        r = subprocess.run([sys.executable, "-m", "charlm.entry", *argv], capture_output=True, env=env, timeout=120)
     except subprocess.TimeoutExpired as e:
         return Outcome(None, str(e.stdout or ""), str(e.stderr or ""), None, "the command hung: killed after 120 s")
-    return Outcome(r.returncode, r.stdout, r.stderr, SystemExit(r.returncode), "")
+    out, err = r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
+    return Outcome(r.returncode, out, err, SystemExit(r.returncode), "")
 
 
 INVOKERS = {"runner": _invoke_runner, "main": _invoke_main, "process": _invoke_process}
@@ -757,7 +838,7 @@ def test_bad_input(case: Case, shared: Shared, tmp_path: Path):
     argv = [str(a) for a in case.build(Ctx(d, shared))]
     before = snapshot(tmp_path, shared.root)
 
-    r = INVOKERS[case.via](argv)
+    r = INVOKERS[case.via](argv, case)
 
     shown = f"charlm {' '.join(argv)}\n--- exit {r.exit_code}\n--- stdout:\n{r.stdout[-2000:]}\n--- stderr:\n{r.stderr[-3000:]}\n{r.trace}"
     assert r.exit_code == 1, shown

@@ -8,41 +8,37 @@ The training options are the config's (charlm/config.py: the YAML keys, and with
 defaults < preset < config file < keywords. `progress` is True (a display on stderr: a live bar on a
 terminal and in Jupyter), False (silent) or a callable that receives each `Progress`; `stop` is a
 callable (or a threading.Event) polled at every step: once it answers, the run saves
-last.safetensors and `train` returns with `stopped` set, to be continued with resume=.
+last.safetensors and `train` returns with `stopped` set, to be continued with resume=. A progress
+display whose output closes (BrokenPipeError: `charlm train ... | head`) is a stop request too.
+
+One training per run dir: `train` holds OUT's lock (charlm/training/runlock.py) from before
+anything is written there until it returns; another training on the same OUT meanwhile raises
+CharlmError("OUT is in use by process N; wait or choose another --out").
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
-from charlm import checkpoint
-from charlm import config as configs
-from charlm.api.progress import Progress, ProgressDisplay, Sink
-from charlm.errors import CharlmError, DataError, OptionError
+from charlm.api.progress import Progress, ProgressDisplay, Sink, prepare_reporter
+from charlm.api.runplan import DEFAULT_SPLIT, RunPlan, plan, split_fractions, tokenizer_spec
+from charlm.errors import CharlmError, OptionError
 
 if TYPE_CHECKING:
-    from charlm.tokenizers.spm import TokenizerSpec
     from charlm.training.distributed import World
 
 __all__ = ["Progress", "RankStopped", "RunPlan", "TrainResult", "plan", "prepare", "train"]
 
-DEFAULT_SPLIT = (0.9, 0.05, 0.05)  # train, val, test fractions of a text
-
-# Fixed by a checkpoint: the model's shape, and the seed (the random stream continues from the saved
-# state, so another seed would be silently ignored). Every other option may change on resume: the
-# limits, the learning-rate schedule, clipping, eval/log cadence, device, dtype, dropout, and even
-# batch size and window (the carried state then restarts from zero, at the same point of the epoch).
-FIXED_ON_RESUME = ("cell", "num_layers", "rnn_size", "embed_size", "forget_bias", "seed")
-
 ProgressArg = Union[bool, Callable[[Progress], Any]]
 StopArg = Union[Callable[[], Any], threading.Event, None]
+CLOSED_OUTPUT = "a closed pipe"  # the stop reason when the progress display's reader went away ("stopped by a closed pipe")
 
 
 @dataclass(frozen=True)
@@ -79,44 +75,25 @@ def prepare(
     tokenizer: str | None = None,
     vocab_size: int | None = None,
     character_coverage: float | None = None,
+    vocab_from: str | Path | None = None,
     progress: ProgressArg = True,
 ) -> Path:
     """Encode a text file, a directory (its files matching `glob`) or a registered corpus into `out`:
-    meta.json plus train.bin, val.bin, test.bin. Returns `out`; its meta.json says what was made."""
+    meta.json plus train.bin, val.bin, test.bin. Returns `out`; its meta.json says what was made.
+
+    vocab_from: a checkpoint whose vocabulary the text is encoded with, for fine-tuning it: every old
+    id kept, the text's new characters appended (a SentencePiece tokenizer is kept as it is)."""
+    from charlm import checkpoint
     from charlm.data import prepare as prep
 
-    spec = _tokenizer_spec(tokenizer, vocab_size, character_coverage)
-    fractions = _fractions(split)
+    spec = tokenizer_spec(tokenizer, vocab_size, character_coverage)
+    fractions = split_fractions(split)
+    base = checkpoint.load(Path(vocab_from)).vocab if vocab_from is not None else None
     files = prep.resolve_inputs(input, glob=glob, mirror=None if mirror is None else str(mirror))
     with _display(progress) as sink:
-        prep.prepare(files, Path(out), encoding=encoding, fractions=fractions, progress=_prepare_reports(sink), tokenizer=spec)
+        prep.prepare(files, Path(out), encoding=encoding, fractions=fractions, progress=prepare_reporter(sink), tokenizer=spec,
+                     base_vocab=base)
     return Path(out)
-
-
-def _tokenizer_spec(tokenizer: str | None, vocab_size: int | None, coverage: float | None) -> TokenizerSpec | None:
-    """The tokenizer options as a spec; None when none was given (a prepared dir keeps its own)."""
-    if tokenizer is None and vocab_size is None and coverage is None:
-        return None
-    from charlm.tokenizers.spm import TokenizerSpec
-
-    return TokenizerSpec(tokenizer or "char", vocab_size, TokenizerSpec.character_coverage if coverage is None else coverage).checked()
-
-
-def _fractions(split: str | Sequence[float]) -> tuple[float, float, float]:
-    """split as 'A,B,C' (the flag) or three numbers, checked."""
-    from charlm.data.prepare import check_fractions
-
-    try:
-        parts = tuple(float(x) for x in (split.split(",") if isinstance(split, str) else split))
-    except (TypeError, ValueError):
-        raise DataError(f"--split expects three fractions like 0.9,0.05,0.05 (got {split!r})") from None
-    return check_fractions(parts)  # type: ignore[arg-type]  (its length is checked there)
-
-
-def _prepare_reports(sink: Sink | None) -> Callable[[str, int, int], None] | None:
-    if sink is None:
-        return None
-    return lambda phase, done, total: sink(Progress(kind="prepare", phase=phase, done=done, total=total))
 
 
 @contextlib.contextmanager
@@ -134,140 +111,6 @@ def _display(progress: ProgressArg):
         yield progress
     else:
         raise OptionError(f"progress must be True, False or a callable that takes a Progress (got {progress!r})")
-
-
-# -- what a run resolves to -----------------------------------------------------------------------
-@dataclass
-class RunPlan:
-    """What a training run resolved to before any data is read: configs, checkpoints, input, run dir."""
-
-    model_cfg: configs.ModelConfig
-    train_cfg: configs.TrainConfig
-    resumed: checkpoint.Checkpoint | None
-    init: checkpoint.Checkpoint | None
-    input: str
-    out: Path
-
-    def prepare_data(
-        self,
-        *,
-        encoding: str = "utf-8",
-        split: str | Sequence[float] = DEFAULT_SPLIT,
-        tokenizer: str | None = None,
-        vocab_size: int | None = None,
-        character_coverage: float | None = None,
-        glob: str | None = None,
-        mirror: str | Path | None = None,
-        progress: Sink | None = None,
-    ) -> Path:
-        """The prepared dir to train on: the input itself, or prepared from it once into the cache and reused."""
-        from charlm.data import prepare as prep
-
-        spec = _tokenizer_spec(tokenizer, vocab_size, character_coverage)
-        fractions = _fractions(split)
-        mirror_dir = None if mirror is None else str(mirror)
-        files = None
-        if not (Path(self.input).is_dir() and (Path(self.input) / "meta.json").exists()):
-            files = prep.resolve_inputs(self.input, glob=glob, mirror=mirror_dir)  # once: a corpus name is fetched and verified here
-        return prep.cached_prepare(self.input, encoding=encoding, fractions=fractions, mirror=mirror_dir, glob=glob, tokenizer=spec,
-                                   files=files, progress=_prepare_reports(progress))
-
-    def claim(self, overwrite: bool = False) -> None:
-        """Make the run dir ready: another run's files are refused unless resuming it or told to overwrite them."""
-        from charlm.training import rundir
-
-        rundir.claim(self.out, resuming=self.resumed is not None, overwrite=overwrite)
-
-
-def plan(
-    input: str | Path | None = None,
-    out: str | Path | None = None,
-    *,
-    preset: str | None = None,
-    config: str | Path | None = None,
-    resume: str | Path | None = None,
-    init_from: str | Path | None = None,
-    **options: Any,
-) -> RunPlan:
-    """Resolve a run without reading any data: defaults < preset < config file < options, over a resumed
-    checkpoint's configuration or an init_from's model; every option is checked here. Options given as None are not given."""
-    from charlm.devices import check_dtype, pick_device
-
-    configs.check_options(options, "charlm.train")
-    layers = [configs.load_preset(preset)] if preset else []
-    if config:
-        layers.append(configs.load_config_file(Path(config)))
-    layers.append(options)
-    out = None if out is None else Path(out)
-    resume_path = _resume_target(resume, out)
-    resumed = checkpoint.load(resume_path) if resume_path else None
-    init = checkpoint.load(Path(init_from)) if init_from else None
-    if resumed is not None and init is not None:
-        raise OptionError("give --resume (continue a run) or --init-from (a new run from its weights), not both")
-    if resumed is not None:
-        model_cfg, train_cfg = _resume_config(resumed, layers)
-        input = input or _recorded_data(resumed)
-        out = out or resumed.path.parent
-    else:
-        if input is None:
-            raise OptionError("give a text file, prepared dir or corpus name to train on (or --resume CKPT)")
-        base = {"model": init.meta["model"]} if init is not None else None
-        model_cfg, train_cfg = configs.resolve(*layers, base=base)
-        out = out or Path("checkpoints") / _run_name(str(input))
-    check_dtype(pick_device(train_cfg.device), train_cfg.dtype)  # before any data is fetched or prepared
-    return RunPlan(model_cfg, train_cfg, resumed, init, str(input), Path(out))
-
-
-def _run_name(input: str) -> str:
-    p = Path(input)
-    stem = p.parent.name if p.name == "input.txt" else (p.name if p.is_dir() else p.stem)
-    return f"{stem}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-
-
-def _resume_target(resume: str | Path | None, out: Path | None) -> Path | None:
-    """The checkpoint `resume` names; 'auto': OUT/last.safetensors when it exists, else None (start fresh)."""
-    from charlm.training import rundir
-
-    if resume is None or str(resume) != "auto":
-        return None if resume is None else Path(resume)
-    if out is None:
-        raise OptionError("--resume auto continues OUT/last.safetensors: give --out too")
-    last = out / rundir.LAST
-    return last if last.exists() else None
-
-
-def _resume_config(resumed: checkpoint.Checkpoint, layers: list[dict]) -> tuple[configs.ModelConfig, configs.TrainConfig]:
-    """The checkpoint's configuration with the given options over it; options equal to the checkpoint's are fine."""
-    saved = {"model": resumed.meta["model"], "train": resumed.meta["train"]}
-    saved_model, saved_train = configs.resolve(base=saved)
-    kept = {**vars(saved_model), **vars(saved_train)}
-    model_cfg, train_cfg = configs.resolve(*layers, base=saved)
-    asked = {**vars(model_cfg), **vars(train_cfg)}
-    conflicts = [f"--{k.replace('_', '-')} {asked[k]} (the checkpoint has {kept[k]})" for k in FIXED_ON_RESUME if asked[k] != kept[k]]
-    if conflicts:
-        raise OptionError(
-            f"--resume continues the checkpoint's model and random stream, but {'; '.join(conflicts)}: drop "
-            f"{'it' if len(conflicts) == 1 else 'them'}, or start a new run from its weights with --init-from"
-        )
-    return model_cfg, train_cfg
-
-
-def _recorded_data(ckpt: checkpoint.Checkpoint) -> str:
-    """The prepared dir a checkpoint was trained on, when resuming without naming the data.
-
-    The path comes from the file, so it is trusted only as far as it is checked: it must be a
-    prepared dir (never a text or a tree to prepare) holding the same source text (sha256).
-    """
-    from charlm.data import PreparedData
-
-    provenance = ckpt.meta.get("provenance") or {}
-    recorded = provenance.get("data_dir")
-    retry = f"give the data to continue on: charlm train DATA --resume {ckpt.path}"
-    if not isinstance(recorded, str) or not (Path(recorded) / "meta.json").is_file():
-        raise DataError(f"{ckpt.path} was trained on {recorded!r}, which is not a prepared data dir here; {retry}")
-    if PreparedData(recorded).meta.get("source", {}).get("sha256") != provenance.get("source_sha256"):
-        raise DataError(f"{recorded} now holds other data than {ckpt.path} was trained on; {retry}")
-    return recorded
 
 
 # -- train ----------------------------------------------------------------------------------------
@@ -309,10 +152,11 @@ def train(
         world = distributed.setup(pick_device(run.train_cfg.device), backend)
         sink = shown if world.is_main else None
         try:
-            data_dir = world.in_turn(lambda: run.prepare_data(  # one writer per cache dir
-                encoding=encoding, split=split, tokenizer=tokenizer, vocab_size=vocab_size,
-                character_coverage=character_coverage, glob=glob, mirror=mirror, progress=sink))
-            return _run(run, PreparedData(data_dir), world, sink, polled, stop, overwrite)
+            with _owning(run.out, world):  # before anything is written into OUT; OUT checked writable here
+                data_dir = world.in_turn(lambda: run.prepare_data(  # one writer per cache dir
+                    encoding=encoding, split=split, tokenizer=tokenizer, vocab_size=vocab_size,
+                    character_coverage=character_coverage, glob=glob, mirror=mirror, progress=sink))
+                return _run(run, PreparedData(data_dir), world, sink, polled, stop, overwrite)
         except Exception as e:
             if world.size == 1:
                 raise
@@ -321,15 +165,29 @@ def train(
             world.close()
 
 
+def _owning(out: Path, world: World) -> contextlib.AbstractContextManager:
+    """The run dir's lock (training/runlock.py), held by rank 0 (or a single process) for the whole run;
+    under `charlm train --nproc` the launcher holds it and rank 0 finds it so."""
+    from charlm.training import runlock
+
+    if not world.is_main:
+        return contextlib.nullcontext()
+    try:
+        launcher = int(os.environ.get(runlock.LAUNCHER_ENV, ""))
+    except ValueError:
+        launcher = None
+    return runlock.held(out, allow_holder=launcher)
+
+
 def _run(run: RunPlan, data: Any, world: World, sink: Sink | None, polled: _StopPoll, stop: StopArg, overwrite: bool) -> TrainResult:
     """Build the trainer and train; a stop request ends in a result that says so."""
     from charlm.training.trainer import Trainer, TrainingStopped
 
-    reports = _Reports(sink)
+    reports = _Reports(sink, polled)
     # A stop that is also a context manager (the CLI's signal handlers) is entered for training only:
     # while the data is fetched or prepared, Ctrl-C interrupts at once.
-    entered = stop if hasattr(stop, "__enter__") and hasattr(stop, "__exit__") else contextlib.nullcontext()
-    with entered:  # type: ignore[attr-defined]
+    entered: Any = stop if hasattr(stop, "__enter__") and hasattr(stop, "__exit__") else contextlib.nullcontext()
+    with entered:
         trainer = Trainer(run.model_cfg, run.train_cfg, data, run.out, resume=run.resumed, init_from=run.init,
                           report=reports, world=world, stop=polled)
         if world.is_main:  # everything is checked: only now may another run's files be replaced
@@ -359,8 +217,9 @@ def _finite(x: float | None) -> float | None:
 class _Reports:
     """The trainer's `report(kind, record)`, passed on as Progress; keeps the last figures for the result."""
 
-    def __init__(self, sink: Sink | None):
+    def __init__(self, sink: Sink | None, polled: _StopPoll):
         self.sink = sink
+        self.polled = polled
         self.train_bpc: float | None = None
         self.val_bpc: float | None = None
 
@@ -370,7 +229,13 @@ class _Reports:
         elif kind == "val":
             self.val_bpc = info.get("val_bpc")
         if self.sink is not None:
-            self.sink(Progress.of(kind, info))
+            try:
+                self.sink(Progress.of(kind, info))
+            except BrokenPipeError:
+                # The log's reader went away (`charlm train ... 2>&1 | head`): costs what SIGTERM costs,
+                # the step finishes, last.safetensors is saved and the run stops; nothing more is shown.
+                self.sink = None
+                self.polled.closed_output = True
 
 
 class _StopPoll:
@@ -381,10 +246,13 @@ class _StopPoll:
             raise OptionError(f"stop must be a callable or a threading.Event (got {stop!r})")
         self.stop = stop
         self.reason: str | None = None
+        self.closed_output = False  # the progress display's pipe closed: a stop request of its own
 
     def __call__(self) -> str | None:
-        if self.stop is None:
-            return None
+        if self.closed_output and self.reason is None:
+            self.reason = CLOSED_OUTPUT
+        if self.stop is None or self.reason is not None:
+            return self.reason
         asked = self.stop.is_set() if hasattr(self.stop, "is_set") else self.stop()
         if asked:
             self.reason = asked if isinstance(asked, str) else "request"

@@ -11,6 +11,7 @@ state, checked against the model and optimizer before either is touched.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -21,14 +22,13 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from charlm.errors import CheckpointError
 from charlm.checkpoint.checks import (
     check_entries,
     check_values,
     checked_meta,
     checked_vocab,
-    verify_checksums,
     model_tensor_shapes,  # noqa: F401 (API)
+    verify_checksums,
 )
 from charlm.checkpoint.layout import (  # noqa: F401  (the format's names, part of this package's API)
     FORMAT,
@@ -51,6 +51,7 @@ from charlm.checkpoint.tensorfile import (  # noqa: F401 (MAX_HEADER: API)
 )
 from charlm.checkpoint.trainstate import gradient_second_moments, pack_train_state, unpack_train_state  # noqa: F401 (API)
 from charlm.config import ModelConfig
+from charlm.errors import CheckpointError
 from charlm.model import CharRNN
 from charlm.tokenizers.vocab import load_vocab
 
@@ -114,6 +115,8 @@ def save(path: str | Path, model: CharRNN, meta: dict, train_tensors: dict[str, 
     for k, v in (train_tensors or {}).items():
         tensors[STATE_PREFIX + k] = v.detach().to("cpu", copy=True).contiguous()
     text = json.dumps(meta, ensure_ascii=False)
+    if not text.isascii() and any("\ud800" <= c <= "\udfff" for c in text):
+        text = json.dumps(meta)  # a path that is not UTF-8 (surrogate escapes): as JSON escapes, read back the same
     weights, others = digest_order(tensors)
     header = {
         "format": FORMAT,
@@ -123,19 +126,40 @@ def save(path: str | Path, model: CharRNN, meta: dict, train_tensors: dict[str, 
         RECORD_SHA256: tensor_digest((tensors[k] for k in others), prefix=utf8(text)),
     }
     blob = st_save(tensors, metadata=header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644 & ~_umask())  # mkstemp creates 0600
         os.replace(tmp, path)
+    except OSError as e:
+        failed = CheckpointWriteError(_save_failed(path, e))
+        failed.errno = e.errno
+        raise failed from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A save that failed on the disk: one line with the file and the remedy (a CheckpointError), and
+    an OSError with its errno, for callers that catch those."""
+
+
+def _save_failed(path: Path, e: OSError) -> str:
+    """A failed save as one line: which file, why, what to do, and that the previous file is untouched."""
+    kept = "the previous checkpoint is intact" if path.exists() else "nothing was written"
+    where = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device holding {where}; free space or choose another --out; {kept}"
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {where} ({e.strerror}); make its directory writable or choose another --out; {kept}"
+    return f"cannot write {where} ({e.strerror or e}); {kept}"
 
 
 def _umask() -> int:
@@ -178,6 +202,12 @@ def read_header(path: str | Path) -> dict:
                               for name, e in f.entries.items()}
     header["__metadata__"] = dict(f.metadata)
     return header
+
+
+def weights_sha256(ckpt: Checkpoint) -> str:
+    """The sha256 of a loaded checkpoint's weights, as its header records it (the same file: the same digest)."""
+    weights, _ = digest_order(ckpt.tensors)
+    return tensor_digest(ckpt.tensors[k] for k in weights)
 
 
 def read_meta(path: str | Path) -> dict:

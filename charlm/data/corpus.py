@@ -24,8 +24,9 @@ from typing import Callable
 import yaml
 
 import charlm
-from charlm.errors import DataError
 from charlm.data import sourcetree
+from charlm.errors import DataError
+from charlm.terminal import shown
 
 MIRROR_ENV = "CHARLM_CORPUS_MIRROR"
 CORPORA_ENV = "CHARLM_CORPORA_DIR"
@@ -239,8 +240,7 @@ def _no_url(entry: CorpusEntry, where: str) -> str:
 
 
 def _verified_copy(src, dest: Path, entry: CorpusEntry, origin: str, total: int | None, progress) -> Fetched:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".input.", suffix=".part")
+    fd, tmp = _temp_beside(dest)
     h = hashlib.sha256()
     done = 0
     try:
@@ -297,8 +297,7 @@ def build(
         present = _already_present(entry, dest)
         if present and present.verified:
             return present
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    fd, tmp = _temp_beside(dest)
     try:
         with os.fdopen(fd, "wb") as f:
             # The spool (tarballs only) goes beside the output: same disk, and never in a small /tmp.
@@ -317,6 +316,38 @@ def build(
         if os.path.exists(tmp):
             os.unlink(tmp)
     return Fetched(dest, made.sha256, made.bytes, verified, str(source), made.files, registered)
+
+
+def _temp_beside(dest: Path) -> tuple[int, str]:
+    """A hidden temp file beside `dest` (same disk: renamed into place when verified), named with this
+    process's pid: the temp files of fetches that were killed (their pid gone) are removed first, while a
+    fetch still running elsewhere keeps its own."""
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{_short(dest.name)}.part-"
+        for stale in dest.parent.iterdir():
+            pid = stale.name[len(prefix):].split(".")[0] if stale.name.startswith(prefix) else ""
+            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+                stale.unlink(missing_ok=True)
+        return tempfile.mkstemp(dir=dest.parent, prefix=f"{prefix}{os.getpid()}.")
+    except OSError as e:
+        where = shown(dest.parent)
+        raise DataError(f"cannot write to {where} ({e.strerror or e}); give a writable --corpora-dir (or --out)") from None
+
+
+def _short(name: str) -> str:
+    """A name with room for a temp file's suffixes within the 255 bytes a name may have."""
+    return name if len(os.fsencode(name)) <= 180 else os.fsencode(name)[:120].decode("utf-8", "ignore") + "~"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _publish(tmp: str, dest: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.errors import DataError
 from charlm.data.format import DATA_FORMAT, SPLITS
+from charlm.errors import DataError
 from charlm.tokenizers.vocab import load_vocab
 
 
@@ -21,7 +21,7 @@ class PreparedData:
         if not meta_path.exists():
             raise DataError(f"{self.dir} is not a prepared data dir (no meta.json); run: charlm prepare INPUT -o DIR")
         try:
-            self.meta = json.loads(meta_path.read_text())
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             raise DataError(f"{meta_path} is corrupt; prepare the data again") from None
         if self.meta.get("format") != DATA_FORMAT:

@@ -7,6 +7,7 @@ over another run's files by accident: it needs --resume (continue it) or --overw
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from charlm import checkpoint
 from charlm.errors import CharlmError
 from charlm.jsonsafe import finite_or_null
+from charlm.terminal import shown
 
 METRICS = "metrics.jsonl"
 LAST, BEST = "last.safetensors", "best.safetensors"
@@ -23,16 +25,17 @@ RUN_FILES = (LAST, BEST, METRICS)
 def claim(out: Path, resuming: bool, overwrite: bool) -> None:
     """Make `out` ready for this run: refuse another run's files unless resuming or told to overwrite.
 
-    Also removes the hidden .part files a save killed mid-write leaves behind.
+    Also removes the hidden .part files a save killed mid-write leaves behind. Called under the run
+    dir's lock (runlock.py), so that neither the replacing nor the cleaning touches a live run's files.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise CharlmError(f"--out {out} is a file; give a directory for the run")
+        raise CharlmError(f"--out {shown(out)} is a file; give a directory for the run")
     theirs = [name for name in RUN_FILES if (out / name).exists()]
     if theirs and not resuming:
         if not overwrite:
             raise CharlmError(
-                f"{out} holds another run ({', '.join(theirs)}); continue it with --resume {out / LAST} "
+                f"{shown(out)} holds another run ({', '.join(theirs)}); continue it with --resume {shown(out / LAST)} "
                 "(or --resume auto), choose another --out, or replace it with --overwrite"
             )
         for name in theirs:
@@ -52,7 +55,7 @@ def continue_metrics(out: Path, step: int) -> int:
     if not path.exists():
         return 0
     kept, dropped = [], 0
-    for line in path.read_text(errors="replace").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():  # a torn byte stays the byte it was
         try:
             record = json.loads(line)
             keep = isinstance(record, dict) and int(record.get("step", 0)) <= step
@@ -64,12 +67,30 @@ def continue_metrics(out: Path, step: int) -> int:
             dropped += bool(line.strip())
     if dropped:
         tmp = path.with_name(f".{METRICS}.part")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8", errors="surrogateescape")
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise CharlmError(_write_failed(path, e)) from None
     return dropped
 
 
 def append_record(out: Path, record: dict) -> None:
-    """One record as one line; non-finite figures are written as null, so every line is valid JSON."""
-    with open(Path(out) / METRICS, "a") as f:
-        f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+    """One record as one line; non-finite figures are written as null, so every line is valid JSON.
+
+    Paths in a record (out_dir) that are not UTF-8 are written as JSON escapes (ensure_ascii), so the
+    log stays valid UTF-8 and reads back to the same path."""
+    path = Path(out) / METRICS
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+    except OSError as e:
+        raise CharlmError(_write_failed(path, e)) from None
+
+
+def _write_failed(path: Path, e: OSError) -> str:
+    where = shown(path)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device holding {where}; free space or choose another --out; the checkpoints are intact"
+    return f"cannot write {where} ({e.strerror or e}); make it writable or choose another --out; the checkpoints are intact"

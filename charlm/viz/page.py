@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from charlm.errors import CharlmError
+from charlm.terminal import shown
 
 
 def render(data: dict, title: str) -> str:
@@ -24,21 +25,39 @@ def render(data: dict, title: str) -> str:
 
 
 def write(path: Path, text: str) -> int:
-    """Write atomically (a temporary file beside it, then a rename); return the size in bytes."""
+    """Write atomically (a temporary file beside it, then a rename); return the size in bytes.
+
+    The page gets the mode a new file of this user gets (0666 less the umask), as any file the
+    user writes: it holds the text it was made from, which may be private (umask 077)."""
     path = Path(path)
     if path.is_dir():
-        raise CharlmError(f"-o {path} is a directory; give a file name, e.g. {path / 'viz.html'}")
-    raw = text.encode("utf-8")
+        raise CharlmError(f"-o {shown(path)} is a directory; give a file name, e.g. {shown(path / 'viz.html')}")
+    raw = text.encode("utf-8", "backslashreplace")  # a file name (in the page's title) that is not UTF-8, escaped
+    name = path.name if len(os.fsencode(path.name)) <= 200 else "viz"  # room for the temp file's suffix
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path.parent if str(path.parent) else ".")
     except OSError as e:
-        raise CharlmError(f"cannot write {path}: {e.strerror or e}") from None
+        raise CharlmError(f"cannot write {shown(path)}: {e.strerror or e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as e:
         Path(tmp).unlink(missing_ok=True)
-        raise CharlmError(f"cannot write {path}: {e.strerror or e}") from None
+        raise CharlmError(f"cannot write {shown(path)}: {e.strerror or e}") from None
     return len(raw)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the system allows (os.umask sets it to read it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
