@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from charlm import checkpoint, devices
+from charlm import threads as threads_mod
 from charlm.config import DECODE_DTYPES, DEVICES, DTYPES, ModelConfig
 from charlm.decoding import dynamic
 from charlm.decoding.beam import beam_search
@@ -84,12 +85,13 @@ class Beam(NamedTuple):
 
 
 def load(*checkpoints: str | Path, device: str = "auto", dtype: str = "auto", weights: Sequence[float] | None = None,
-         combine: str = "mean") -> LanguageModel:
+         combine: str = "mean", threads: int | None = None) -> LanguageModel:
     """Load one checkpoint, or several as an ensemble (distributions averaged: combine="mean" or "geometric").
 
     device: auto (a GPU when there is one), cpu, cuda or mps. dtype: the precision of step-by-step
     generation (fp32, bf16, int8, or auto: the fastest for this machine); scoring is fp32 unless
-    bf16 is asked for. weights: one per checkpoint for an ensemble.
+    bf16 is asked for. weights: one per checkpoint for an ensemble. threads: the CPU threads its work
+    runs on (default: the free cores, chosen per call by charlm/threads.py; $CHARLM_THREADS overrides).
     """
     if not checkpoints:
         raise OptionError("give at least one checkpoint to load")
@@ -103,7 +105,9 @@ def load(*checkpoints: str | Path, device: str = "auto", dtype: str = "auto", we
     check_dtype(dev, decode_dtype)
     loaded = [checkpoint.load(p) for p in paths]
     members = [ModelScorer(c.build_model().to(dev), c.vocab, dtype=decode_dtype) for c in loaded]
-    return LanguageModel(members, loaded, weights=weights, combine=combine, eval_dtype=None if dtype == "auto" else dtype)
+    lm = LanguageModel(members, loaded, weights=weights, combine=combine, eval_dtype=None if dtype == "auto" else dtype)
+    lm.threads = None if threads is None else threads_mod.choose("step", threads)  # checked now, not at the first call
+    return lm
 
 
 class LanguageModel:
@@ -117,6 +121,7 @@ class LanguageModel:
         self.combine = combine
         self._eval_dtype = eval_dtype  # None: exact fp32 for scoring
         self.adaptation: Score | None = None  # on a copy adapted() returns: the figure while reading the text
+        self.threads: int | None = None  # an explicit thread count; None: charlm/threads.py chooses per call
         # One model is its own Scorer; several (or one with a weight) are an Ensemble, which checks the vocabularies.
         self.scorer: Scorer = members[0] if len(members) == 1 and weights is None else Ensemble(members, self.weights, combine)
 
@@ -156,13 +161,15 @@ class LanguageModel:
     # -- generation ----------------------------------------------------------------------------
     def streams(self) -> Streams:
         """A Streams object over this model: add streams, step them all together, remove them (charlm/decoding/streams.py)."""
+        threads_mod.apply("batch", self.threads)
         return Streams(self.scorer)
 
     def stream(self, prime: str = "", length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
                top_p: float | None = None, greedy: bool = False, seed: int | None = None, stop: str | Sequence[str] | None = None,
                unknown: str = "error") -> Iterator[str]:
         """Generate after `prime`, yielding the text as it is produced (the prime itself is not repeated)."""
-        streams = self.streams()  # add() checks every argument now, not at the first next()
+        threads_mod.apply("step", self.threads)  # one stream: a character at a time
+        streams = Streams(self.scorer)  # add() checks every argument now, not at the first next()
         streams.add(prime, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed,
                     stop=stop, unknown=unknown)
         return (event.text for event in streams.run() if event.text)
@@ -209,6 +216,7 @@ class LanguageModel:
         if stop:
             stop_ids = torch.from_numpy(np.asarray(self.vocab.encode(stop), dtype=np.int64))
         prime_t = torch.from_numpy(prime_ids(self.vocab, prime, unknown))
+        threads_mod.apply("step" if beam_width <= 4 else "batch", self.threads)
         results = beam_search(self.scorer, prime_t, length, beam_width, n_best, length_penalty, stop_ids)
         return [Beam(self.vocab.decode(ids), logprob, len(ids)) for ids, logprob in results]
 
@@ -224,6 +232,7 @@ class LanguageModel:
         char vocabulary lacks instead of refusing the text.
         """
         tokens, text_chars = self._tokens(text, split, data, unknown)
+        threads_mod.apply("step", self.threads)  # one stream, the state carried through
         if len(tokens) < 2:
             raise DataError("the text to score has fewer than 2 characters")
         chars = scored_chars(self.vocab, tokens, text_chars)
@@ -250,6 +259,7 @@ class LanguageModel:
         if not text:
             raise DataError("the text to adapt to is empty: nothing to adapt to")
         tokens = np.asarray(self.vocab.encode(text, unknown), dtype=np.int64)
+        threads_mod.apply("step", self.threads)
         if len(tokens) < 2:
             raise DataError("the text to adapt to has fewer than 2 symbols the model knows: nothing to adapt to")
         members = [ModelScorer(copy.deepcopy(m.model), m.vocab, dtype=m.dtype) for m in self.members]

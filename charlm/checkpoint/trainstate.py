@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from charlm.errors import CheckpointError
 from charlm.cells import cell_class
 from charlm.checkpoint.checks import check_state_field
+from charlm.errors import CheckpointError
 
 if TYPE_CHECKING:
     from charlm.checkpoint import Checkpoint

@@ -1,7 +1,7 @@
 """Commands about data: corpus list, corpus get, prepare.
 
 The corpus and prepare modules are imported inside the commands, so that loading the command line
-for another command (sample, say) never loads them.
+for another command (sample, say), or for --help, never loads them (nor numpy, nor torch).
 """
 
 from __future__ import annotations
@@ -10,29 +10,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TransferSpeedColumn,
-)
 from rich.table import Table
 from typing_extensions import Annotated
 
-from charlm.errors import CharlmError
 from charlm.cli.app import app, corpus_app, err, friendly
-from charlm.tokenizers.spm import KINDS as TOKENIZER_KINDS
-from charlm.tokenizers.spm import TokenizerSpec
+from charlm.cli.stop import SignalsEnd
+from charlm.errors import CharlmError
+from charlm.terminal import PipeConsole, shown
 
 if TYPE_CHECKING:
+    from rich.progress import Progress
+
     from charlm.data import corpus
 
 MIRROR_ENV = "CHARLM_CORPUS_MIRROR"  # also in charlm.data.corpus; named here for the help text without importing it
+# charlm.tokenizers.spm.KINDS, named here for the help text without importing numpy (tests/test_options.py compares them).
+TOKENIZER_KINDS = ("char", "spm-char", "bpe", "unigram")
 
 
 def _bytes_progress(description: str) -> Progress:
+    from rich.progress import (  # 8 ms: when a corpus is fetched
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
     return Progress(TextColumn(description), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     console=err, transient=True, disable=not err.is_terminal)
 
@@ -51,7 +55,7 @@ def corpus_list():
     for entry in entries.values():
         d = corpus.describe(entry)
         table.add_row(d["name"], f"{d['bytes']:,} B", "yes" if d["present"] else "no", d["get"], d["description"], d["license"])
-    Console().print(table)
+    PipeConsole().print(table)
 
 
 @corpus_app.command("get")
@@ -70,7 +74,7 @@ def corpus_get(
         raise CharlmError("--subset and --out go with --from PATH (building from a source tree)")
     if source is not None and mirror is not None:
         raise CharlmError("give either --from PATH (build) or --mirror DIR (copy), not both")
-    with _bytes_progress("{task.description}") as bar:
+    with SignalsEnd("corpus get"), _bytes_progress("{task.description}") as bar:
         task = bar.add_task(f"get {name}", total=None)
         if source is None:
             got = corpus.fetch(name, mirror=mirror, progress=lambda done, total: bar.update(task, completed=done, total=total))
@@ -88,58 +92,17 @@ def _corpus_report(name: str, got: corpus.Fetched) -> str:
     if got.origin == "already present":
         made = " (already present)"
     if got.verified:
-        return f"{name}: {got.path}{made} (sha256 verified)"
+        return f"{name}: {shown(got.path)}{made} (sha256 verified)"
     if not got.registered:
-        return f"{got.path}{made}, sha256 {got.sha256} (a custom --subset: no registered checksum to compare)"
+        return f"{shown(got.path)}{made}, sha256 {got.sha256} (a custom --subset: no registered checksum to compare)"
     expected = corpus.lookup(name).bytes
     size = "matches" if got.bytes == expected else "DIFFERS from"
     sha = f"sha256 {got.sha256}, which" if got.sha256 else "its sha256"
-    return (f"{name}: {got.path}{made}; {sha} could not be verified: the registry has no published sha256 "
+    return (f"{name}: {shown(got.path)}{made}; {sha} could not be verified: the registry has no published sha256 "
             f"for {name}. Its size {size} the registered {expected:,} bytes")
 
 
 # -- prepare --------------------------------------------------------------------------------
-def _split(value: str) -> tuple[float, float, float]:
-    """--split A,B,C as three checked fractions."""
-    from charlm.data.prepare import check_fractions
-
-    try:
-        parts = tuple(float(x) for x in value.split(","))
-    except ValueError:
-        raise CharlmError(f"--split expects three fractions like 0.9,0.05,0.05 (got {value!r})") from None
-    return check_fractions(parts)
-
-
-class _PrepareBar:
-    """A progress bar for the two passes of prepare, shown for inputs over 32 MB."""
-
-    def __init__(self, total: int):
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                            console=err, transient=True, disable=total < (32 << 20) or not err.is_terminal)
-        self.tasks: dict[str, int] = {}
-
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        if phase not in self.tasks:
-            self.tasks[phase] = self.bar.add_task(phase, total=total)
-        self.bar.update(self.tasks[phase], completed=done)
-
-
-def _run_prepare(files, out, encoding, fractions, tokenizer=None):
-    from charlm.data import prepare as prep
-
-    total = sum(f.stat().st_size for f in files)
-    bar = _PrepareBar(total)
-    with bar.bar:
-        return prep.prepare(files, out, encoding=encoding, fractions=fractions, progress=bar, tokenizer=tokenizer)
-
-
-def _tokenizer_spec(tokenizer: Optional[str], vocab_size: Optional[int], coverage: Optional[float]) -> Optional[TokenizerSpec]:
-    """The --tokenizer options as a spec; None when none was given (a prepared dir keeps its own)."""
-    if tokenizer is None and vocab_size is None and coverage is None:
-        return None
-    return TokenizerSpec(tokenizer or "char", vocab_size, 0.9995 if coverage is None else coverage).checked()
-
-
 TokenizerOpt = Annotated[Optional[str], typer.Option(
     help=f"{', '.join(TOKENIZER_KINDS)}: one id per character (default), or a SentencePiece model trained on the training "
          "split (spm-char: characters with byte fallback; bpe, unigram: subwords). Figures stay in bits per character.",
@@ -160,18 +123,20 @@ def prepare(
     tokenizer: TokenizerOpt = None,
     vocab_size: VocabSizeOpt = None,
     character_coverage: CoverageOpt = None,
+    vocab_from: Annotated[Optional[Path], typer.Option(metavar="CKPT", show_default=False, help="Encode with this checkpoint's vocabulary, to fine-tune it (train DIR --init-from CKPT): every old id kept, the text's new characters appended; a SentencePiece tokenizer is kept as it is.")] = None,
 ):
     """Encode a text into token ids for training: DIR/meta.json plus train.bin, val.bin, test.bin."""
-    spec = _tokenizer_spec(tokenizer, vocab_size, character_coverage)
-    from charlm.data.prepare import resolve_inputs
+    from charlm.api.training import prepare as prepare_text
+    from charlm.data import PreparedData
 
-    files = resolve_inputs(input, glob=glob, mirror=mirror)
-    meta = _run_prepare(files, out, encoding, _split(split), spec)
+    with SignalsEnd("prepare"):  # SIGTERM, SIGHUP: the work dir goes, an earlier OUT stays as it was
+        done = prepare_text(input, out, glob=glob, encoding=encoding, split=split, mirror=mirror, tokenizer=tokenizer,
+                            vocab_size=vocab_size, character_coverage=character_coverage, vocab_from=vocab_from, progress=True)
+    meta = PreparedData(done).meta
     s = meta["splits"]
     kind, size = meta["tokenizer"]["kind"], meta["vocab_size"]
     pieces = "" if kind in ("char", "bytes") else f" ({kind}: {size - 256} pieces + 256 bytes)"
     err.print(
-        f"prepared {meta['source']['chars']:,} characters from {len(files)} file(s) in {meta['seconds']:.1f}s: "
+        f"prepared {meta['source']['chars']:,} characters from {len(meta['source']['paths'])} file(s) in {meta['seconds']:.1f}s: "
         f"vocabulary {size}{pieces}, train {s['train']['tokens']:,} / "
-        f"val {s['val']['tokens']:,} / test {s['test']['tokens']:,} tokens -> {out}", soft_wrap=True)
-
+        f"val {s['val']['tokens']:,} / test {s['test']['tokens']:,} tokens -> {shown(out)}", soft_wrap=True)

@@ -6,11 +6,12 @@ until a command runs, so `charlm --help` and completion never load torch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional
 
 import typer
 from typing_extensions import Annotated
@@ -18,12 +19,14 @@ from typing_extensions import Annotated
 from charlm.cli import dynamic as dyn
 from charlm.cli.app import app, err, friendly, read_text_file
 from charlm.decoding.options import COMBINE_RULES, UNKNOWN_RULES
-from charlm.errors import CharlmError, OptionError
+from charlm.errors import CharlmError, DataError, OptionError
+from charlm.jsonsafe import strict_json
+from charlm.terminal import argument_text, rule, shown, stdout_is_utf8, undecodable
 
 if TYPE_CHECKING:
     from rich.text import Text
 
-    from charlm.api import LanguageModel, Score
+    from charlm.api import LanguageModel
 
 DECODE_DTYPES = ("fp32", "bf16", "int8")  # charlm.config.DECODE_DTYPES, named here without importing it (checked in tests)
 EVAL_DTYPES = ("fp32", "bf16")
@@ -63,10 +66,19 @@ def parse_weights(weights: Optional[str]) -> Optional[list[float]]:
 def read_prime(prime: str, prime_file: Optional[Path]) -> str:
     """The prime: --prime, or the whole of --prime-file as UTF-8 (a leading BOM dropped); not both."""
     if prime_file is None:
-        return prime
+        return argument_text(prime)  # UTF-8 typed under an ASCII locale is still UTF-8 (charlm.terminal)
     if prime:
         raise OptionError("give either --prime TEXT or --prime-file FILE, not both")
     return read_text_file("--prime-file", prime_file)
+
+
+def checked_argument(flag: str, value: str) -> str:
+    """A text argument as text; bytes in it that are not UTF-8 are an error that names them."""
+    value = argument_text(value)
+    bad = undecodable(value)
+    if bad is not None:
+        raise DataError(f"{flag} holds the byte 0x{bad[1]:02X} at character {bad[0] + 1}, which is not UTF-8 text; give it as UTF-8")
+    return value
 
 
 def check_unknown(unknown: str) -> None:
@@ -99,50 +111,62 @@ def sample(
     dyn_window: dyn.DynWindowOpt = None,
 ):
     """Generate text, streaming it to stdout as it is produced."""
-    from charlm.decoding.sampling import processors
     from charlm.decoding.streams import random_seed
 
     prime = read_prime(prime, prime_file)
-    check_unknown(unknown)
-    if not greedy:
-        processors(temperature, top_k, top_p)  # the sampling flags checked before any file is read
+    check_sample_flags(unknown, greedy, temperature, top_k, top_p, length, num_samples, seed)
     dyn.check_options(dyn_update, dyn_lr, dyn_decay, dyn_window)
-    if length < 0:
-        raise OptionError(f"--length must be >= 0 (got {length})")
-    if num_samples < 1:
-        raise OptionError(f"--num-samples must be at least 1 (got {num_samples})")
-    if seed is not None and not 0 <= seed <= 2**63 - num_samples:
-        raise OptionError(f"--seed must be between 0 and 2^63-1 (got {seed})")
     adapt_text = dyn.read_adapt_text(adapt) if adapt is not None else None
     lm = load_model(checkpoints, device, dtype, weights, combine)
     if adapt_text is not None:
         lm = dyn.adapt(lm, adapt, adapt_text, unknown, (dyn_update, dyn_lr, dyn_decay, dyn_window))
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, unknown=unknown)
     seed = random_seed() >> 8 if seed is None else seed
-    out = sys.stdout
     if num_samples == 1:
-        out.write(prime)
-        for piece in lm.stream(prime, length, seed=seed, **settings):
-            out.write(piece)
-            out.flush()
-        out.write("\n")
-        return
-    # All samples step together; the first is printed as it is produced, the others (held in memory)
-    # one after another when they are done: a reader that stops early stops the run at once.
-    held = [""] * num_samples
-    err.print(f"── sample 1/{num_samples} ──")
-    out.write(prime)
-    for i, piece in lm.stream_many([prime] * num_samples, length, seed=seed, **settings):
+        write_text(itertools.chain([prime], lm.stream(prime, length, seed=seed, **settings), ["\n"]))  # streamed, not listed first
+    else:
+        write_samples(lm.stream_many([prime] * num_samples, length, seed=seed, **settings), prime, num_samples)
+
+
+def check_sample_flags(unknown: str, greedy: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
+                       length: int, num_samples: int, seed: Optional[int]) -> None:
+    """sample's own flags, checked before any file is read."""
+    from charlm.decoding.sampling import processors
+
+    check_unknown(unknown)
+    if not greedy:
+        processors(temperature, top_k, top_p)
+    if length < 0:
+        raise OptionError(f"--length must be >= 0 (got {length})")
+    if num_samples < 1:
+        raise OptionError(f"--num-samples must be at least 1 (got {num_samples})")
+    if seed is not None and not 0 <= seed <= 2**63 - num_samples:
+        raise OptionError(f"--seed must be between 0 and 2^63-1 (got {seed})")
+
+
+def write_text(pieces: Iterable[str]) -> None:
+    """Text to stdout as it comes, each piece flushed (the output streams)."""
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+
+def write_samples(pieces: Iterable[tuple[int, str]], prime: str, count: int) -> None:
+    """Several samples stepped together: the first printed as it is produced, the others (held in memory) one
+    after another when they are done, so a reader that stops early stops the run at once."""
+    held = [""] * count
+    r = rule()
+    err.print(f"{r} sample 1/{count} {r}")
+    sys.stdout.write(prime)
+    for i, piece in pieces:
         if i == 0:
-            out.write(piece)
-            out.flush()
+            write_text([piece])
         else:
             held[i] += piece
-    out.write("\n")
-    for i in range(1, num_samples):
-        err.print(f"── sample {i + 1}/{num_samples} ──")
-        out.write(prime + held[i] + "\n")
-        out.flush()
+    sys.stdout.write("\n")
+    for i in range(1, count):
+        err.print(f"{r} sample {i + 1}/{count} {r}")
+        write_text([prime + held[i] + "\n"])
 
 
 @app.command()
@@ -171,16 +195,17 @@ def beam(
     check_unknown(unknown)
     lm = load_model(checkpoints, device, dtype, weights, combine)
     if stop_at:  # accept a typed "\\n" or "\\t" as well as a real newline or tab
-        stop_at = stop_at.replace("\\n", "\n").replace("\\t", "\t")
+        stop_at = checked_argument("--stop-at", stop_at).replace("\\n", "\n").replace("\\t", "\t")
     results = lm.beam(prime, length, beam_width=beam_width, n_best=n_best, length_penalty=length_penalty, stop=stop_at,
                       unknown=unknown)
     rows = [{"text": prime + b.text, "logprob": b.logprob, "chars": len(b.text), "tokens": b.tokens,
              "bits_per_char": b.bits_per_char} for b in results]  # bits per character of the generated text, whatever the unit
     if as_json:
-        print(strict_json(rows, ensure_ascii=False))
+        print(strict_json(rows, ensure_ascii=not stdout_is_utf8()))
         return
+    line = rule()
     for i, r in enumerate(rows):
-        err.print(f"── {i + 1}/{len(rows)}: log-prob {r['logprob']:.3f}, {r['bits_per_char']:.3f} bits/char over {r['chars']} chars ──")
+        err.print(f"{line} {i + 1}/{len(rows)}: log-prob {r['logprob']:.3f}, {r['bits_per_char']:.3f} bits/char over {r['chars']} chars {line}")
         sys.stdout.write(r["text"] + "\n")
         sys.stdout.flush()
 
@@ -214,7 +239,7 @@ def eval_cmd(
         dyn.check_options(dyn_update, dyn_lr, dyn_decay, dyn_window)
     lm = load_model(checkpoints, device, dtype, weights, combine, allowed=EVAL_DTYPES)
     raw = read_eval_text(text, lm.vocab.kind) if text is not None else None
-    source = str(text) if text else split
+    source = shown(text) if text else split
     static = lm.score(raw, split=None if raw is not None else split, data=data, unknown=unknown)
     if dynamic:
         adapting = lm.score(raw, split=None if raw is not None else split, data=data, unknown=unknown, dynamic=True,
@@ -227,18 +252,19 @@ def eval_cmd(
             payload["combine"] = combine
         print(strict_json(payload))
         return
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
+
+    from charlm.terminal import PipeConsole
 
     per_token = static.tokens != static.chars
     columns = ["model", "bits/char", "perplexity", "chars"] + (["bits/token", "tokens"] if per_token else [])
     table = Table(*columns, title=f"charlm eval on {source}")
-    name = f"ensemble ({combine}, {len(static.members)} models)" if static.members else str(checkpoints[0])
-    for label, r in [(str(p), m) for p, m in zip(checkpoints, static.members)] + [(name, static)]:
+    name = f"ensemble ({combine}, {len(static.members)} models)" if static.members else shown(checkpoints[0])
+    for label, r in [(shown(p), m) for p, m in zip(checkpoints, static.members)] + [(name, static)]:
         cells = [Text(label), f"{r.bits_per_char:.4f}", f"{r.perplexity:.3f}", f"{r.chars:,}"]
         table.add_row(*cells, *([f"{r.bits_per_token:.4f}", f"{r.tokens:,}"] if per_token else []))
-    Console().print(table)
+    PipeConsole().print(table)
 
 
 def read_eval_text(path: Path, vocab_kind: str) -> str | bytes:
@@ -246,26 +272,18 @@ def read_eval_text(path: Path, vocab_kind: str) -> str | bytes:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise CharlmError(f"{path} does not exist") from None
+        raise CharlmError(f"{shown(path)} does not exist") from None
     except IsADirectoryError:
-        raise CharlmError(f"--text {path} is a directory; give a text file") from None
+        raise CharlmError(f"--text {shown(path)} is a directory; give a text file") from None
     if vocab_kind == "bytes":
         return raw
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a leading BOM is not text: prepare drops it too
     except UnicodeDecodeError as e:
-        raise CharlmError(f"{path} is not valid UTF-8 (byte offset {e.start})") from None
+        raise CharlmError(f"{shown(path)} is not valid UTF-8 (byte offset {e.start})") from None
     if not text:
-        raise CharlmError(f"{path} is empty")
+        raise CharlmError(f"{shown(path)} is empty")
     return text
-
-
-def strict_json(payload, **kwargs) -> str:
-    """Strict JSON (no NaN or Infinity, which JSON has no words for); a figure that is not finite is an error."""
-    try:
-        return json.dumps(payload, allow_nan=False, **kwargs)
-    except ValueError:
-        raise CharlmError("a figure is not a finite number (NaN or infinite): the model's outputs overflow") from None
 
 
 def literal(text: str, limit: int = 500) -> Text:
@@ -289,12 +307,13 @@ def info(
     c = charlm.checkpoint_info(ckpt)
     meta = c["meta"]
     if as_json:
-        print(json.dumps(finite_or_null(meta), indent=1, ensure_ascii=False, allow_nan=False))
+        print(json.dumps(finite_or_null(meta), indent=1, ensure_ascii=not stdout_is_utf8(), allow_nan=False))
         return
-    from rich.console import Console
     from rich.table import Table
 
-    table = Table("field", "value", title=literal(str(ckpt)), show_lines=False)  # file contents are never rich markup
+    from charlm.terminal import PipeConsole
+
+    table = Table("field", "value", title=literal(shown(ckpt)), show_lines=False)  # file contents are never rich markup
     table.add_row("format", f"{c['format']} v{c['version']}")
     checks = {"verified": "verified (sha256 of the weights, and of the metadata and training state)",
               "none": "none (written before checksums; unchecked)"}
@@ -304,12 +323,18 @@ def info(
         table.add_row("vocabulary", literal(vocab.describe()[0].upper() + vocab.describe()[1:]))
     else:
         table.add_row("vocabulary", literal(f"{len(vocab)} {vocab.kind} symbols: {''.join(vocab.symbol(i) for i in range(min(len(vocab), 100)))!r}"))
+    for entry in (meta.get("provenance") or {}).get("fine_tuned_from") or []:  # newest first
+        if isinstance(entry, dict):
+            table.add_row("fine-tuned from", literal(f"{entry.get('checkpoint')} (sha256 {str(entry.get('weights_sha256'))[:12]}) "
+                                                     f"on {entry.get('on')}"))
     for section in ("model", "metrics", "provenance", "train"):
         for k, v in meta.get(section, {}).items():
+            if section == "provenance" and k == "fine_tuned_from":
+                continue  # shown above, one row per step of the chain
             if isinstance(v, float):
                 v = f"{v:.4f}" if math.isfinite(v) else str(v)
             table.add_row(literal(f"{section}.{k}"), literal(str(v)))
     table.add_row("training state", "yes (resumable)" if c["resumable"] else "no (weights only)")
     table.add_row("tensors", f"{c['tensors']} ({c['parameters']:,} model parameters)")
-    Console().print(table)
+    PipeConsole().print(table)
 

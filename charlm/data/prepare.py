@@ -8,6 +8,7 @@ which the SentencePiece trainer reads.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -20,9 +21,8 @@ from typing import Callable
 import numpy as np
 
 from charlm import allocator
-from charlm.errors import DataError
 from charlm.data import atomicdir, corpus
-from charlm.data.encode import _char_ids, _chunks, _Scan, _units, units_to_text
+from charlm.data.encode import Scan, char_ids, read_chunks, read_units, units_to_text
 from charlm.data.format import (
     DATA_FORMAT,
     DATA_VERSION,
@@ -30,6 +30,8 @@ from charlm.data.format import (
     SPLITS,
     TOKENIZER_FILE,
 )
+from charlm.errors import DataError
+from charlm.terminal import shown
 from charlm.tokenizers import spm
 from charlm.tokenizers.spm import SpmVocab, TokenizerSpec
 from charlm.tokenizers.vocab import Vocab
@@ -45,11 +47,13 @@ def resolve_inputs(source: str | Path, glob: str | None = None, mirror: str | No
     if path.is_dir():
         files = sorted(p for p in path.glob(glob or "**/*") if p.is_file() and not p.name.startswith("."))
         if not files:
-            raise DataError(f"directory {path} has no files matching {glob or '**/*'} (use --glob)")
+            raise DataError(f"directory {shown(path)} has no files matching {glob or '**/*'} (use --glob)")
         return files
     if str(source) in corpus.registry():
         return [corpus.get(str(source), mirror=mirror)]
-    raise DataError(f"{source} is neither a file, a directory nor a registered corpus (see: charlm corpus list)")
+    if path.is_symlink():
+        raise DataError(f"{shown(source)} is a symbolic link to {shown(os.readlink(path))}, which does not exist")
+    raise DataError(f"{shown(source)} is neither a file, a directory nor a registered corpus (see: charlm corpus list)")
 
 
 def _total_bytes(files: list[Path]) -> int:
@@ -77,8 +81,13 @@ def prepare(
     fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
     progress: Progress | None = None,
     tokenizer: TokenizerSpec | None = None,
+    base_vocab: Vocab | SpmVocab | None = None,
 ) -> dict:
     """Write out_dir/{train,val,test}.bin and meta.json (plus tokenizer.model for SentencePiece); return the meta record.
+
+    base_vocab (a checkpoint's, for fine-tuning: --vocab-from): a character vocabulary keeps every id and
+    gets the text's new characters appended (Vocab.extended); a SentencePiece one is used as it is (its
+    byte pieces already spell any text), no tokenizer is trained.
 
     Atomic: the dir is built beside out_dir and swapped in when complete, so a failure leaves an
     existing prepared dir as it was. An existing out_dir holding other files is refused.
@@ -86,23 +95,41 @@ def prepare(
     if encoding not in ("utf-8", "bytes"):
         raise DataError(f"--encoding must be utf-8 or bytes (got {encoding!r})")
     spec = (tokenizer or TokenizerSpec()).checked()
+    spec = check_base(base_vocab, encoding, spec)
     if spec.is_spm and encoding != "utf-8":
         raise DataError(f"--tokenizer {spec.kind} reads UTF-8 text: drop --encoding bytes (byte fallback already covers any character)")
     fractions = check_fractions(fractions)
     total = _total_bytes(files)
     if total == 0:
-        raise DataError(f"{files[0] if len(files) == 1 else 'the input'} is empty: there is nothing to train on")
+        raise DataError(f"{shown(files[0]) if len(files) == 1 else 'the input'} is empty: there is nothing to train on")
     start = time.perf_counter()
     with allocator.streaming(), atomicdir.building(Path(out_dir), PREPARED_FILES) as work:
-        return _prepare_into(work, files, encoding, fractions, progress, spec, total, start)
+        return _prepare_into(work, files, encoding, fractions, progress, spec, total, start, base_vocab)
 
 
-def _prepare_into(out_dir: Path, files, encoding, fractions, progress, spec: TokenizerSpec, total: int, start: float) -> dict:
+def check_base(base, encoding: str, spec: TokenizerSpec) -> TokenizerSpec:
+    """The tokenizer that goes with a base vocabulary (its own), or an error when the options contradict it."""
+    if base is None:
+        return spec
+    if base.kind == "spm":
+        if encoding != "utf-8":
+            raise DataError("the base vocabulary is a SentencePiece tokenizer, which reads UTF-8 text: drop --encoding bytes")
+        return TokenizerSpec(base.tokenizer).checked()
+    if spec.is_spm:
+        raise DataError(f"the base vocabulary is {base.describe()}: a --tokenizer {spec.kind} would replace it; drop --tokenizer")
+    if base.kind != ("char" if encoding == "utf-8" else "bytes"):
+        raise DataError(f"the base vocabulary is {base.describe()}, the text is read as {encoding}: "
+                        f"use --encoding {'bytes' if base.kind == 'bytes' else 'utf-8'}")
+    return spec
+
+
+def _prepare_into(out_dir: Path, files, encoding, fractions, progress, spec: TokenizerSpec, total: int, start: float,
+                  base=None) -> dict:
     """prepare's passes, writing into a fresh work dir."""
     # Pass 1: validate, hash, count, collect the vocabulary.
     sha = hashlib.sha256()
-    scan = _Scan(encoding)
-    for chunk, text, done in _chunks(files, encoding, hasher=sha):
+    scan = Scan(encoding)
+    for chunk, text, done in read_chunks(files, encoding, hasher=sha):
         scan.add(chunk, text)
         if progress:
             progress("scan", done, total)
@@ -110,15 +137,17 @@ def _prepare_into(out_dir: Path, files, encoding, fractions, progress, spec: Tok
 
     bounds = (0, *split_bounds(n_units, fractions), n_units)
     if spec.is_spm:
-        vocab = _train_tokenizer(files, out_dir, bounds[1], spec, len(scan.codes()), progress, total)
+        vocab = base if base is not None else _train_tokenizer(files, out_dir, bounds[1], spec, len(scan.codes()), progress, total)
+        if base is not None:
+            (out_dir / TOKENIZER_FILE).write_bytes(base.model_bytes)
         tokenizer_meta = {**spec.to_meta(), "vocab_size": len(vocab), "sha256": vocab.sha256, "file": TOKENIZER_FILE}
         encoders = {s: _SpmEncoder(vocab) for s in SPLITS}
-        pieces = _units(files, encoding)
+        pieces = read_units(files, encoding)
     else:
-        vocab = Vocab("char" if encoding == "utf-8" else "bytes", scan.codes())
+        vocab = Vocab("char" if encoding == "utf-8" else "bytes", scan.codes()) if base is None else base.extended(scan.codes())
         tokenizer_meta = {"kind": vocab.kind}
         encoders = {s: _CharEncoder() for s in SPLITS}
-        pieces = _char_ids(files, encoding, vocab, sha.hexdigest())
+        pieces = char_ids(files, encoding, vocab, sha.hexdigest())
 
     # Pass 2: encode and write each split.
     dtype = vocab.id_dtype
@@ -145,13 +174,14 @@ def _prepare_into(out_dir: Path, files, encoding, fractions, progress, spec: Tok
         "seconds": round(time.perf_counter() - start, 3),
     }
     tmp = out_dir / "meta.json.part"
-    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False))
+    # A path that is not UTF-8 (surrogate escapes) is written as JSON escapes, read back as the same path.
+    tmp.write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8", errors="backslashreplace")
     os.replace(tmp, out_dir / "meta.json")
     return meta
 
 
 class _CharEncoder:
-    """The pieces are ids already (_char_ids), one per unit: nothing to do or carry between chunks."""
+    """The pieces are ids already (char_ids), one per unit: nothing to do or carry between chunks."""
 
     @staticmethod
     def feed(ids: np.ndarray) -> np.ndarray:
@@ -213,7 +243,7 @@ def _train_tokenizer(files, out_dir: Path, n_train: int, spec: TokenizerSpec, di
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:  # newline="": a "\r" stays a "\r"
             pos, column = 0, 0
-            for units, done in _units(files, "utf-8"):
+            for units, done in read_units(files, "utf-8"):
                 take = min(len(units), n_train - pos)
                 if take > 0:
                     text, column = spm.fold_lines(units_to_text(units[:take]), column)
@@ -246,7 +276,7 @@ def _check_tokenizer(prepared: Path, tokenizer: TokenizerSpec | None) -> None:
     if tokenizer is None:
         return
     try:
-        kind = json.loads((prepared / "meta.json").read_text()).get("tokenizer", {}).get("kind", "char")
+        kind = json.loads((prepared / "meta.json").read_text(encoding="utf-8")).get("tokenizer", {}).get("kind", "char")
     except (OSError, ValueError, AttributeError):
         return  # PreparedData reports a broken meta.json properly
     if (kind if kind != "bytes" else "char") != tokenizer.kind:
@@ -265,6 +295,7 @@ def cached_prepare(
     glob: str | None = None,
     tokenizer: TokenizerSpec | None = None,
     files: list[Path] | None = None,
+    base_vocab: Vocab | SpmVocab | None = None,
 ) -> Path:
     """Train-on-the-fly: a prepared dir as given, or one prepared once into corpora/.cache/ and reused.
 
@@ -280,8 +311,29 @@ def cached_prepare(
     h = hashlib.sha256()
     for f in files:
         h.update(corpus.sha256_file(f).encode())
-    stem = files[0].parent.name if files[0].name == "input.txt" else files[0].stem
-    cache = corpus.corpora_dir() / ".cache" / f"{stem}-{h.hexdigest()[:12]}-{options_key(encoding, fractions, spec)}"
+    key = options_key(encoding, fractions, check_base(base_vocab, encoding, spec))
+    if base_vocab is not None:  # prepared against a checkpoint's vocabulary: another cache entry
+        key += "-v" + hashlib.sha256(json.dumps(base_vocab.to_meta(), sort_keys=True).encode()).hexdigest()[:8]
+    cache = corpus.corpora_dir() / ".cache" / f"{_cache_stem(files[0])}-{h.hexdigest()[:12]}-{key}"
     if not (cache / "meta.json").exists():
-        prepare(files, cache, encoding=encoding, fractions=fractions, progress=progress, tokenizer=spec)
+        try:
+            prepare(files, cache, encoding=encoding, fractions=fractions, progress=progress, tokenizer=spec, base_vocab=base_vocab)
+        except OSError as e:  # the cache cannot be written (read-only, no permission, a file in the way, full)
+            if e.errno not in CACHE_ERRORS or not shown(e.filename or "").startswith(shown(cache.parent.parent)):
+                raise
+            raise _cache_not_writable(cache, e, source) from None
     return cache
+
+
+CACHE_ERRORS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT)
+
+
+def _cache_stem(first: Path) -> str:
+    """The readable part of a cache dir's name: the text's name, UTF-8 and short (the hashes follow it)."""
+    stem = first.parent.name if first.name == "input.txt" else first.stem
+    return shown(stem)[:80]
+
+
+def _cache_not_writable(cache: Path, e: OSError, source) -> DataError:
+    return DataError(f"cannot write the prepare cache {shown(cache.parent)} ({e.strerror or e}); give a writable "
+                     f"--corpora-dir, or prepare the text yourself (charlm prepare {shown(source)} -o DIR) and train on DIR")

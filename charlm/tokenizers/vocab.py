@@ -11,13 +11,9 @@ from typing import Callable, Iterable
 import numpy as np
 
 from charlm.errors import DataError
+from charlm.tokenizers.ids import id_dtype_for
 
 MAX_CODEPOINT = 0x110000
-
-
-def id_dtype_for(size: int):
-    """Smallest unsigned dtype that holds every id of a vocabulary of this size."""
-    return np.uint8 if size <= 256 else np.uint16 if size <= 65536 else np.uint32
 
 
 def load_vocab(record: dict, model_bytes: bytes | None = None, where: str = "the vocabulary record"):

@@ -22,7 +22,7 @@ from charlm.decoding.scorer import ModelScorer
 from charlm.devices import autocast_for, check_dtype, pick_device, resolve_dtype
 from charlm.errors import CharlmError
 from charlm.model import CharRNN, State, detach
-from charlm.training import rundir
+from charlm.training import grow, rundir
 from charlm.training.distributed import World
 from charlm.training.schedule import learning_rate
 from charlm.training.scheduled import ScheduledSampler
@@ -98,11 +98,13 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.progress = Progress()
         self.state: State | None = None
-        for ckpt in (init_from, resume):
-            if ckpt is not None and ckpt.vocab != data.vocab:
-                raise CharlmError(f"{ckpt.path} was trained on a different vocabulary than {data.dir}")
+        if resume is not None and resume.vocab != data.vocab:
+            raise CharlmError(f"{resume.path} was trained on a different vocabulary than {data.dir}")
         if init_from is not None:
-            load_weights(self.model, init_from)
+            grow.load_into(self.model, init_from, data)  # the vocabulary grows when the text has new characters
+        self.frozen = grow.frozen_parameters(self.model, cfg.freeze_layers) if cfg.freeze_steps else []
+        self.lineage = grow.lineage(init_from, data) if init_from is not None else (
+            (resume.meta.get("provenance") or {}).get("fine_tuned_from") if resume is not None else None)
         if resume is not None:
             self._restore(resume)
         self.world.reseed(cfg.seed, self.progress.step)
@@ -230,6 +232,9 @@ class Trainer:
         self.state = detach(state)  # truncated BPTT: carry the values, cut the graph
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if p.step < cfg.freeze_steps:  # fine-tuning: the lower layers wait (grow.frozen_parameters)
+            for param in self.frozen:
+                param.grad = None  # AdamW leaves a parameter without a gradient as it is, moments and decay included
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.optimizer.step()
@@ -365,6 +370,7 @@ class Trainer:
                 "threads": self.threads.threads if self.threads is not None else None,  # per rank, at this save
                 "world_size": self.world.size,
                 "parameters": self.model.num_parameters(),
+                **({"fine_tuned_from": self.lineage} if self.lineage else {}),
             },
             "train_state": asdict(self.progress),
         }
@@ -386,18 +392,3 @@ class Trainer:
             self.progress.window = self.progress.window * len(self.batcher) // max(saved_windows, 1)
         if self.progress.window >= len(self.batcher):  # batch layout changed: start the next epoch cleanly
             self.progress.window, self.progress.epoch, self.state = 0, self.progress.epoch + 1, None
-
-
-def load_weights(model: CharRNN, ckpt: checkpoint.Checkpoint) -> None:
-    """--init-from: the checkpoint's weights into a model of the same shape, or an error naming the shapes that differ."""
-    theirs, ours = ckpt.model_state(), model.state_dict()
-    differ = [f"{k} is {tuple(theirs[k].shape)} there, {tuple(v.shape)} here" for k, v in ours.items()
-              if k in theirs and theirs[k].shape != v.shape]
-    missing = sorted(set(ours) - set(theirs)) + sorted(set(theirs) - set(ours))
-    if differ or missing:
-        what = "; ".join(differ[:3] + [f"{k} is in only one of them" for k in missing[:3]])
-        raise CharlmError(
-            f"--init-from {ckpt.path}: its weights do not fit this model ({what}); leave out the --cell, --num-layers, "
-            "--rnn-size and --embed-size flags to take its shape"
-        )
-    model.load_state_dict(theirs)
