@@ -13,7 +13,7 @@ DEMO_RUN ?= checkpoints/demo
 CHARLM_CORPUS_MIRROR ?= $(firstword $(wildcard ../shared/corpora))
 export CHARLM_CORPUS_MIRROR
 
-.PHONY: demo test wheel-check venv bench clean
+.PHONY: demo test lint wheel-check venv bench clean
 
 venv: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+# Lint, format and types (pinned versions: pyproject.toml's dev extra); .ci/run runs it after the tests.
+lint: venv
+	$(BIN)/ruff check charlm tests benchmarks
+	$(BIN)/ruff format --check charlm tests benchmarks
+	$(BIN)/mypy
 
 # Build a wheel, install it into a fresh venv beside the pinned torch, use it from an empty directory.
 wheel-check: venv

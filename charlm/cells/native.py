@@ -48,7 +48,7 @@ from torch import Tensor
 # 4); fp32 [group][k][64], bf16 [group][k/2][64][2], int8 [group][k/4][64][4] plus a scale and the sum
 # of the int8 weights per row. Each group is one contiguous stream of weights, read once per step.
 VERSION = 2
-SOURCE = resources.files("charlm.cells").joinpath("native_step.c").read_text()
+SOURCE = resources.files("charlm.cells").joinpath("native_step.c").read_text(encoding="utf-8")
 
 MAX_ROWS = 16  # rows (streams, beam hypotheses) a native step takes; more go through PyTorch's batched kernels
 ENV_VAR = "CHARLM_NATIVE"  # 0 / off: never build or use the library
@@ -150,7 +150,7 @@ def _compile(compiler: list[str], target: Path) -> Path:
     errors = []
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         src = Path(tmp) / "charlm_step.c"
-        src.write_text(SOURCE)
+        src.write_text(SOURCE, encoding="utf-8")
         for flags in FLAG_SETS:
             out = Path(tmp) / "charlm_step.so"
             cmd = [*compiler, *flags, "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off", "-o", str(out), str(src), "-lm"]
