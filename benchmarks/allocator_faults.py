@@ -52,8 +52,9 @@ def main() -> None:
         ms = {}
         for malloc in ("system", "charlm"):
             env = {**os.environ, "CHARLM_MALLOC": malloc}
-            out = subprocess.run([sys.executable, "-c", CHILD, which, str(args.steps)], env=env,
-                                 capture_output=True, text=True, check=True).stdout.split()
+            out = subprocess.run(
+                [sys.executable, "-c", CHILD, which, str(args.steps)], env=env, capture_output=True, text=True, check=True
+            ).stdout.split()
             ms[malloc] = float(out[0])
             print(f"{which:<8} {malloc:<8} {ms[malloc]:>8.0f} {float(out[1]):>12,.0f} {int(out[2]):>13,}")
         print(f"{'':<8} {'':<8} {ms['system'] / ms['charlm']:>7.2f}x faster with charlm's settings")

@@ -83,8 +83,15 @@ def _runners(shapes: list[tuple[int, int]], dtype: str, kernel: str):
     return run, sum(o * i * per for o, i in shapes)
 
 
-def roof(layers: int = 2, hidden: int = 512, vocab: int = 65, dtype: str = "fp32", kernel: str = "native",
-         seconds: float = 1.0, rounds: int = 7) -> dict:
+def roof(
+    layers: int = 2,
+    hidden: int = 512,
+    vocab: int = 65,
+    dtype: str = "fp32",
+    kernel: str = "native",
+    seconds: float = 1.0,
+    rounds: int = 7,
+) -> dict:
     """The step's products alone in a loop: {'us_per_step', 'chars_per_s', 'weight_bytes', 'gb_per_s'} (None without the kernel)."""
     run, nbytes = _runners(step_matrices(layers, hidden, vocab), dtype, kernel)
     if run is None:
@@ -104,8 +111,12 @@ def roof(layers: int = 2, hidden: int = 512, vocab: int = 65, dtype: str = "fp32
                 run()
             ts.append((time.perf_counter() - t) / n)
     step = statistics.median(ts)
-    return {"us_per_step": round(step * 1e6, 1), "chars_per_s": round(1 / step), "weight_bytes": nbytes,
-            "gb_per_s": round(nbytes / step / 1e9, 1)}
+    return {
+        "us_per_step": round(step * 1e6, 1),
+        "chars_per_s": round(1 / step),
+        "weight_bytes": nbytes,
+        "gb_per_s": round(nbytes / step / 1e9, 1),
+    }
 
 
 def main(argv=None) -> dict:
@@ -119,9 +130,15 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     shapes = step_matrices(args.num_layers, args.rnn_size, args.vocab)
     fp32_bytes = sum(o * i * 4 for o, i in shapes)
-    report: dict = {"threads": args.threads, "model": f"{args.num_layers}x{args.rnn_size} LSTM, vocabulary {args.vocab}",
-                    "read_gb_per_s": {"256MB (DRAM)": round(read_bandwidth(256 << 20), 1),
-                                      "the fp32 weights' size": round(read_bandwidth(fp32_bytes), 1)}, "roof": {}}
+    report: dict = {
+        "threads": args.threads,
+        "model": f"{args.num_layers}x{args.rnn_size} LSTM, vocabulary {args.vocab}",
+        "read_gb_per_s": {
+            "256MB (DRAM)": round(read_bandwidth(256 << 20), 1),
+            "the fp32 weights' size": round(read_bandwidth(fp32_bytes), 1),
+        },
+        "roof": {},
+    }
     for dtype in ("fp32", "bf16", "int8"):
         for kernel in ("native", "torch"):
             report["roof"][f"{dtype} {kernel}"] = roof(args.num_layers, args.rnn_size, args.vocab, dtype, kernel)

@@ -115,12 +115,18 @@ def main() -> None:
                 runners[label][0]()
             times[label].append(time.perf_counter() - start)
     results = {}
-    print(f"fp32 matrix roof (oneDNN, measured now): {peak:.0f} GFLOP/s; batch {BATCH} x {SEQ}, {torch.get_num_threads()} threads")
+    print(
+        f"fp32 matrix roof (oneDNN, measured now): {peak:.0f} GFLOP/s; batch {BATCH} x {SEQ}, {torch.get_num_threads()} threads"
+    )
     print(f"{'contender':28s} {'params':>10s} {'chars/s':>9s} {'GFLOP/s':>8s} {'roof':>6s}")
     for label, (_, params, fpc) in runners.items():
         rate = args.steps * BATCH * SEQ / statistics.median(times[label])
-        results[label] = {"parameters": params, "chars_per_s": round(rate), "gflops": round(rate * fpc / 1e9, 1),
-                          "share_of_roof": round(rate * fpc / 1e9 / peak, 3)}
+        results[label] = {
+            "parameters": params,
+            "chars_per_s": round(rate),
+            "gflops": round(rate * fpc / 1e9, 1),
+            "share_of_roof": round(rate * fpc / 1e9 / peak, 3),
+        }
         print(f"{label:28s} {params:>10,d} {rate:>9,.0f} {rate * fpc / 1e9:>8.1f} {rate * fpc / 1e9 / peak:>6.1%}")
     if args.json:
         with open(args.json, "w") as f:

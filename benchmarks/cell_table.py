@@ -67,8 +67,22 @@ def flops_per_char(path: Path) -> float:
 def row(cell: str, hidden: int, budget: str, out: Path, steps: int | None) -> dict:
     run_dir = out / cell
     limit = ["--max-steps", str(steps), "--time-budget", "3h"] if steps else ["--time-budget", budget]
-    command = ["train", "shakespeare", "--preset", "shakespeare-cpu", "--dtype", "fp32", "--cell", cell,
-               "--rnn-size", str(hidden), *limit, "--out", str(run_dir), "--overwrite"]
+    command = [
+        "train",
+        "shakespeare",
+        "--preset",
+        "shakespeare-cpu",
+        "--dtype",
+        "fp32",
+        "--cell",
+        cell,
+        "--rnn-size",
+        str(hidden),
+        *limit,
+        "--out",
+        str(run_dir),
+        "--overwrite",
+    ]
     charlm(*command)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = [r for r in records if r.get("kind") == "train"][-1]
@@ -76,21 +90,33 @@ def row(cell: str, hidden: int, budget: str, out: Path, steps: int | None) -> di
     evaluated = json.loads(charlm("eval", str(best), "--split", "val+test", "--json").stdout)
     ckpt = checkpoint.load(best)
     chars_per_s = last["chars_seen"] / last["elapsed_s"]
-    return {"cell": cell, "size": f"2x{hidden}", "parameters": CharRNN(ckpt.model_config).num_parameters(),
-            "steps": last["step"], "chars_per_s": round(chars_per_s), "run_chars_per_s": round(chars_per_s),
-            "flops_per_char": flops_per_char(best), "last10_bpc": round(evaluated["bits_per_char"], 4),
-            "command": "charlm " + " ".join(command[:-1])}
+    return {
+        "cell": cell,
+        "size": f"2x{hidden}",
+        "parameters": CharRNN(ckpt.model_config).num_parameters(),
+        "steps": last["step"],
+        "chars_per_s": round(chars_per_s),
+        "run_chars_per_s": round(chars_per_s),
+        "flops_per_char": flops_per_char(best),
+        "last10_bpc": round(evaluated["bits_per_char"], 4),
+        "command": "charlm " + " ".join(command[:-1]),
+    }
 
 
 def markdown(rows: list[dict], roofs: list[float], budget: str) -> str:
     peak = statistics.mean(roofs)
-    lines = [f"fp32 matrix roof (oneDNN): {' / '.join(f'{r:.0f}' for r in roofs)} GFLOP/s; budget {budget} per row.",
-             "", "| cell | size | parameters | steps | training chars/s | GFLOP/s (share of roof) | last 10% bits/char | sampling chars/s, 1 / 64 streams |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"fp32 matrix roof (oneDNN): {' / '.join(f'{r:.0f}' for r in roofs)} GFLOP/s; budget {budget} per row.",
+        "",
+        "| cell | size | parameters | steps | training chars/s | GFLOP/s (share of roof) | last 10% bits/char | sampling chars/s, 1 / 64 streams |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['cell']} | {r['size']} | {r['parameters']:,} | {r['steps']:,} | {r['chars_per_s']:,} | "
-                     f"{r['gflops']} ({r['gflops'] / peak:.0%}) | {r['last10_bpc']:.4f} | "
-                     f"{r.get('sample_1_chars_per_s', 0):,} / {r.get('sample_64_chars_per_s', 0):,} |")
+        lines.append(
+            f"| {r['cell']} | {r['size']} | {r['parameters']:,} | {r['steps']:,} | {r['chars_per_s']:,} | "
+            f"{r['gflops']} ({r['gflops'] / peak:.0%}) | {r['last10_bpc']:.4f} | "
+            f"{r.get('sample_1_chars_per_s', 0):,} / {r.get('sample_64_chars_per_s', 0):,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -100,8 +126,12 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--out", type=Path, default=Path("checkpoints/cell-table"))
     ap.add_argument("--sample-only", action="store_true", help="measure sampling speed of the rows in --out")
-    ap.add_argument("--speeds", type=Path, help="cell_speed.py --json output: train each row for the steps its "
-                    "measured rate gives in --budget (on a shared machine, so that the load does not decide the quality)")
+    ap.add_argument(
+        "--speeds",
+        type=Path,
+        help="cell_speed.py --json output: train each row for the steps its "
+        "measured rate gives in --budget (on a shared machine, so that the load does not decide the quality)",
+    )
     args = ap.parse_args()
     os.environ.setdefault("CHARLM_CORPUS_MIRROR", str(Path(__file__).resolve().parents[2] / "shared" / "corpora"))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +161,7 @@ def main() -> None:
     result_file.write_text(json.dumps(table, indent=1))
     (args.out / "cell_table.md").write_text(markdown(table["rows"], table["roof_fp32_gflops"], table["budget"]))
     print(markdown(table["rows"], table["roof_fp32_gflops"], table["budget"]))
+
 
 if __name__ == "__main__":
     main()

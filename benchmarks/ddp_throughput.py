@@ -44,10 +44,33 @@ def synthetic_text(n_chars: int, seed: int = 0) -> str:
 def run(data: Path, out: Path, args, ranks: int) -> list[float]:
     """One training run; the chars/s of each logging interval after the first."""
     batch = args.batch_size if ranks > 1 else args.batch_size * 2
-    cmd = [sys.executable, "-m", "charlm", "train", str(data), "--out", str(out), "--device", "cpu",
-           "--num-layers", str(args.num_layers), "--rnn-size", str(args.rnn_size), "--embed-size", "64",
-           "--batch-size", str(batch), "--seq-length", str(args.seq_length),
-           "--max-steps", str(args.steps * args.intervals), "--log-every", str(args.steps), "--eval-every", "1000000"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "charlm",
+        "train",
+        str(data),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--num-layers",
+        str(args.num_layers),
+        "--rnn-size",
+        str(args.rnn_size),
+        "--embed-size",
+        "64",
+        "--batch-size",
+        str(batch),
+        "--seq-length",
+        str(args.seq_length),
+        "--max-steps",
+        str(args.steps * args.intervals),
+        "--log-every",
+        str(args.steps),
+        "--eval-every",
+        "1000000",
+    ]
     if ranks > 1:
         cmd += ["--nproc", str(ranks)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads // ranks))
@@ -87,7 +110,9 @@ def main(argv=None) -> dict:
     single, ddp = result["chars_per_s"].values()
     print(f"{result['model']}; {result['machine']}")
     print(f"{'setup':<24}{'batch':>12}{'chars/s (median)':>20}{'intervals':>11}")
-    print(f"{'1 process x 2 threads':<24}{2 * args.batch_size:>12}{single:>20,.0f}{result['intervals']['1 process x 2 threads']:>11}")
+    print(
+        f"{'1 process x 2 threads':<24}{2 * args.batch_size:>12}{single:>20,.0f}{result['intervals']['1 process x 2 threads']:>11}"
+    )
     print(f"{'2 ranks x 1 thread':<24}{f'2 x {args.batch_size}':>12}{ddp:>20,.0f}{result['intervals']['2 ranks x 1 thread']:>11}")
     print(f"ratio (2 ranks / 1 process): {ddp / single:.2f}")
     return result

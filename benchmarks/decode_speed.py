@@ -30,14 +30,22 @@ def main(argv=None) -> dict:
     if args.json:
         print(json.dumps(r))
         return r
-    print(f"{args.num_layers}x{args.rnn_size} LSTM, vocabulary 65, {args.dtype}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    print(
+        f"{args.num_layers}x{args.rnn_size} LSTM, vocabulary 65, {args.dtype}, {torch.get_num_threads()} threads, median of {args.rounds} rounds"
+    )
     rows = [
         ("sample, 1 stream", f"{r['sample']['single']['chars_per_s']:,} chars/s"),
         ("sample, 64 streams (total)", f"{r['sample']['batch64']['chars_per_s']:,} chars/s"),
         ("beam width 1", f"{r['beam']['width1_ms_per_char']} ms/char"),
         ("beam width 10", f"{r['beam']['width10_ms_per_char']} ms/char ({r['beam']['width10_over_width1']}x width 1)"),
-        ("ensemble of 3, 1 stream", f"{r['ensemble']['three_chars_per_s']:,} chars/s ({r['ensemble']['three_over_one']}x one model's time)"),
-        ("ensemble of 3, 64 streams", f"{r['ensemble']['three_batch64_chars_per_s']:,} chars/s ({r['ensemble']['three_over_one_batch64']}x one model's time)"),
+        (
+            "ensemble of 3, 1 stream",
+            f"{r['ensemble']['three_chars_per_s']:,} chars/s ({r['ensemble']['three_over_one']}x one model's time)",
+        ),
+        (
+            "ensemble of 3, 64 streams",
+            f"{r['ensemble']['three_batch64_chars_per_s']:,} chars/s ({r['ensemble']['three_over_one_batch64']}x one model's time)",
+        ),
     ]
     for name, value in rows:
         print(f"  {name:<28} {value}")

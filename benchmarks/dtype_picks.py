@@ -34,8 +34,10 @@ def main() -> None:
     length, rounds = (60, 2) if args.quick else (600, 5)
     dtypes = ("fp32", "bf16", "int8") if cpu_has_bf16() else ("fp32",)
     one = {d: random_scorer(args.layers, args.hidden, 0, d) for d in dtypes}
-    three = {d: Ensemble([one[d], random_scorer(args.layers, args.hidden, 1, d), random_scorer(args.layers, args.hidden, 2, d)])
-             for d in dtypes}
+    three = {
+        d: Ensemble([one[d], random_scorer(args.layers, args.hidden, 1, d), random_scorer(args.layers, args.hidden, 2, d)])
+        for d in dtypes
+    }
     prime = torch.tensor(one["fp32"].vocab.encode("The "))
     chain = processors(0.8)
 
@@ -52,14 +54,21 @@ def main() -> None:
         with threads.use(work, args.threads) as used:
             rates = interleaved_rates({d: sampler(scorers[d], streams, n) for d in dtypes}, streams * n, rounds)
         pick = resolve_dtype(torch.device("cpu"), use)
-        results[use] = {"threads": used, "chars_per_s": {d: round(r) for d, r in rates.items()}, "auto": pick,
-                        "fastest": max(rates, key=rates.get)}
+        results[use] = {
+            "threads": used,
+            "chars_per_s": {d: round(r) for d, r in rates.items()},
+            "auto": pick,
+            "fastest": max(rates, key=rates.get),
+        }
     print(f"{args.layers}x{args.hidden} LSTM at random init, median of {rounds} ABBA rounds")
     print(f"{'use':<10} {'threads':>7} " + " ".join(f"{d:>9}" for d in dtypes) + "   auto    fastest")
     for use, r in results.items():
         mark = "" if r["auto"] == r["fastest"] else "   <- auto is not the fastest here"
-        print(f"{use:<10} {r['threads']:>7} " + " ".join(f"{r['chars_per_s'][d]:>9,}" for d in dtypes)
-              + f"   {r['auto']:<7} {r['fastest']}{mark}")
+        print(
+            f"{use:<10} {r['threads']:>7} "
+            + " ".join(f"{r['chars_per_s'][d]:>9,}" for d in dtypes)
+            + f"   {r['auto']:<7} {r['fastest']}{mark}"
+        )
     print(json.dumps({"machine": machine.facts(), "model": f"{args.layers}x{args.hidden} lstm", "results": results}))
 
 

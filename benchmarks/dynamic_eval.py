@@ -73,7 +73,10 @@ def main() -> None:
     tokens, described = text_tokens(ckpt, args)
     window = args.window or source.window
     if args.rms is None and args.sgd is None:
-        args.rms, args.sgd = [f"{dynamic.DEFAULTS['rms'][0]}:{dynamic.DEFAULTS['rms'][1]}"], [f"{dynamic.DEFAULTS['sgd'][0]}:{dynamic.DEFAULTS['sgd'][1]}"]
+        args.rms, args.sgd = (
+            [f"{dynamic.DEFAULTS['rms'][0]}:{dynamic.DEFAULTS['rms'][1]}"],
+            [f"{dynamic.DEFAULTS['sgd'][0]}:{dynamic.DEFAULTS['sgd'][1]}"],
+        )
     settings = [setting(s, "rms") for s in (args.rms or []) if source.mean_sq is not None]
     settings += [setting(s, "sgd") for s in (args.sgd or [])]
     print(f"{args.checkpoint} on {described}: {len(tokens):,} tokens, window {window}, {torch.get_num_threads()} thread(s)")
@@ -89,12 +92,20 @@ def main() -> None:
         result, _ = dynamic.dynamic_evaluate([adapter], tokens)
         rows.append({"update": s.update, "lr": s.lr, "decay": s.decay, **result})
         change = result["bits_per_char"] - static["bits_per_char"]
-        print(f"{s.update:<8} {s.lr:>8g} {s.decay:>8g} {result['bits_per_char']:>10.4f} {change:>+8.4f} {result['chars_per_s']:>9,.0f}",
-              flush=True)
+        print(
+            f"{s.update:<8} {s.lr:>8g} {s.decay:>8g} {result['bits_per_char']:>10.4f} {change:>+8.4f} {result['chars_per_s']:>9,.0f}",
+            flush=True,
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        record = {"checkpoint": args.checkpoint, "source": described, "window": window, "threads": torch.get_num_threads(),
-                  "torch": torch.__version__, "rows": rows}
+        record = {
+            "checkpoint": args.checkpoint,
+            "source": described,
+            "window": window,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "rows": rows,
+        }
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 
 

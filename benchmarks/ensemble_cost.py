@@ -35,14 +35,18 @@ def main() -> None:
         chain = processors(0.8)
         separate = Ensemble(members)
         separate._stacked = False  # the members stepped one by one (before the members were stacked)
-        runs = {name: (lambda s=scorer: sample(s, prime, args.length, chain, generator=torch.Generator().manual_seed(0)))
-                for name, scorer in (("one", members[0]), ("three", Ensemble(members)), ("separate", separate))}
+        runs = {
+            name: (lambda s=scorer: sample(s, prime, args.length, chain, generator=torch.Generator().manual_seed(0)))
+            for name, scorer in (("one", members[0]), ("three", Ensemble(members)), ("separate", separate))
+        }
         times = bench.interleaved_times(runs, args.rounds)
         one, three, sep = (statistics.median(times[k]) for k in ("one", "three", "separate"))
         per_round = sorted(b / a for a, b in zip(times["one"], times["three"]))
-        print(f"{dtype}: one model {args.length / one:,.0f} chars/s, ensemble of 3 {args.length / three:,.0f} chars/s, "
-              f"{three / one:.2f}x; per round {' '.join(f'{r:.2f}' for r in per_round)}; "
-              f"members stepped one by one: {args.length / sep:,.0f} chars/s, {sep / one:.2f}x")
+        print(
+            f"{dtype}: one model {args.length / one:,.0f} chars/s, ensemble of 3 {args.length / three:,.0f} chars/s, "
+            f"{three / one:.2f}x; per round {' '.join(f'{r:.2f}' for r in per_round)}; "
+            f"members stepped one by one: {args.length / sep:,.0f} chars/s, {sep / one:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -61,8 +61,18 @@ def corpus(path: Path, chars: int = 200_000) -> Path:
 def preset_checkpoint(preset: str, work: Path) -> Path:
     """A checkpoint of the preset's model shape: one training step (fp32) on the 65-symbol corpus."""
     text = corpus(work / "text.txt") if not (work / "text.txt").exists() else work / "text.txt"
-    result = charlm.train(text, work / f"run-{preset}", preset=preset, max_steps=1, batch_size=2, seq_length=8, dtype="fp32",
-                          progress=False, overwrite=True, time_budget=None)
+    result = charlm.train(
+        text,
+        work / f"run-{preset}",
+        preset=preset,
+        max_steps=1,
+        batch_size=2,
+        seq_length=8,
+        dtype="fp32",
+        progress=False,
+        overwrite=True,
+        time_budget=None,
+    )
     return result.best
 
 
@@ -70,8 +80,10 @@ def charlm_cases(ckpt: Path, dtype: str, length: int) -> dict:
     """charlm's decoder in `dtype`: batch 1 and batch 64, as (function, characters it makes)."""
     lm = charlm.load(ckpt, device="cpu", dtype=dtype)
     short = max(length // 4, 10)
-    return {"batch1": (lambda: lm.generate(PRIME, length, seed=1), length),
-            "batch64": (lambda: lm.generate_many([PRIME] * 64, short, seed=1), 64 * short)}
+    return {
+        "batch1": (lambda: lm.generate(PRIME, length, seed=1), length),
+        "batch64": (lambda: lm.generate_many([PRIME] * 64, short, seed=1), 64 * short),
+    }
 
 
 def onnx_cases(model: Path, threads: int, length: int) -> dict:
@@ -109,7 +121,10 @@ def step_times(ckpt: Path, model: Path, threads: int, reps: int = 300) -> dict:
                 ort_t.append(mid - start)
                 charlm_t.append(end - mid)
         for name, t in (("charlm", charlm_t), ("onnxruntime", ort_t)):
-            out.setdefault(name, {})[f"batch{batch}"] = {"min_us": round(min(t) * 1e6), "median_us": round(statistics.median(t) * 1e6)}
+            out.setdefault(name, {})[f"batch{batch}"] = {
+                "min_us": round(min(t) * 1e6),
+                "median_us": round(statistics.median(t) * 1e6),
+            }
     return out
 
 
@@ -130,11 +145,15 @@ def interleaved_rates(cases: dict[str, dict], rounds: int) -> dict[str, dict[str
                 start = time.perf_counter()
                 fn()
                 times.setdefault((name, batch), []).append(time.perf_counter() - start)
-    return {name: {batch: chars / statistics.median(times[(name, batch)]) for batch, (_fn, chars) in batches.items()}
-            for name, batches in cases.items()}
+    return {
+        name: {batch: chars / statistics.median(times[(name, batch)]) for batch, (_fn, chars) in batches.items()}
+        for name, batches in cases.items()
+    }
 
 
-def browser_rate(ckpt: Path, work: Path, ort_dist: Path, length: int, screenshot: Path | None, temperature: float, seed: int) -> float:
+def browser_rate(
+    ckpt: Path, work: Path, ort_dist: Path, length: int, screenshot: Path | None, temperature: float, seed: int
+) -> float:
     """The page's own characters/s (WASM, one thread) in headless Chromium, served on 127.0.0.1."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -196,8 +215,11 @@ def sizes(work: Path) -> list[dict]:
             seen[shape]["presets"].append(preset)
             continue
         ckpt = preset_checkpoint(preset, work)
-        row = {"presets": [preset], "shape": f"{shape[0]} {shape[1]}x{shape[2]}, embedding {shape[3]}",
-               "checkpoint_mb": ckpt.stat().st_size / 1e6}
+        row = {
+            "presets": [preset],
+            "shape": f"{shape[0]} {shape[1]}x{shape[2]}, embedding {shape[3]}",
+            "checkpoint_mb": ckpt.stat().st_size / 1e6,
+        }
         for dtype in ("fp32", "fp16", "int8"):
             out = work / f"size-{preset}-{dtype}"
             export([ckpt], onnx=out, dtype=dtype)
@@ -231,7 +253,8 @@ def main(argv=None) -> dict:
         ckpt = args.checkpoint or preset_checkpoint(args.preset, work)
         lm = charlm.load(ckpt, device="cpu")
         result["model"] = f"{lm.config.cell} {lm.config.num_layers}x{lm.config.rnn_size}, {len(lm.vocab)} symbols" + (
-            "" if args.checkpoint else f" ({args.preset}'s shape)")
+            "" if args.checkpoint else f" ({args.preset}'s shape)"
+        )
         files = {}
         for dtype in ("fp32", "int8"):
             files[dtype] = work / f"onnx-{dtype}"
@@ -264,7 +287,9 @@ def main(argv=None) -> dict:
 
 
 def report(r: dict, markdown: bool) -> None:
-    head = f"{r['model']}, sampling at temperature 1, {r['threads']} thread(s), median of {r['rounds']} rounds, torch {r['torch']}"
+    head = (
+        f"{r['model']}, sampling at temperature 1, {r['threads']} thread(s), median of {r['rounds']} rounds, torch {r['torch']}"
+    )
     print(head + "\n")
     if markdown:
         print("| decoder | batch 1 (chars/s) | batch 64 (chars/s, total) |\n|---|---:|---:|")
@@ -277,12 +302,16 @@ def report(r: dict, markdown: bool) -> None:
     ratio = r["onnx_over_charlm"]
     print(f"\nonnxruntime / charlm (fp32): {ratio['batch1']}x at batch 1, {ratio['batch64']}x at batch 64")
     steps = r["step_us"]
-    print("one step alone (fp32), microseconds, min / median: " + "; ".join(
-        f"{name} batch {b[5:]}: {v[b]['min_us']} / {v[b]['median_us']}" for name, v in steps.items() for b in v))
+    print(
+        "one step alone (fp32), microseconds, min / median: "
+        + "; ".join(f"{name} batch {b[5:]}: {v[b]['min_us']} / {v[b]['median_us']}" for name, v in steps.items() for b in v)
+    )
     if "sizes" in r:
         print("\n| presets | model | checkpoint (MB) | model.onnx fp32 | fp16 | int8 |\n|---|---|---:|---:|---:|---:|")
         for s in r["sizes"]:
-            print(f"| {', '.join(s['presets'])} | {s['shape']} | {s['checkpoint_mb']:.1f} | {s['fp32_mb']:.1f} | {s['fp16_mb']:.1f} | {s['int8_mb']:.1f} |")
+            print(
+                f"| {', '.join(s['presets'])} | {s['shape']} | {s['checkpoint_mb']:.1f} | {s['fp32_mb']:.1f} | {s['fp16_mb']:.1f} | {s['int8_mb']:.1f} |"
+            )
 
 
 if __name__ == "__main__":

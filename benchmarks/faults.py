@@ -75,6 +75,7 @@ class Trial:
 
 # -- processes ------------------------------------------------------------------------------
 
+
 def charlm(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "charlm", *map(str, args)]
 
@@ -130,6 +131,7 @@ def tail(text: str, lines: int = 3) -> str:
 
 # -- the run dir ----------------------------------------------------------------------------
 
+
 def saved_step(path: Path) -> int | None:
     """train_state.step of a checkpoint, from its safetensors header alone; None if unreadable."""
     try:
@@ -174,6 +176,7 @@ def state_of(out: Path) -> tuple[int, int]:
 
 
 # -- one trial ------------------------------------------------------------------------------
+
 
 def start_training(out: Path, prepared: Path, nproc: int, env: dict, log: Path) -> subprocess.Popen:
     cmd = charlm("train", prepared, "--out", out, *MODEL, *CADENCE, "--max-steps", "1000000")
@@ -308,7 +311,9 @@ def run_trial(trial: Trial, how: str, work: Path, prepared: Path, env: dict, rng
         tree = [proc.pid, *descendants(proc.pid)]  # with --nproc: the launcher and torchrun's ranks
         trial.aim = aim(proc, out, how, rng)
         if proc.poll() is not None:
-            trial.fail(f"training ended by itself (exit {proc.returncode}) before the fault: {tail(log.read_text(errors='replace'))}")
+            trial.fail(
+                f"training ended by itself (exit {proc.returncode}) before the fault: {tail(log.read_text(errors='replace'))}"
+            )
             return
         fault_time = time.monotonic()
         fault(trial, proc, tree)
@@ -322,6 +327,7 @@ def run_trial(trial: Trial, how: str, work: Path, prepared: Path, env: dict, rng
 
 
 # -- the benchmark --------------------------------------------------------------------------
+
 
 def corpus_text() -> tuple[bytes, str]:
     if SHAKESPEARE.exists():
@@ -351,10 +357,12 @@ def table(trials: list[Trial]) -> list[str]:
         failed = [t for t in group if t.failures]
         first = f"#{failed[0].index} ({failed[0].aim}): {failed[0].failures[0]}" if failed else ""
         stops = [t.stop_seconds for t in group if t.stop_seconds is not None]
-        rows.append(f"{scenario:<9} {nproc:>5} {len(group):>6} {len(group) - len(failed):>6} {len(failed):>6} "
-                    f"{statistics.median(t.seconds for t in group):>8.1f} "
-                    f"{statistics.median(stops) if stops else float('nan'):>6.2f} "
-                    f"{sum(t.parts_left > 0 for t in group):>10}  {first}")
+        rows.append(
+            f"{scenario:<9} {nproc:>5} {len(group):>6} {len(group) - len(failed):>6} {len(failed):>6} "
+            f"{statistics.median(t.seconds for t in group):>8.1f} "
+            f"{statistics.median(stops) if stops else float('nan'):>6.2f} "
+            f"{sum(t.parts_left > 0 for t in group):>10}  {first}"
+        )
     return rows
 
 
@@ -381,7 +389,7 @@ def main() -> int:
 
     trials: list[Trial] = []
     started = time.monotonic()
-    for nproc in ([1] if args.skip_nproc else [int(n) for n in args.procs.split(",")]):
+    for nproc in [1] if args.skip_nproc else [int(n) for n in args.procs.split(",")]:
         counts: dict[str, int] = {}
         for scenario, how in plan(args.kills, args.signals, rng):
             counts[scenario] = counts.get(scenario, 0) + 1
@@ -389,8 +397,12 @@ def main() -> int:
             run_trial(trial, how, work, work / "prepared", env, rng)
             trials.append(trial)
             verdict = "ok" if not trial.failures else "FAIL: " + "; ".join(trial.failures)
-            print(f"[{time.monotonic() - started:6.0f}s] {scenario} x{nproc} #{trial.index} ({trial.aim}), saved step "
-                  f"{trial.saved_step}, {trial.parts_left} .part left, {trial.seconds:.1f}s: {verdict}", file=sys.stderr, flush=True)
+            print(
+                f"[{time.monotonic() - started:6.0f}s] {scenario} x{nproc} #{trial.index} ({trial.aim}), saved step "
+                f"{trial.saved_step}, {trial.parts_left} .part left, {trial.seconds:.1f}s: {verdict}",
+                file=sys.stderr,
+                flush=True,
+            )
 
     rows = table(trials)
     note = [

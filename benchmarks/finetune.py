@@ -42,11 +42,18 @@ def train(corpus: str, out: Path, minutes: float, steps_per_minute: float | None
     if done.exists():
         return json.loads(done.read_text())
     start = time.perf_counter()
-    budget = {"time_budget": minutes * 60} if steps_per_minute is None else {"max_steps": max(1, round(minutes * steps_per_minute)),
-                                                                             "time_budget": 24 * 3600}
+    budget = (
+        {"time_budget": minutes * 60}
+        if steps_per_minute is None
+        else {"max_steps": max(1, round(minutes * steps_per_minute)), "time_budget": 24 * 3600}
+    )
     result = charlm.train(corpus, out=out, preset="shakespeare-cpu", overwrite=True, progress=False, **budget, **options)
-    record = {"last": str(result.last), "data_dir": str(result.data_dir), "step": result.step,
-              "seconds": time.perf_counter() - start}
+    record = {
+        "last": str(result.last),
+        "data_dir": str(result.data_dir),
+        "step": result.step,
+        "seconds": time.perf_counter() - start,
+    }
     done.write_text(json.dumps(record))
     return record
 
@@ -61,8 +68,12 @@ def main() -> None:
     ap.add_argument("--base-minutes", type=float, default=10.0, help="Shakespeare training for the base model")
     ap.add_argument("--minutes", default="1,3,10", help="N: the budgets compared, comma-separated")
     ap.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default: the preset's)")
-    ap.add_argument("--steps-per-minute", type=float, default=None, help="budgets as steps at this idle rate (default: wall time)")
-    ap.add_argument("--base", default=None, help="a Shakespeare checkpoint (last.safetensors) to start from, instead of training one")
+    ap.add_argument(
+        "--steps-per-minute", type=float, default=None, help="budgets as steps at this idle rate (default: wall time)"
+    )
+    ap.add_argument(
+        "--base", default=None, help="a Shakespeare checkpoint (last.safetensors) to start from, instead of training one"
+    )
     ap.add_argument("--out", type=Path, default=Path("/tmp/charlm-finetune"))
     args = ap.parse_args()
     budgets = [float(m) for m in args.minutes.split(",")]
@@ -77,16 +88,30 @@ def main() -> None:
     base_shk = test_bpc(base["last"])
     for n in budgets:
         scratch = train("paulgraham", args.out / f"scratch-{n:g}m", n, spm)
-        tuned = train("paulgraham", args.out / f"finetune-{n:g}m", n, spm, init_from=base["last"],
-                      **({"lr": args.lr} if args.lr else {}))
-        rows.append((n, test_bpc(scratch["last"]), test_bpc(tuned["last"]), test_bpc(tuned["last"], shk_data),
-                     scratch["step"], tuned["step"]))
+        tuned = train(
+            "paulgraham", args.out / f"finetune-{n:g}m", n, spm, init_from=base["last"], **({"lr": args.lr} if args.lr else {})
+        )
+        rows.append(
+            (
+                n,
+                test_bpc(scratch["last"]),
+                test_bpc(tuned["last"]),
+                test_bpc(tuned["last"], shk_data),
+                scratch["step"],
+                tuned["step"],
+            )
+        )
         print(f"N={n:g} min: scratch {rows[-1][1]:.4f}, fine-tuned {rows[-1][2]:.4f} bits/char on Paul Graham", file=sys.stderr)
-    lines = [f"CPU: {cpu_model()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/finetune.py {' '.join(sys.argv[1:])}`; "
-             "preset shakespeare-cpu for every run" + (f", N minutes = {spm:g} x N steps" if spm else ""),
-             "", f"Base: Shakespeare, {args.base_minutes:g} minutes ({base['step']:,} steps): Shakespeare test {base_shk:.4f} bits/char",
-             "", "| N (minutes) | Paul Graham test, from scratch | Paul Graham test, fine-tuned | gain | Shakespeare test after fine-tuning (before: "
-             f"{base_shk:.4f}) | steps scratch / fine-tuned |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"CPU: {cpu_model()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/finetune.py {' '.join(sys.argv[1:])}`; "
+        "preset shakespeare-cpu for every run" + (f", N minutes = {spm:g} x N steps" if spm else ""),
+        "",
+        f"Base: Shakespeare, {args.base_minutes:g} minutes ({base['step']:,} steps): Shakespeare test {base_shk:.4f} bits/char",
+        "",
+        "| N (minutes) | Paul Graham test, from scratch | Paul Graham test, fine-tuned | gain | Shakespeare test after fine-tuning (before: "
+        f"{base_shk:.4f}) | steps scratch / fine-tuned |",
+        "|---|---|---|---|---|---|",
+    ]
     for n, scratch, tuned, shk_after, s1, s2 in rows:
         lines.append(f"| {n:g} | {scratch:.4f} | {tuned:.4f} | {scratch - tuned:+.4f} | {shk_after:.4f} | {s1:,} / {s2:,} |")
     text = "\n".join(lines) + "\n"

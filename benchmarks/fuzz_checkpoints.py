@@ -71,9 +71,23 @@ def main() -> int:
     for index, family, base, note, detail in totals.examples[:20]:
         print(f"  FAIL case {index} ({family}, {base}: {note}): {detail}")
     if args.json:
-        args.json.write_text(json.dumps({"seed": args.seed, "cases": totals.cases, "clean": totals.clean, "success": totals.success, "other": totals.other,
-                                         "failures": totals.failures, "commands": totals.commands, "wall_s": wall,
-                                         "families": totals.families, "examples": totals.examples}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "seed": args.seed,
+                    "cases": totals.cases,
+                    "clean": totals.clean,
+                    "success": totals.success,
+                    "other": totals.other,
+                    "failures": totals.failures,
+                    "commands": totals.commands,
+                    "wall_s": wall,
+                    "families": totals.families,
+                    "examples": totals.examples,
+                },
+                indent=1,
+            )
+        )
     return 1 if failures else 0
 
 

@@ -67,12 +67,13 @@ def worker(args) -> None:
         lm.score(text[:5000])
 
         def run():
-            return lm.score(text[:size + 1]).bits_per_char
+            return lm.score(text[: size + 1]).bits_per_char
     else:
         lm.score(text[:600], dynamic=True)
 
         def run():
-            return lm.score(text[:size + 1], dynamic=True).bits_per_char
+            return lm.score(text[: size + 1], dynamic=True).bits_per_char
+
     t = time.perf_counter()
     result = run()
     seconds = time.perf_counter() - t
@@ -149,14 +150,30 @@ def ensure_old(rev: str, path: Path) -> str:
     """A worktree of rev at path (made if missing); returns the commit it holds."""
     if not path.exists():
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev], check=True, capture_output=True)
-    return subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(path), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def run_worker(code: Path, threads: int, what: str, dtype: str, size: int, ckpt: Path, text_file: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads), "CHARLM_THREADS": str(threads)}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--what", what, "--dtype", dtype, "--size", str(size),
-           "--ckpt", str(ckpt), "--text-file", str(text_file), "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--what",
+        what,
+        "--dtype",
+        dtype,
+        "--size",
+        str(size),
+        "--ckpt",
+        str(ckpt),
+        "--text-file",
+        str(text_file),
+        "--threads",
+        str(threads),
+    ]
     if shutil.which("taskset") and threads <= (os.cpu_count() or 1):
         cmd = ["taskset", "-c", f"0-{threads - 1}"] + cmd
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir(), timeout=1800)
@@ -173,8 +190,25 @@ def make_model(old: Path, work: Path, text_file: Path) -> Path:
     """A 2x512 LSTM checkpoint, written by the old code (so both can read it): one training step."""
     run_dir = work / "run"
     env = {**os.environ, "PYTHONPATH": str(old), "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "-m", "charlm", "train", str(text_file), "--out", str(run_dir), "--rnn-size", "512",
-           "--num-layers", "2", "--max-steps", "1", "--device", "cpu", "--batch-size", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "charlm",
+        "train",
+        str(text_file),
+        "--out",
+        str(run_dir),
+        "--rnn-size",
+        "512",
+        "--num-layers",
+        "2",
+        "--max-steps",
+        "1",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "8",
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
     if run.returncode:
         raise RuntimeError(f"could not train the benchmark model:\n{run.stderr[-3000:]}")
@@ -194,7 +228,9 @@ def roofs(threads: int) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--profile", action="store_true", help="the per-step breakdown of one-stream sampling, old and new, each dtype")
+    ap.add_argument(
+        "--profile", action="store_true", help="the per-step breakdown of one-stream sampling, old and new, each dtype"
+    )
     ap.add_argument("--what")
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--size", type=int)
@@ -219,7 +255,9 @@ def main(argv=None) -> dict:
         return profile(old_dir, commit, args)
     cases = [c for c in CASES if not args.cases or c[0] in args.cases]
     report: dict = {"old": commit, "new": "working tree of " + str(ROOT), "rounds": args.rounds, "cpu": _cpu(), "runs": {}}
-    lines = [f"one stream, old ({commit}) vs new (this tree), 2x512 LSTM, median of {args.rounds} alternating rounds; {report['cpu']}"]
+    lines = [
+        f"one stream, old ({commit}) vs new (this tree), 2x512 LSTM, median of {args.rounds} alternating rounds; {report['cpu']}"
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         text_file = work / "text.txt"
@@ -256,8 +294,18 @@ def profile(old_dir: Path, commit: str, args) -> dict:
         for dtype in ("fp32", "bf16", "int8"):
             for side, code in (("old", old_dir), ("new", ROOT)):
                 env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": str(threads)}
-                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--profile", "--dtype", dtype,
-                       "--ckpt", str(ckpt), "--threads", str(threads)]
+                cmd = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--worker",
+                    "--profile",
+                    "--dtype",
+                    dtype,
+                    "--ckpt",
+                    str(ckpt),
+                    "--threads",
+                    str(threads),
+                ]
                 if shutil.which("taskset") and threads <= (os.cpu_count() or 1):
                     cmd = ["taskset", "-c", f"0-{threads - 1}"] + cmd
                 run = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
@@ -305,9 +353,12 @@ def _summarise(results: dict, roof: dict) -> dict:
 
 
 def _format(threads: int, table: dict, roof: dict) -> list[str]:
-    out = [f"\n{threads} thread(s). Roof = the step's weights through each dtype's product kernel alone "
-           f"(benchmarks/bandwidth.py): " + ", ".join(f"{k} {v['chars_per_s']:,}/s" for k, v in roof["roof"].items() if v["chars_per_s"]),
-           f"{'case':<20} {'old chars/s':>12} {'new chars/s':>12} {'new/old':>8} {'old/roof':>9} {'new/roof':>9}  note"]
+    out = [
+        f"\n{threads} thread(s). Roof = the step's weights through each dtype's product kernel alone "
+        f"(benchmarks/bandwidth.py): "
+        + ", ".join(f"{k} {v['chars_per_s']:,}/s" for k, v in roof["roof"].items() if v["chars_per_s"]),
+        f"{'case':<20} {'old chars/s':>12} {'new chars/s':>12} {'new/old':>8} {'old/roof':>9} {'new/roof':>9}  note",
+    ]
     for name, r in table.items():
         note = ""
         if "bits_per_char_diff" in r:
@@ -317,14 +368,16 @@ def _format(threads: int, table: dict, roof: dict) -> list[str]:
         floor = FLOORS.get(name)
         if floor:
             note += f"; floor {floor}x: {'met' if r['speedup'] >= floor else 'NOT met'}"
-        share = (f"{r['old_share']:>9.0%} {r['new_share']:>9.0%}" if "new_share" in r else f"{'':>9} {'':>9}")
+        share = f"{r['old_share']:>9.0%} {r['new_share']:>9.0%}" if "new_share" in r else f"{'':>9} {'':>9}"
         out.append(f"{name:<20} {r['old_chars_per_s']:>12,} {r['new_chars_per_s']:>12,} {r['speedup']:>7.2f}x {share}  {note}")
     samples = {k: v for k, v in table.items() if k.startswith("sample")}
     if samples:
         fastest = max(samples, key=lambda k: samples[k]["new_chars_per_s"])
         r = samples[fastest]
-        out.append(f"fastest dtype: {fastest}, {r['speedup']}x the old code's rate in that dtype (floor 2.5x: "
-                   f"{'met' if r['speedup'] >= 2.5 else 'NOT met'}); its roof allows {r.get('roof_native', 0) / max(r['old_chars_per_s'], 1):.1f}x")
+        out.append(
+            f"fastest dtype: {fastest}, {r['speedup']}x the old code's rate in that dtype (floor 2.5x: "
+            f"{'met' if r['speedup'] >= 2.5 else 'NOT met'}); its roof allows {r.get('roof_native', 0) / max(r['old_chars_per_s'], 1):.1f}x"
+        )
     return out
 
 

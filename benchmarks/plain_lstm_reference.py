@@ -93,8 +93,13 @@ def train(model, data: torch.Tensor, args, log) -> dict:
                 last_log = elapsed
                 log(f"step {step}  epoch {epoch + w / windows:.2f}  train {last_bpc:.4f} bits/char  {elapsed:.0f}s")
             if elapsed >= args.time_budget:
-                return {"steps": step, "epochs": round(epoch + (w + 1) / windows, 4), "train_seconds": round(elapsed, 2),
-                        "chars_seen": step * args.batch_size * args.seq_length, "last_train_bpc": round(last_bpc, 4)}
+                return {
+                    "steps": step,
+                    "epochs": round(epoch + (w + 1) / windows, 4),
+                    "train_seconds": round(elapsed, 2),
+                    "chars_seen": step * args.batch_size * args.seq_length,
+                    "last_train_bpc": round(last_bpc, 4),
+                }
         epoch += 1
 
 
@@ -139,8 +144,10 @@ def main(argv=None) -> dict:
     train_ids, val_ids, test_ids = (torch.from_numpy(a) for a in split(ids))
     model = CharLSTM(len(vocab), args.embed_size, args.rnn_size, args.num_layers, args.dropout)
     params = sum(p.numel() for p in model.parameters())
-    log(f"{args.num_layers}x{args.rnn_size} LSTM, {params:,} parameters, vocabulary {len(vocab)}, "
-        f"train/val/test {len(train_ids):,}/{len(val_ids):,}/{len(test_ids):,} chars, {args.time_budget:g}s budget")
+    log(
+        f"{args.num_layers}x{args.rnn_size} LSTM, {params:,} parameters, vocabulary {len(vocab)}, "
+        f"train/val/test {len(train_ids):,}/{len(val_ids):,}/{len(test_ids):,} chars, {args.time_budget:g}s budget"
+    )
     trained = train(model, train_ids, args, log)
 
     start = time.perf_counter()
@@ -159,7 +166,11 @@ def main(argv=None) -> dict:
         "val_test_bpc": bpc(tail_nll, len(tail) - 1),
         "chars": {"train": len(train_ids), "val": len(val_ids), "test": len(test_ids)},
         "eval_seconds": round(time.perf_counter() - start, 2),
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+        "machine": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(),
+        },
     }
     print(json.dumps(report))
     return report

@@ -31,8 +31,10 @@ import subprocess
 import sys
 import time
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex; "
-         "First Citizen: Before we proceed any further, hear me speak. ROMEO: But, soft!").split()
+WORDS = (
+    "the quick brown fox jumps over a lazy dog while seven wizards quietly hex; "
+    "First Citizen: Before we proceed any further, hear me speak. ROMEO: But, soft!"
+).split()
 
 
 def prime_text(chars: int, seed: int = 0) -> str:
@@ -74,13 +76,33 @@ def measure(way: str, chars: int, layers: int, rnn_size: int, stepped_chars: int
             logp, state = scorer.step(ids[i : i + 1], state)
     seconds = time.perf_counter() - start
     assert bool(torch.isfinite(logp).all())
-    return {"way": way, "chars": len(ids), "chars_timed": done, "seconds_timed": round(seconds, 3),
-            "seconds": round(seconds * len(ids) / done, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    return {
+        "way": way,
+        "chars": len(ids),
+        "chars_timed": done,
+        "seconds_timed": round(seconds, 3),
+        "seconds": round(seconds * len(ids) / done, 2),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
 
 
 def run_child(way: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--measure", way, "--chars", str(args.chars), "--num-layers", str(args.num_layers),
-           "--rnn-size", str(args.rnn_size), "--stepped-chars", str(args.stepped_chars), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--measure",
+        way,
+        "--chars",
+        str(args.chars),
+        "--num-layers",
+        str(args.num_layers),
+        "--rnn-size",
+        str(args.rnn_size),
+        "--stepped-chars",
+        str(args.stepped_chars),
+        "--threads",
+        str(args.threads),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -100,8 +122,13 @@ def main(argv=None) -> dict:
         print(json.dumps(r))
         return r
     stepped, windowed = run_child("stepped", args), run_child("windowed", args)
-    r = {"model": f"{args.num_layers}x{args.rnn_size} lstm", "threads": args.threads, "stepped": stepped, "windowed": windowed,
-         "speedup": round(stepped["seconds"] / windowed["seconds"], 1)}
+    r = {
+        "model": f"{args.num_layers}x{args.rnn_size} lstm",
+        "threads": args.threads,
+        "stepped": stepped,
+        "windowed": windowed,
+        "speedup": round(stepped["seconds"] / windowed["seconds"], 1),
+    }
     if args.json:
         print(json.dumps(r))
         return r

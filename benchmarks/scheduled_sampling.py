@@ -38,7 +38,8 @@ from charlm.decoding.scorer import ModelScorer
 
 VARIANTS = [("plain", [])] + [
     (f"{schedule}-{mode}", ["--scheduled-sampling", schedule, "--ss-mode", mode])
-    for schedule in ("linear", "exponential", "inverse-sigmoid") for mode in ("model", "uniform")
+    for schedule in ("linear", "exponential", "inverse-sigmoid")
+    for mode in ("model", "uniform")
 ]
 TEMPERATURES = (1.0, 0.8)
 
@@ -48,9 +49,28 @@ def train(name: str, flags: list[str], args, steps: int, seed: int | None = None
     last = out / "last.safetensors"
     if last.exists() and checkpoint.read_meta(last)["train_state"]["step"] >= steps:
         return last
-    command = [sys.executable, "-m", "charlm", "train", args.corpus, "--preset", args.preset, "--dtype", "fp32",
-               "--max-steps", str(steps), "--time-budget", "24h", "--eval-every", str(max(steps // 2, 1)), "--out", str(out),
-               "--overwrite", *flags, *(["--seed", str(seed)] if seed is not None else [])]
+    command = [
+        sys.executable,
+        "-m",
+        "charlm",
+        "train",
+        args.corpus,
+        "--preset",
+        args.preset,
+        "--dtype",
+        "fp32",
+        "--max-steps",
+        str(steps),
+        "--time-budget",
+        "24h",
+        "--eval-every",
+        str(max(steps // 2, 1)),
+        "--out",
+        str(out),
+        "--overwrite",
+        *flags,
+        *(["--seed", str(seed)] if seed is not None else []),
+    ]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
     with open(out.parent / f"{name}.log", "w") as log:
@@ -100,34 +120,54 @@ def main() -> None:
     ap.add_argument("--train-only", help="comma-separated variants to train, then stop (to train in several processes)")
     args = ap.parse_args()
     Path(args.runs).mkdir(parents=True, exist_ok=True)
-    extra = [*(["--ss-k", str(args.ss_k)] if args.ss_k else []), *(["--ss-floor", str(args.ss_floor)] if args.ss_floor is not None else [])]
+    extra = [
+        *(["--ss-k", str(args.ss_k)] if args.ss_k else []),
+        *(["--ss-floor", str(args.ss_floor)] if args.ss_floor is not None else []),
+    ]
     if args.train_only:
         for name, flags in VARIANTS:
             if name in args.train_only.split(","):
                 train(name, flags + (extra if flags else []), args, args.steps)
         return
     runs = {name: train(name, flags + (extra if flags else []), args, args.steps) for name, flags in VARIANTS}
-    judges = args.judges or [str(train(f"judge-{seed}", [], args, args.judge_steps or 2 * args.steps, seed)) for seed in (101, 102, 103)]
+    judges = args.judges or [
+        str(train(f"judge-{seed}", [], args, args.judge_steps or 2 * args.steps, seed)) for seed in (101, 102, 103)
+    ]
     judge = Ensemble([ModelScorer((c := checkpoint.load(p)).build_model(), c.vocab) for p in judges])
     rows = []
     for name, last in runs.items():
         data = PreparedData(checkpoint.read_meta(last)["provenance"]["data_dir"])
-        row = {"variant": name, "test_bpc": evaluate(ModelScorer((c := checkpoint.load(last)).build_model(), c.vocab),
-                                                      np.asarray(data.tokens("test")))["bits_per_char"]}
+        row = {
+            "variant": name,
+            "test_bpc": evaluate(
+                ModelScorer((c := checkpoint.load(last)).build_model(), c.vocab), np.asarray(data.tokens("test"))
+            )["bits_per_char"],
+        }
         for t in TEMPERATURES:
             texts = samples(last, t, args)
             row[f"judge_bpc_T{t}"] = judged(judge, texts)
             row[f"repeated_10grams_T{t}"] = float(np.mean([repeated_share(s) for s in texts]))
         rows.append(row)
         print(json.dumps(row), flush=True)
-    record = {"corpus": args.corpus, "preset": args.preset, "steps": args.steps, "judges": judges, "samples": args.samples,
-              "length": args.length, "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-              "rows": rows}
+    record = {
+        "corpus": args.corpus,
+        "preset": args.preset,
+        "steps": args.steps,
+        "judges": judges,
+        "samples": args.samples,
+        "length": args.length,
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(record, indent=1) + "\n")
     head = "| variant | test bits/char | judge bits/char T=1.0 | T=0.8 | repeated 10-grams T=1.0 | T=0.8 |\n|---|---|---|---|---|---|\n"
-    lines = [f"| {r['variant']} | {r['test_bpc']:.4f} | {r['judge_bpc_T1.0']:.4f} | {r['judge_bpc_T0.8']:.4f} | "
-             f"{r['repeated_10grams_T1.0']:.3f} | {r['repeated_10grams_T0.8']:.3f} |" for r in rows]
+    lines = [
+        f"| {r['variant']} | {r['test_bpc']:.4f} | {r['judge_bpc_T1.0']:.4f} | {r['judge_bpc_T0.8']:.4f} | "
+        f"{r['repeated_10grams_T1.0']:.3f} | {r['repeated_10grams_T0.8']:.3f} |"
+        for r in rows
+    ]
     Path(args.out + ".md").write_text(head + "\n".join(lines) + "\n")
     print(head + "\n".join(lines))
 

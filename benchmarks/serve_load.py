@@ -52,8 +52,20 @@ def make_checkpoint(work: Path, layers: int = 2, size: int = 512) -> Path:
 
     os.environ["CHARLM_CORPORA_DIR"] = str(work / "corpora")  # the prepare cache stays in the temporary dir
     (work / "text.txt").write_text(sample_text())
-    result = charlm.train(work / "text.txt", work / "run", num_layers=layers, rnn_size=size, embed_size=64, batch_size=8,
-                          seq_length=64, max_steps=1, dtype="fp32", device="cpu", progress=False, overwrite=True)
+    result = charlm.train(
+        work / "text.txt",
+        work / "run",
+        num_layers=layers,
+        rnn_size=size,
+        embed_size=64,
+        batch_size=8,
+        seq_length=64,
+        max_steps=1,
+        dtype="fp32",
+        device="cpu",
+        progress=False,
+        overwrite=True,
+    )
     return Path(result.best)
 
 
@@ -117,8 +129,10 @@ class Connection:
 
     async def request(self, path: str, body: bytes, on_data, method: str = "POST") -> int:
         """Send one request; on_data(bytes) for each piece of the body as it arrives. Returns the status."""
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n{self.auth}\r\n").encode()
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n{self.auth}\r\n"
+        ).encode()
         reused = self.writer is not None and not self.writer.is_closing()
         if not reused:
             self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
@@ -210,20 +224,30 @@ class LoadResult:
             ordered = sorted(values)
             return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
-        return {"clients": self.clients, "seconds": round(self.seconds, 2), "chars_per_s": round(self.chars / self.seconds),
-                "requests": self.requests, "completed": self.completed, "errors": self.errors,
-                "first_char_ms_p50": _ms(pct(self.first_char, 0.5)), "first_char_ms_p99": _ms(pct(self.first_char, 0.99)),
-                "per_char_ms_p50": _ms(pct(self.per_char, 0.5), 3), "per_char_ms_p99": _ms(pct(self.per_char, 0.99), 3),
-                "server_cpu_cores": round(self.server_cpu, 2),
-                "server_http_thread_cores": round(self.http_cpu, 2), "client_cpu_cores": round(self.client_cpu, 2)}
+        return {
+            "clients": self.clients,
+            "seconds": round(self.seconds, 2),
+            "chars_per_s": round(self.chars / self.seconds),
+            "requests": self.requests,
+            "completed": self.completed,
+            "errors": self.errors,
+            "first_char_ms_p50": _ms(pct(self.first_char, 0.5)),
+            "first_char_ms_p99": _ms(pct(self.first_char, 0.99)),
+            "per_char_ms_p50": _ms(pct(self.per_char, 0.5), 3),
+            "per_char_ms_p99": _ms(pct(self.per_char, 0.99), 3),
+            "server_cpu_cores": round(self.server_cpu, 2),
+            "server_http_thread_cores": round(self.http_cpu, 2),
+            "client_cpu_cores": round(self.client_cpu, 2),
+        }
 
 
 def _ms(seconds: float | None, digits: int = 1) -> float | None:
     return None if seconds is None else round(1e3 * seconds, digits)
 
 
-async def load(port: int, clients: int, duration: float, length: int, prime_length: int, text: str, key: str | None,
-               server: ServerProcess) -> LoadResult:
+async def load(
+    port: int, clients: int, duration: float, length: int, prime_length: int, text: str, key: str | None, server: ServerProcess
+) -> LoadResult:
     """`clients` clients asking for streamed completions, one after another each, for `duration` seconds."""
     result = LoadResult(clients, duration)
     rng = random.Random(clients)
@@ -236,8 +260,15 @@ async def load(port: int, clients: int, duration: float, length: int, prime_leng
         try:
             while time.perf_counter() < deadline:
                 at = rng.randrange(len(text) - prime_length)
-                body = json.dumps({"prompt": text[at: at + prime_length], "max_tokens": length, "temperature": 0.8,
-                                   "seed": i * 100_000 + k, "stream": True}).encode()
+                body = json.dumps(
+                    {
+                        "prompt": text[at : at + prime_length],
+                        "max_tokens": length,
+                        "temperature": 0.8,
+                        "seed": i * 100_000 + k,
+                        "stream": True,
+                    }
+                ).encode()
                 k += 1
                 sse = SSE()
                 sent = time.perf_counter()
@@ -286,8 +317,9 @@ def server_threads(port: int, key: str | None) -> int:
 
 
 # -- the decoder alone -----------------------------------------------------------------------------
-def decoder_rate(ckpt: Path, dtype: str, threads: int, streams: int, length: int, prime_length: int, text: str,
-                 rounds: int = 3) -> float:
+def decoder_rate(
+    ckpt: Path, dtype: str, threads: int, streams: int, length: int, prime_length: int, text: str, rounds: int = 3
+) -> float:
     """Characters/s of lm.generate_many over `streams` primes (the batched decoder through the API, no HTTP)."""
     import torch
 
@@ -296,7 +328,7 @@ def decoder_rate(ckpt: Path, dtype: str, threads: int, streams: int, length: int
     torch.set_num_threads(threads)
     lm = charlm.load(ckpt, device="cpu", dtype=dtype)
     rng = random.Random(0)
-    primes = [text[a: a + prime_length] for a in (rng.randrange(len(text) - prime_length) for _ in range(streams))]
+    primes = [text[a : a + prime_length] for a in (rng.randrange(len(text) - prime_length) for _ in range(streams))]
     lm.generate_many(primes, 20, temperature=0.8, seed=0)  # warm-up
     times = []
     for r in range(rounds):
@@ -356,11 +388,20 @@ def main(argv: list[str] | None = None) -> dict:
         bench_threads = charlm_threads.choose("batch")
         decoder_bench = decoder_rate(ckpt, args.dtype, bench_threads, 64, args.length, args.prime_length, text, rounds)
     decoder_same = (decoder["before"] + decoder["after"]) / 2
-    report = {"machine": {"cores": os.cpu_count(), "server_torch_threads": threads}, "dtype": args.dtype,
-              "duration_s": args.duration, "length": args.length, "prime_length": args.prime_length, "rows": rows,
-              "decoder_64_streams": {f"chars_per_s_{threads}_threads (the server's)": round(decoder_same),
-                                     "before": round(decoder["before"]), "after": round(decoder["after"]),
-                                     f"chars_per_s_{bench_threads}_threads (charlm.threads' batch choice)": round(decoder_bench)}}
+    report = {
+        "machine": {"cores": os.cpu_count(), "server_torch_threads": threads},
+        "dtype": args.dtype,
+        "duration_s": args.duration,
+        "length": args.length,
+        "prime_length": args.prime_length,
+        "rows": rows,
+        "decoder_64_streams": {
+            f"chars_per_s_{threads}_threads (the server's)": round(decoder_same),
+            "before": round(decoder["before"]),
+            "after": round(decoder["after"]),
+            f"chars_per_s_{bench_threads}_threads (charlm.threads' batch choice)": round(decoder_bench),
+        },
+    }
     report["floors"] = floors(rows, decoder_same, decoder_bench, max(clients))
     print(table(report))
     if args.json:
@@ -385,24 +426,31 @@ def floors(rows: list[dict], decoder_same: float, decoder_bench: float, most: in
 
 
 def _row(r: dict) -> str:
-    return (f"| {r['server']} | {r['clients']} | {r['chars_per_s']:,} | {r['first_char_ms_p50']} | {r['first_char_ms_p99']} | "
-            f"{r['per_char_ms_p50']} | {r['per_char_ms_p99']} | {r['server_cpu_cores']} ({r['server_http_thread_cores']}) | "
-            f"{r['client_cpu_cores']} | "
-            f"{r['completed']}/{r['requests']} | {r['errors']} |")
+    return (
+        f"| {r['server']} | {r['clients']} | {r['chars_per_s']:,} | {r['first_char_ms_p50']} | {r['first_char_ms_p99']} | "
+        f"{r['per_char_ms_p50']} | {r['per_char_ms_p99']} | {r['server_cpu_cores']} ({r['server_http_thread_cores']}) | "
+        f"{r['client_cpu_cores']} | "
+        f"{r['completed']}/{r['requests']} | {r['errors']} |"
+    )
 
 
 def table(report: dict) -> str:
     d = report["decoder_64_streams"]
-    lines = [f"charlm serve under load: {report['dtype']}, {report['length']} characters after a {report['prime_length']}-character "
-             f"prompt, {report['duration_s']} s per setting, {report['machine']['cores']} cores, server model threads "
-             f"{report['machine']['server_torch_threads']}",
-             "",
-             "| server | clients | chars/s | first char p50 ms | p99 ms | per char p50 ms | p99 ms | server CPU, cores (HTTP thread) | "
-             "client CPU | completed/sent | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"charlm serve under load: {report['dtype']}, {report['length']} characters after a {report['prime_length']}-character "
+        f"prompt, {report['duration_s']} s per setting, {report['machine']['cores']} cores, server model threads "
+        f"{report['machine']['server_torch_threads']}",
+        "",
+        "| server | clients | chars/s | first char p50 ms | p99 ms | per char p50 ms | p99 ms | server CPU, cores (HTTP thread) | "
+        "client CPU | completed/sent | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     lines += [_row(r) for r in report["rows"]]
-    lines += ["", "decoder alone, 64 streams (lm.generate_many): " + ", ".join(f"{k} {v:,}" for k, v in d.items()),
-              "floors: " + ", ".join(f"{k} {v}" for k, v in report["floors"].items())]
+    lines += [
+        "",
+        "decoder alone, 64 streams (lm.generate_many): " + ", ".join(f"{k} {v:,}" for k, v in d.items()),
+        "floors: " + ", ".join(f"{k} {v}" for k, v in report["floors"].items()),
+    ]
     return "\n".join(lines)
 
 

@@ -50,9 +50,10 @@ def valid_pool(ckpt: Path, text: str, size: int, seed: int = 0) -> list[Valid]:
     pool = []
     for i in range(size):
         at = rng.randrange(len(text) - 200)
-        prompt = text[at: at + rng.choice([1, 20, 100, 150])]
-        settings = rng.choice([{"temperature": 0.8}, {"temperature": 1.0, "top_k": 5}, {"temperature": 0.7, "top_p": 0.9},
-                               {"temperature": 0}])
+        prompt = text[at : at + rng.choice([1, 20, 100, 150])]
+        settings = rng.choice(
+            [{"temperature": 0.8}, {"temperature": 1.0, "top_k": 5}, {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0}]
+        )
         n, length, stop = rng.choice([1, 1, 1, 2]), rng.choice([1, 30, 120, 300]), rng.choice([None, None, "\n", [".", "x"]])
         body = {"prompt": prompt, "max_tokens": length, "seed": 1000 + i, "n": n, **settings, **({"stop": stop} if stop else {})}
         api = {"temperature": 1.0, "greedy": True} if settings.get("temperature") == 0 else dict(settings)
@@ -106,7 +107,9 @@ class Soak:
                         got[c["index"]] = got.get(c["index"], "") + c["text"]
             texts = tuple(got.get(k, "") for k in range(len(v.texts)))
             done = raw.endswith(b"data: [DONE]\n\n")
-            self.note(kind, "ok" if texts == v.texts and done and not error else "wrong text", f"{texts!r} != {v.texts!r} {error}")
+            self.note(
+                kind, "ok" if texts == v.texts and done and not error else "wrong text", f"{texts!r} != {v.texts!r} {error}"
+            )
             return
         status, data = await self.post(json.dumps(body).encode(), conn)
         if status == 200:
@@ -130,11 +133,27 @@ class Soak:
         elif choice == 1:
             kind, body, want, param = "not UTF-8", b'{"prompt": "\xff\xfe"}', 400, "body"
         elif choice == 2:
-            field, value = self.rng.choice([("temperature", "hot"), ("max_tokens", "ten"), ("n", 1.5), ("seed", [1]), ("stop", 7),
-                                            ("prompt", {"a": 1}), ("stream", "no"), ("top_k", -3), ("echo", 0)])
+            field, value = self.rng.choice(
+                [
+                    ("temperature", "hot"),
+                    ("max_tokens", "ten"),
+                    ("n", 1.5),
+                    ("seed", [1]),
+                    ("stop", 7),
+                    ("prompt", {"a": 1}),
+                    ("stream", "no"),
+                    ("top_k", -3),
+                    ("echo", 0),
+                ]
+            )
             kind, body, want, param = "wrong type", json.dumps(dict(v, **{field: value})).encode(), 400, field
         elif choice == 3:
-            kind, body, want, param = "max_tokens over the cap", json.dumps(dict(v, max_tokens=MAX_LENGTH + 1)).encode(), 400, "max_tokens"
+            kind, body, want, param = (
+                "max_tokens over the cap",
+                json.dumps(dict(v, max_tokens=MAX_LENGTH + 1)).encode(),
+                400,
+                "max_tokens",
+            )
         elif choice == 4:
             kind, body, want, param = "unknown field", json.dumps(dict(v, temprature=1)).encode(), 400, "temprature"
         elif choice == 5:
@@ -150,7 +169,9 @@ class Soak:
             got = json.loads(data)["error"]["param"]
         except (ValueError, KeyError, TypeError):
             got = None
-        self.note(kind, "ok" if status == want and got == param else f"status {status} param {got}", data.decode(errors="replace"))
+        self.note(
+            kind, "ok" if status == want and got == param else f"status {status} param {got}", data.decode(errors="replace")
+        )
 
     async def huge(self) -> None:
         """A body past --max-body, declared (Content-Length) or streamed (chunked): 413."""
@@ -164,7 +185,7 @@ class Soak:
             try:
                 if chunked:
                     for at in range(0, len(payload), 65536):
-                        piece = payload[at: at + 65536]
+                        piece = payload[at : at + 65536]
                         writer.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
                         await writer.drain()
                     writer.write(b"0\r\n\r\n")
@@ -193,8 +214,11 @@ class Soak:
                 if not piece:
                     break
                 data += piece
-            self.note("disconnect mid-stream", "ok" if b" 200 " in data[:20] or b" 429 " in data[:20] else "no stream",
-                      data[:200].decode(errors="replace"))
+            self.note(
+                "disconnect mid-stream",
+                "ok" if b" 200 " in data[:20] or b" 429 " in data[:20] else "no stream",
+                data[:200].decode(errors="replace"),
+            )
         except asyncio.TimeoutError:
             self.note("disconnect mid-stream", "timeout")
         finally:
@@ -310,20 +334,36 @@ def main(argv: list[str] | None = None) -> int:
     rss = result["rss"]
     growth = (rss["end_kb"] - rss["after_warmup_kb"]) / rss["after_warmup_kb"]
     passed = up and bad == 0 and left == 0 and growth < 0.10 and code == 0
-    print(f"charlm serve soak: {result['seconds']:.0f} s, {total} requests, {args.workers} workers + bursts of {ROWS_AND_QUEUE + 24}")
+    print(
+        f"charlm serve soak: {result['seconds']:.0f} s, {total} requests, {args.workers} workers + bursts of {ROWS_AND_QUEUE + 24}"
+    )
     print("| kind | ok | 429 (in a burst) | other |\n|---|---:|---:|---:|")
     for k in kinds:
         other = sum(n for (kk, o), n in counts.items() if kk == k and o not in ("ok", "429"))
         print(f"| {k} | {counts[(k, 'ok')]} | {counts[(k, '429')]} | {other} |")
     print(f"server up at the end: {up}; rows or queued requests left: {left}; exit status after SIGTERM: {code}")
-    print(f"resident memory: {rss['after_warmup_kb'] / 1024:.1f} MiB after warm-up, {rss['end_kb'] / 1024:.1f} MiB at the end "
-          f"({100 * growth:+.1f}%), peak {rss['peak_kb'] / 1024:.1f} MiB")
+    print(
+        f"resident memory: {rss['after_warmup_kb'] / 1024:.1f} MiB after warm-up, {rss['end_kb'] / 1024:.1f} MiB at the end "
+        f"({100 * growth:+.1f}%), peak {rss['peak_kb'] / 1024:.1f} MiB"
+    )
     for f in result["failures"][:20]:
         print("  failure:", f)
     print("PASS" if passed else "FAIL")
     if args.json:
-        args.json.write_text(json.dumps({"counts": {f"{k}: {o}": n for (k, o), n in counts.items()}, "rss": rss, "up": up,
-                                         "left": left, "exit": code, "failures": result["failures"], "passed": passed}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "counts": {f"{k}: {o}": n for (k, o), n in counts.items()},
+                    "rss": rss,
+                    "up": up,
+                    "left": left,
+                    "exit": code,
+                    "failures": result["failures"],
+                    "passed": passed,
+                },
+                indent=2,
+            )
+        )
     return 0 if passed else 1
 
 

@@ -73,15 +73,22 @@ class Version:
         work.mkdir(parents=True, exist_ok=True)
 
     def charlm(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        done = subprocess.run([sys.executable, "-m", "charlm", *args], cwd=self.work, env=self.env,
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "-m", "charlm", *args], cwd=self.work, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         if done.returncode != 0:
             raise SystemExit(f"{self.name}: charlm {' '.join(args)} failed:\n{done.stderr[-2000:]}")
         return done
 
     def timed(self, warm: list[str], full: list[str]) -> float:
-        done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(warm), json.dumps(full)], cwd=self.work,
-                              env=self.env, capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(warm), json.dumps(full)],
+            cwd=self.work,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if done.returncode != 0:
             raise SystemExit(f"{self.name}: {' '.join(full)} failed:\n{done.stderr[-2000:]}")
         return float(done.stdout.split()[-1])
@@ -96,8 +103,9 @@ def make_text(path: Path, chars: int, seed: int = 0) -> Path:
 def old_tree(work: Path, commit: str) -> Path:
     """A worktree of the old commit (removed at the end, by main)."""
     tree = work / f"old-{commit}"
-    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), commit],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "--force", str(tree), commit], check=True, capture_output=True
+    )
     return tree
 
 
@@ -119,28 +127,64 @@ class Cases:
     def checkpoint(self, v: Version) -> Path:
         """A checkpoint of the model's size, trained one step by this version (its own format)."""
         out = v.work / "ckpt"
-        v.charlm("train", str(self.text), "--out", str(out), "--overwrite", "--max-steps", "1", "--eval-every", "1",
-                 *self.model, "--dtype", "fp32")
+        v.charlm(
+            "train",
+            str(self.text),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--max-steps",
+            "1",
+            "--eval-every",
+            "1",
+            *self.model,
+            "--dtype",
+            "fp32",
+        )
         return out / "last.safetensors"
 
     def run(self, v: Version, case: str, ckpt: Path) -> float:
         """chars/s of one case, once."""
         c = str(ckpt)
         if case == "sample_1":
-            seconds = v.timed(["sample", c, "--length", "2", *self.dtype], ["sample", c, "--length", str(self.length1), "--seed", "1", *self.dtype])
+            seconds = v.timed(
+                ["sample", c, "--length", "2", *self.dtype],
+                ["sample", c, "--length", str(self.length1), "--seed", "1", *self.dtype],
+            )
             return self.length1 / seconds
         if case == "sample_64":
-            seconds = v.timed(["sample", c, "--length", "2", "--num-samples", "64", *self.dtype],
-                              ["sample", c, "--length", str(self.length64), "--num-samples", "64", "--seed", "1", *self.dtype])
+            seconds = v.timed(
+                ["sample", c, "--length", "2", "--num-samples", "64", *self.dtype],
+                ["sample", c, "--length", str(self.length64), "--num-samples", "64", "--seed", "1", *self.dtype],
+            )
             return 64 * self.length64 / seconds
         if case == "eval_text":
-            seconds = v.timed(["eval", c, "--text", str(self.small_text), *self.dtype], ["eval", c, "--text", str(self.eval_text), *self.dtype])
+            seconds = v.timed(
+                ["eval", c, "--text", str(self.small_text), *self.dtype], ["eval", c, "--text", str(self.eval_text), *self.dtype]
+            )
             return len(self.eval_text.read_text()) / seconds
         if case == "train":
             out = v.work / "train-run"
-            v.charlm("train", str(self.text), "--out", str(out), "--overwrite", "--max-steps", str(self.steps), "--log-every", "1",
-                     "--eval-every", "1000000", *self.model, *self.dtype)
-            rates = [r["chars_per_s"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("kind") == "train"]
+            v.charlm(
+                "train",
+                str(self.text),
+                "--out",
+                str(out),
+                "--overwrite",
+                "--max-steps",
+                str(self.steps),
+                "--log-every",
+                "1",
+                "--eval-every",
+                "1000000",
+                *self.model,
+                *self.dtype,
+            )
+            rates = [
+                r["chars_per_s"]
+                for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if r.get("kind") == "train"
+            ]
             return statistics.median(rates[1:] or rates)  # the first interval holds the warm-up
         raise ValueError(case)
 
@@ -153,8 +197,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 round, a 2x128 LSTM, short runs: a check that it works")
     ap.add_argument("--rounds", type=int, default=None, help="default 3 (1 with --quick)")
     ap.add_argument("--old", default=OLD_COMMIT, help=f"the old commit (default {OLD_COMMIT})")
-    ap.add_argument("--dtype", default="fp32", help="the dtype every command runs in, both versions (default fp32: the "
-                    "same work on both sides); 'shipped': each version's own defaults")
+    ap.add_argument(
+        "--dtype",
+        default="fp32",
+        help="the dtype every command runs in, both versions (default fp32: the "
+        "same work on both sides); 'shipped': each version's own defaults",
+    )
     ap.add_argument("--wait-policy", action="store_true", help="also run the new code under OMP_WAIT_POLICY=PASSIVE")
     ap.add_argument("--cases", default=",".join(CASES), help=f"a subset of {','.join(CASES)}")
     ap.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
@@ -184,8 +232,13 @@ def main() -> None:
 
 def describe_machine() -> str:
     """The new code's one-line machine description, from a child (this process does not import torch)."""
-    done = subprocess.run([sys.executable, "-c", "from charlm import machine; print(machine.describe())"], cwd=tempfile.gettempdir(),
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "from charlm import machine; print(machine.describe())"],
+        cwd=tempfile.gettempdir(),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+    )
     return done.stdout.strip() or done.stderr.strip().splitlines()[-1]
 
 
@@ -226,13 +279,28 @@ def report(figures: dict, versions: list[Version], cases_run: list[str], args) -
             if v.name != "old":
                 verdict = "  ok" if ratio >= FLOOR else "  BELOW THE FLOOR"
                 ok = ok and ratio >= FLOOR
-            summary.setdefault(case, {})[v.name] = {"alone": round(alone), "hog": round(hog), "hog_over_alone": round(ratio, 3),
-                                                    "alone_over_old": round(alone / old_alone, 3)}
+            summary.setdefault(case, {})[v.name] = {
+                "alone": round(alone),
+                "hog": round(hog),
+                "hog_over_alone": round(ratio, 3),
+                "alone_over_old": round(alone / old_alone, 3),
+            }
             print(f"{case:<10} {v.name:<12} {alone:>10,.0f} {hog:>11,.0f} {ratio:>10.2f}  {alone / old_alone:>11.2f}x{verdict}")
     print("\nfloor met" if ok else "\nfloor NOT met")
     if args.out:
-        args.out.write_text(json.dumps({"machine": describe_machine(), "old": args.old, "dtype": args.dtype, "quick": args.quick,
-                                        "summary": summary, "rounds": figures}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "machine": describe_machine(),
+                    "old": args.old,
+                    "dtype": args.dtype,
+                    "quick": args.quick,
+                    "summary": summary,
+                    "rounds": figures,
+                },
+                indent=1,
+            )
+        )
         print(f"wrote {args.out}")
 
 

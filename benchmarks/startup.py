@@ -44,8 +44,9 @@ CASES = [  # (label, python arguments, extra environment, what stdout must conta
 def old_tree(commit: str) -> Path:
     """The old code as a git worktree (detached at `commit`), made once and reused."""
     if not (OLD_DIR / "charlm" / "__init__.py").exists():
-        subprocess.run(["git", "-C", str(NEW), "worktree", "add", "--detach", str(OLD_DIR), commit], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(NEW), "worktree", "add", "--detach", str(OLD_DIR), commit], check=True, capture_output=True
+        )
     head = subprocess.run(["git", "-C", str(OLD_DIR), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True)
     if not commit.startswith(head.stdout.strip()) and not head.stdout.strip().startswith(commit):
         sys.exit(f"error: {OLD_DIR} is at {head.stdout.strip()}, not {commit}; remove it (git worktree remove {OLD_DIR})")
@@ -59,8 +60,14 @@ def environment(tree: Path, extra: dict[str, str]) -> dict[str, str]:
 
 def check_imports_from(tree: Path, workdir: str) -> None:
     """Each tree's runs must import charlm from that tree, not from the editable install or the working directory."""
-    done = subprocess.run([sys.executable, "-c", "import charlm; print(charlm.__file__)"], cwd=workdir,
-                          env=environment(tree, {}), capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import charlm; print(charlm.__file__)"],
+        cwd=workdir,
+        env=environment(tree, {}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     where = Path(done.stdout.strip()).resolve()
     if where != (tree / "charlm" / "__init__.py").resolve():
         sys.exit(f"error: with PYTHONPATH={tree}, charlm was imported from {where}")
@@ -108,19 +115,21 @@ def main() -> None:
         print(f"{label}: {before:.3f} s -> {after:.3f} s", file=sys.stderr)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    text = "\n".join([
-        f"# charlm start-up, before ({args.old}) and after (this tree), median of {args.runs} fresh processes",
-        "",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-        f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores); load average at the end: {load:.2f}",
-        f"- Python {platform.python_version()}; the old and new runs alternate; wall time of the whole process",
-        "- command: nice -n 5 python benchmarks/startup.py",
-        "",
-        "| case | before (s) | after (s) | speed-up |",
-        "|---|---:|---:|---:|",
-        *rows,
-        "",
-    ])
+    text = "\n".join(
+        [
+            f"# charlm start-up, before ({args.old}) and after (this tree), median of {args.runs} fresh processes",
+            "",
+            f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+            f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores); load average at the end: {load:.2f}",
+            f"- Python {platform.python_version()}; the old and new runs alternate; wall time of the whole process",
+            "- command: nice -n 5 python benchmarks/startup.py",
+            "",
+            "| case | before (s) | after (s) | speed-up |",
+            "|---|---:|---:|---:|",
+            *rows,
+            "",
+        ]
+    )
     print(text)
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(text)

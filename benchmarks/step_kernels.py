@@ -37,7 +37,9 @@ def per_step_ms(fn, steps: int = 300, rounds: int = 5) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--old", help="an older charlm/cells.py to compare, in fp32 and bf16 (e.g. from git show 9866693:charlm/cells.py)")
+    ap.add_argument(
+        "--old", help="an older charlm/cells.py to compare, in fp32 and bf16 (e.g. from git show 9866693:charlm/cells.py)"
+    )
     ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args(argv)
     torch.manual_seed(0)

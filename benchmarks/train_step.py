@@ -43,8 +43,16 @@ def main(argv=None) -> dict:
             data = PreparedData(prep.cached_prepare(args.data))
         else:
             data = bench.synthetic_data(Path(tmp))
-        rates = bench.training(data, args.num_layers, args.rnn_size, args.embed_size, args.batch_size,
-                               args.seq_length, steps=args.steps, rounds=args.rounds)
+        rates = bench.training(
+            data,
+            args.num_layers,
+            args.rnn_size,
+            args.embed_size,
+            args.batch_size,
+            args.seq_length,
+            steps=args.steps,
+            rounds=args.rounds,
+        )
     ref = rates["reference_fp32"]["chars_per_s"]
     own = rates["reference_fp32_default_allocator"]["chars_per_s"]
     report = {
@@ -60,13 +68,16 @@ def main(argv=None) -> dict:
         print(json.dumps(report))
     else:
         print(f"{report['model']}, {report['threads']} threads, median of {args.rounds} rounds x {args.steps} steps")
-        print(f"  plain nn.LSTM loop, fp32, glibc's default allocator              : "
-              f"{report['reference_fp32_default_allocator']:>8,} chars/s  (B)")
-        print(f"  plain nn.LSTM loop, fp32, charlm's allocator settings            : "
-              f"{report['reference_fp32']:>8,} chars/s  (A)")
+        print(
+            f"  plain nn.LSTM loop, fp32, glibc's default allocator              : "
+            f"{report['reference_fp32_default_allocator']:>8,} chars/s  (B)"
+        )
+        print(f"  plain nn.LSTM loop, fp32, charlm's allocator settings            : {report['reference_fp32']:>8,} chars/s  (A)")
         for key, label in (("fp32", "charlm, fp32"), ("bf16", "charlm, bf16 autocast")):
-            print(f"  {label:<65}: {report[key]:>8,} chars/s  ({report[key + '_over_reference']:.3f}x A, "
-                  f"{report[key + '_over_default_allocator_reference']:.3f}x B)")
+            print(
+                f"  {label:<65}: {report[key]:>8,} chars/s  ({report[key + '_over_reference']:.3f}x A, "
+                f"{report[key + '_over_default_allocator_reference']:.3f}x B)"
+            )
     return report
 
 

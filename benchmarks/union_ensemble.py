@@ -48,8 +48,10 @@ def main() -> None:
     ens = charlm.load(args.shakespeare, args.paulgraham, device="cpu", dtype="fp32")
     start = time.perf_counter()
     whole = ens.score(mixed)
-    print(f"mixed text: {len(mixed):,} characters, alternating ~{args.paragraph}-character pieces of each test split; "
-          f"union vocabulary {len(ens.vocab)} ({len(a.vocab)} + {len(b.vocab)} symbols); {time.perf_counter() - start:.0f} s")
+    print(
+        f"mixed text: {len(mixed):,} characters, alternating ~{args.paragraph}-character pieces of each test split; "
+        f"union vocabulary {len(ens.vocab)} ({len(a.vocab)} + {len(b.vocab)} symbols); {time.perf_counter() - start:.0f} s"
+    )
     print("| model | bits/char | characters scored |")
     print("|---|---|---|")
     for name, lm in ((Path(args.shakespeare).parent.name, a), (Path(args.paulgraham).parent.name, b)):

@@ -61,9 +61,11 @@ def main() -> None:
     untrained = CharRNN(ckpt.model_config).eval()
     cfg = ckpt.model_config
     metrics = ckpt.meta.get("metrics", {})
-    print(f"{a.ckpt}: {cfg.num_layers}x{cfg.rnn_size} {cfg.cell}, step {metrics.get('step')}, val {metrics.get('val_bpc')} bits/char; "
-          f"{len(text):,} characters of {source}; activation: "
-          f"{'cell_tanh' if cfg.cell == 'lstm' else 'default'}; untrained: the same config, torch.manual_seed({a.seed})")
+    print(
+        f"{a.ckpt}: {cfg.num_layers}x{cfg.rnn_size} {cfg.cell}, step {metrics.get('step')}, val {metrics.get('val_bpc')} bits/char; "
+        f"{len(text):,} characters of {source}; activation: "
+        f"{'cell_tanh' if cfg.cell == 'lstm' else 'default'}; untrained: the same config, torch.manual_seed({a.seed})"
+    )
     rows = {}
     for label, model in (("trained", trained), ("untrained", untrained)):
         t0 = time.perf_counter()
@@ -83,11 +85,16 @@ def timing(ckpt: Path, text: str) -> None:
         src, out = Path(d) / "text.txt", Path(d) / "page.html"
         src.write_text(text)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "charlm", "viz", str(ckpt), "--text", str(src), "-o", str(out)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "charlm", "viz", str(ckpt), "--text", str(src), "-o", str(out)],
+            check=True,
+            capture_output=True,
+        )
         wall = time.perf_counter() - t0
-        print(f"page: charlm viz on {len(text):,} characters: {wall:.1f} s wall clock (a fresh process), "
-              f"{out.stat().st_size / 1e6:.2f} MB")
+        print(
+            f"page: charlm viz on {len(text):,} characters: {wall:.1f} s wall clock (a fresh process), "
+            f"{out.stat().st_size / 1e6:.2f} MB"
+        )
 
 
 if __name__ == "__main__":

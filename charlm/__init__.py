@@ -18,13 +18,35 @@ __version__ = "0.1.0"
 
 # Public names served from charlm.api on first use (PEP 562), so that importing the package
 # (the CLI's --help, --version and completion included) never imports torch.
-_API_NAMES = ("load", "LanguageModel", "Streams", "Score", "Beam", "Event", "checkpoint_info", "prepare", "train", "TrainResult", "Progress")
+_API_NAMES = (
+    "load",
+    "LanguageModel",
+    "Streams",
+    "Score",
+    "Beam",
+    "Event",
+    "checkpoint_info",
+    "prepare",
+    "train",
+    "TrainResult",
+    "Progress",
+)
 
 __all__ = ["CharlmError", "CheckpointError", "DataError", "OptionError", "__version__", *_API_NAMES]
 
 if TYPE_CHECKING:
     from charlm.api import (  # noqa: F401
-        Beam, Event, LanguageModel, Progress, Score, Streams, TrainResult, checkpoint_info, load, prepare, train,
+        Beam,
+        Event,
+        LanguageModel,
+        Progress,
+        Score,
+        Streams,
+        TrainResult,
+        checkpoint_info,
+        load,
+        prepare,
+        train,
     )
 
 

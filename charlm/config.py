@@ -56,55 +56,79 @@ class ModelConfig:
     embed_size: int = option(64, "Character embedding width fed to the first layer", between(1, MAX_WIDTH))
     dropout: float = option(0.0, "Dropout between layers and before the head; 0 disables", interval("[0, 1)"))
     # measured: docs/results.md
-    forget_bias: float = option(0.0, "LSTM family (lstm, peephole, minlstm): the forget gate's initial bias; other cells ignore it",
-                                between(-100, 100))
+    forget_bias: float = option(
+        0.0, "LSTM family (lstm, peephole, minlstm): the forget gate's initial bias; other cells ignore it", between(-100, 100)
+    )
     # 0 until the data is known; the message names the range a model needs
-    vocab_size: int = option(0, "Set from the prepared data", Check(lambda v: 0 <= v <= MAX_VOCAB, f"between 1 and {MAX_VOCAB}"),
-                             internal=True)
+    vocab_size: int = option(
+        0, "Set from the prepared data", Check(lambda v: 0 <= v <= MAX_VOCAB, f"between 1 and {MAX_VOCAB}"), internal=True
+    )
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = option(64, "Contiguous streams B the training text is cut into (per process with --nproc)",
-                             between(1, MAX_STREAMS))
+    batch_size: int = option(
+        64, "Contiguous streams B the training text is cut into (per process with --nproc)", between(1, MAX_STREAMS)
+    )
     seq_length: int = option(100, "Window length T: steps of backpropagation through time", between(1, MAX_STREAMS))
     lr: float = option(2e-3, "Peak learning rate (AdamW)", positive())
     weight_decay: float = option(0.0, "AdamW decoupled weight decay", at_least(0))
     grad_clip: float = option(5.0, "Clip the global gradient norm to this; 0 disables", at_least(0, " (0 disables clipping)"))
-    schedule: str = option("constant", "Learning-rate schedule: {choices} (step: times lr-decay every decay-every steps)",
-                           one_of(SCHEDULES))
+    schedule: str = option(
+        "constant", "Learning-rate schedule: {choices} (step: times lr-decay every decay-every steps)", one_of(SCHEDULES)
+    )
     warmup_steps: int = option(0, "Linear warm-up from 0 to lr over this many steps", between(0, MAX_COUNT))
     # fine-tuning (--init-from): charlm/training/grow.py
-    freeze_layers: int = option(0, "Fine-tuning: hold the embedding and the lowest K recurrent layers fixed for the first "
-                                "--freeze-steps steps (the new characters' output rows and the upper layers learn first)",
-                                between(0, MAX_LAYERS))
+    freeze_layers: int = option(
+        0,
+        "Fine-tuning: hold the embedding and the lowest K recurrent layers fixed for the first "
+        "--freeze-steps steps (the new characters' output rows and the upper layers learn first)",
+        between(0, MAX_LAYERS),
+    )
     freeze_steps: int = option(0, "Fine-tuning: the steps --freeze-layers holds", between(0, MAX_COUNT))
     lr_decay: float = option(0.5, "step schedule: multiply the lr by this", interval("(0, 1]"))
     decay_every: int = option(1000, "step schedule: every this many steps", between(1, MAX_COUNT))
     min_lr_ratio: float = option(0.1, "cosine schedule: the final lr as a fraction of lr", interval("[0, 1]"))
     max_steps: int | None = option(None, "Stop after this many optimizer steps", between(1, MAX_COUNT))
     max_epochs: float | None = option(None, "Stop after this many passes over the training split", positive())
-    time_budget: float | None = option(None, "Stop after this long: 90s, 10m, 1h. No limit at all: one epoch", positive(),
-                                       flag_type=str)
+    time_budget: float | None = option(
+        None, "Stop after this long: 90s, 10m, 1h. No limit at all: one epoch", positive(), flag_type=str
+    )
     eval_every: int = option(200, "Validate and checkpoint every N steps", between(1, MAX_COUNT))
     log_every: int = option(10, "Report progress (and sync with the device) every N steps", between(1, MAX_COUNT))
     seed: int = option(1337, "Seed for initialisation and dropout", between(0, MAX_COUNT, note=f" = {MAX_COUNT}"))
     device: str = option("auto", "Device: {choices}", one_of(DEVICES))
-    dtype: str = option("fp32", "Precision: fp32, bf16 (autocast, fp32 master weights) or auto (the fastest this machine runs well)",
-                        one_of(TRAIN_DTYPES))
-    compile: bool = option(False, "torch.compile the training module: meant for CUDA; the first steps are slow while it compiles",
-                           switch=True)
+    dtype: str = option(
+        "fp32",
+        "Precision: fp32, bf16 (autocast, fp32 master weights) or auto (the fastest this machine runs well)",
+        one_of(TRAIN_DTYPES),
+    )
+    compile: bool = option(
+        False, "torch.compile the training module: meant for CUDA; the first steps are slow while it compiles", switch=True
+    )
     scheduled_sampling: str = option(
-        "none", "Feed the model its own predictions with a probability growing over training: {choices} "
-        "(the teacher-forcing probability's decay)", one_of(SS_SCHEDULES))
+        "none",
+        "Feed the model its own predictions with a probability growing over training: {choices} "
+        "(the teacher-forcing probability's decay)",
+        one_of(SS_SCHEDULES),
+    )
     # None: each schedule's own k (DEFAULT_K in charlm/training/scheduled.py); its range depends on the schedule
     ss_k: float | None = option(
-        None, "The decay's k (default: each schedule's own, see charlm/training/scheduled.py): linear, steps to fall from 1 "
-        "to 0; exponential, factor per step in (0, 1); inverse-sigmoid, k/(k+exp(step/k)), >= 1", positive(got=True))
-    ss_floor: float = option(0.5, "The lowest teacher-forcing probability, in [0, 1] (1 = plain training)",
-                             interval("[0, 1]", ": the lowest teacher-forcing probability", got=True))
-    ss_mode: str = option("model", "What replaces a true input: {choices} (model: a sample of its prediction; uniform: "
-                          "a random symbol)", one_of(SS_MODES))
+        None,
+        "The decay's k (default: each schedule's own, see charlm/training/scheduled.py): linear, steps to fall from 1 "
+        "to 0; exponential, factor per step in (0, 1); inverse-sigmoid, k/(k+exp(step/k)), >= 1",
+        positive(got=True),
+    )
+    ss_floor: float = option(
+        0.5,
+        "The lowest teacher-forcing probability, in [0, 1] (1 = plain training)",
+        interval("[0, 1]", ": the lowest teacher-forcing probability", got=True),
+    )
+    ss_mode: str = option(
+        "model",
+        "What replaces a true input: {choices} (model: a sample of its prediction; uniform: a random symbol)",
+        one_of(SS_MODES),
+    )
 
 
 SECTIONS = {"model": ModelConfig, "train": TrainConfig}
@@ -121,7 +145,9 @@ def declared_options() -> list[Declared]:
     """Every option a user sets (vocab_size is not one), in declaration order: model first, then train."""
     return [
         Declared(f.name, section, _TYPES[_kind(f)], str(f.type).endswith("None"), f.default, f.metadata["option"])
-        for section, cls in SECTIONS.items() for f in fields(cls) if not f.metadata["option"].internal
+        for section, cls in SECTIONS.items()
+        for f in fields(cls)
+        if not f.metadata["option"].internal
     ]
 
 
@@ -288,9 +314,11 @@ def validate(model: ModelConfig, train: TrainConfig) -> None:
 def _check_ss_k(train: TrainConfig) -> None:
     """ss_k's range depends on the schedule (charlm/training/scheduled.py): the one check that reads two options."""
     k = train.ss_k
-    ranges = {"linear": (k is None or k >= 1, "linear: the steps over which it falls from 1 to 0, >= 1"),
-              "exponential": (k is None or 0 < k < 1, "exponential: the factor per step, in (0, 1)"),
-              "inverse-sigmoid": (k is None or k >= 1, "inverse-sigmoid: >= 1")}
+    ranges = {
+        "linear": (k is None or k >= 1, "linear: the steps over which it falls from 1 to 0, >= 1"),
+        "exponential": (k is None or 0 < k < 1, "exponential: the factor per step, in (0, 1)"),
+        "inverse-sigmoid": (k is None or k >= 1, "inverse-sigmoid: >= 1"),
+    }
     ok, need = ranges.get(train.scheduled_sampling, (True, ""))
     if not ok:
         raise OptionError(f"ss_k for {need} (got {k})")
@@ -314,16 +342,18 @@ def from_record(model: Any, train: Any, where: str) -> tuple[ModelConfig, TrainC
             raise OptionError(f"{where}: the recorded {name} config is not a mapping")
     unknown = sorted(set(model) - set(field_names(ModelConfig)))
     if unknown:
-        raise OptionError(f"{where}: unknown model option(s) {', '.join(map(repr, unknown))[:200]}; "
-                          "written by a newer charlm, or corrupt")
+        raise OptionError(
+            f"{where}: unknown model option(s) {', '.join(map(repr, unknown))[:200]}; written by a newer charlm, or corrupt"
+        )
     known_train = {k: v for k, v in train.items() if k in field_names(TrainConfig)}
     try:
         model_cfg, train_cfg = resolve(base={"model": model, "train": known_train})
     except CharlmError as e:
         raise OptionError(f"{where}: the recorded config is invalid: {e}") from None
     if model_cfg.vocab_size < 1:
-        raise OptionError(f"{where}: the recorded config is invalid: vocab_size must be between 1 and {MAX_VOCAB} "
-                          f"(got {model_cfg.vocab_size})")
+        raise OptionError(
+            f"{where}: the recorded config is invalid: vocab_size must be between 1 and {MAX_VOCAB} (got {model_cfg.vocab_size})"
+        )
     return model_cfg, train_cfg
 
 

@@ -72,8 +72,14 @@ def gpu_facts() -> list[dict[str, Any]]:
     out = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        out.append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
-                    "bf16": gpu_has_bf16(torch.device("cuda", i))})
+        out.append(
+            {
+                "name": p.name,
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "capability": f"{p.major}.{p.minor}",
+                "bf16": gpu_has_bf16(torch.device("cuda", i)),
+            }
+        )
     return out
 
 
@@ -115,11 +121,14 @@ def describe(f: dict[str, Any] | None = None) -> str:
     """The machine in one line (facts() made readable)."""
     f = f or facts()
     cpu, th, auto = f["cpu"], f["threads"], f["auto"]
-    gpus = ", ".join(f"{g['name']} ({g['memory_gib']:g} GiB, sm {g['capability']}{', bf16' if g['bf16'] else ''})"
-                     for g in f["gpus"]) or ("MPS" if f["mps"] else "none")
+    gpus = ", ".join(
+        f"{g['name']} ({g['memory_gib']:g} GiB, sm {g['capability']}{', bf16' if g['bf16'] else ''})" for g in f["gpus"]
+    ) or ("MPS" if f["mps"] else "none")
     chosen = f"{th['charlm_would_use']} ({'--threads/$CHARLM_THREADS/$OMP_NUM_THREADS' if th['explicit'] else 'the free cores'})"
     picks = ", ".join(f"{use} {auto[use]}" for use in auto if use != "device")
-    return (f"charlm {f['charlm']}, torch {f['torch']}, Python {f['python']} | "
-            f"CPU {cpu['model']}: {cpu['isa']} (torch {cpu['torch_capability']}, oneDNN bf16 {'yes' if cpu['onednn_bf16'] else 'no'}), "
-            f"{cpu['cores']} cores / {cpu['logical_cpus']} CPUs, {th['free_cores']:g} free; threads {chosen} | "
-            f"GPU {gpus} | auto on {auto['device']}: {picks}")
+    return (
+        f"charlm {f['charlm']}, torch {f['torch']}, Python {f['python']} | "
+        f"CPU {cpu['model']}: {cpu['isa']} (torch {cpu['torch_capability']}, oneDNN bf16 {'yes' if cpu['onednn_bf16'] else 'no'}), "
+        f"{cpu['cores']} cores / {cpu['logical_cpus']} CPUs, {th['free_cores']:g} free; threads {chosen} | "
+        f"GPU {gpus} | auto on {auto['device']}: {picks}"
+    )

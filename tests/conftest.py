@@ -29,7 +29,7 @@ def run(*args):
 def assert_clean_error(result, pattern):
     """The bad-input contract: exit code 1, exactly one line on stderr ("error: ..."), no traceback."""
     assert result.exit_code == 1, result.output
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     assert re.search(pattern, lines[0]), lines[0]

@@ -92,8 +92,9 @@ def sign(metadata: dict, tensors: dict) -> None:
     metadata["record_sha256"] = record.hexdigest()
 
 
-def compose(parts: Parts, signed: bool = True, meta_text: str | None = None, order: list[str] | None = None,
-            indent: int | None = None) -> bytes:
+def compose(
+    parts: Parts, signed: bool = True, meta_text: str | None = None, order: list[str] | None = None, indent: int | None = None
+) -> bytes:
     """A well-formed safetensors file of these parts; signed: with checksums that match."""
     metadata = dict(parts.metadata)
     metadata["meta"] = meta_text if meta_text is not None else json.dumps(parts.meta, ensure_ascii=False)
@@ -110,8 +111,15 @@ def compose(parts: Parts, signed: bool = True, meta_text: str | None = None, ord
 
 
 def reencode(raw: bytes, src: str, dst: str) -> bytes:
-    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
-              "I64": torch.int64, "U8": torch.uint8}
+    dtypes = {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I32": torch.int32,
+        "I64": torch.int64,
+        "U8": torch.uint8,
+    }
     t = torch.frombuffer(bytearray(raw), dtype=dtypes[src]) if raw else torch.zeros(0, dtype=dtypes[src])
     return t.to(dtypes[dst]).view(torch.uint8).numpy().tobytes()
 
@@ -177,8 +185,23 @@ def truncate(rng, blob, parts):
 
 def header_length(rng, blob, parts):
     n, _, _ = split(blob)
-    value = rng.choice([0, 1, 2, n - 1, n + 1, n + 8, n - 8, len(blob), len(blob) - 8, 1 << 31, (1 << 63) + 5, (1 << 64) - 1,
-                        rng.randrange(1 << 64)])
+    value = rng.choice(
+        [
+            0,
+            1,
+            2,
+            n - 1,
+            n + 1,
+            n + 8,
+            n - 8,
+            len(blob),
+            len(blob) - 8,
+            1 << 31,
+            (1 << 63) + 5,
+            (1 << 64) - 1,
+            rng.randrange(1 << 64),
+        ]
+    )
     return Mutation(struct.pack("<Q", value % (1 << 64)) + blob[8:], f"header length set to {value}")
 
 
@@ -221,12 +244,29 @@ def foreign(rng, blob, parts):
 HOSTILE_HEADERS = [
     b"[" * 100000 + b"]" * 100000,
     b'{"a":' * 50000 + b"1" + b"}" * 50000,
-    b'{"__metadata__": {"format": "charlm-checkpoint"}, "x": {"dtype": "F32", "shape": [' + HUGE_DIGITS.encode() + b'], "data_offsets": [0, 4]}}',
+    b'{"__metadata__": {"format": "charlm-checkpoint"}, "x": {"dtype": "F32", "shape": ['
+    + HUGE_DIGITS.encode()
+    + b'], "data_offsets": [0, 4]}}',
     b'{"__metadata__": {"format": "charlm-checkpoint"}, "x": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}',
     b'{"__metadata__": {"format": "charlm-checkpoint"}, "x": {"dtype": "F32", "shape": [Infinity], "data_offsets": [0, 4]}}',
-    b"[]", b'"a string"', b"42", b"null", b"true", b"{}", b"{", b"}", b"", b"   ", b"\xff\xfe{}", b'{"a": "\xc3\x28"}',
-    b'{"__metadata__": []}', b'{"__metadata__": "text"}', b'{"__metadata__": 3}', b'{"__metadata__": null}',
-    b'{"__metadata__": {"format": 1}}', b'{"__metadata__": {"format": ["charlm-checkpoint"]}}',
+    b"[]",
+    b'"a string"',
+    b"42",
+    b"null",
+    b"true",
+    b"{}",
+    b"{",
+    b"}",
+    b"",
+    b"   ",
+    b"\xff\xfe{}",
+    b'{"a": "\xc3\x28"}',
+    b'{"__metadata__": []}',
+    b'{"__metadata__": "text"}',
+    b'{"__metadata__": 3}',
+    b'{"__metadata__": null}',
+    b'{"__metadata__": {"format": 1}}',
+    b'{"__metadata__": {"format": ["charlm-checkpoint"]}}',
     b'{"__metadata__": {"format": "charlm-checkpoint", "format_version": "1"}, "__metadata__": {}}',
     b'{"__metadata__": {"format": "charlm-checkpoint", "format_version": "1", "meta": "{}"}}',
     b'{"__metadata__": {"format": "charlm-checkpoint", "format_version": "1", "meta": "[]"}}',
@@ -254,12 +294,44 @@ def entry_structure(rng, blob, parts):
     elif what == "dtype":
         entry["dtype"] = rng.choice(["f32", "F31", "FLOAT", "", 32, None, ["F32"], "BOOL", "U16", "F8_E4M3", "C64"])
     elif what == "shape":
-        entry["shape"] = rng.choice([[-1], [1.5], [True], ["3"], None, 3, [1 << 62], [2] * 40, [0], [], [-(1 << 70)],
-                                     entry["shape"][::-1] + [1], "__HUGE__"])
+        entry["shape"] = rng.choice(
+            [
+                [-1],
+                [1.5],
+                [True],
+                ["3"],
+                None,
+                3,
+                [1 << 62],
+                [2] * 40,
+                [0],
+                [],
+                [-(1 << 70)],
+                entry["shape"][::-1] + [1],
+                "__HUGE__",
+            ]
+        )
     elif what == "offsets":
         b, e = entry["data_offsets"]
-        entry["data_offsets"] = rng.choice([[], [b], [b, e, e], [e, b], [b, e + 4], [b + 4, e + 4], [-4, e], [b, 1 << 70], None,
-                                            "0,4", [str(b), e], [b * 1.0, e], [True, e], "__HUGE__", [0, e - b]])
+        entry["data_offsets"] = rng.choice(
+            [
+                [],
+                [b],
+                [b, e, e],
+                [e, b],
+                [b, e + 4],
+                [b + 4, e + 4],
+                [-4, e],
+                [b, 1 << 70],
+                None,
+                "0,4",
+                [str(b), e],
+                [b * 1.0, e],
+                [True, e],
+                "__HUGE__",
+                [0, e - b],
+            ]
+        )
     else:
         key = rng.choice(list(header["__metadata__"]))
         header["__metadata__"][key] = rng.choice([1, None, [], {}, 2.5, True])
@@ -285,7 +357,10 @@ def offsets_layout(rng, blob, parts):
         header[victim]["data_offsets"] = [b + 4, e + 4]
     elif kind == "swap":
         other = rng.choice(names)
-        header[victim]["data_offsets"], header[other]["data_offsets"] = header[other]["data_offsets"], header[victim]["data_offsets"]
+        header[victim]["data_offsets"], header[other]["data_offsets"] = (
+            header[other]["data_offsets"],
+            header[victim]["data_offsets"],
+        )
     elif kind == "beyond":
         header[victim]["data_offsets"] = [offset, offset + (e - b)]
     else:
@@ -295,14 +370,29 @@ def offsets_layout(rng, blob, parts):
     return Mutation(join(json.dumps(header).encode(), b"".join(data)), f"offsets of {victim}: {kind}")
 
 
-HOSTILE_META = ["", "not json", "[" * 100000, '{"a":' * 50000 + "1" + "}" * 50000, "[]", "null", "3", '"text"',
-                '{"model": ' + HUGE_DIGITS + "}", "NaN", '{"model": {}, "model": {}}', "{", "\ud800"]
+HOSTILE_META = [
+    "",
+    "not json",
+    "[" * 100000,
+    '{"a":' * 50000 + "1" + "}" * 50000,
+    "[]",
+    "null",
+    "3",
+    '"text"',
+    '{"model": ' + HUGE_DIGITS + "}",
+    "NaN",
+    '{"model": {}, "model": {}}',
+    "{",
+    "\ud800",
+]
 
 
 def meta_text(rng, blob, parts):
     text = rng.choice(HOSTILE_META)
     signed = rng.random() < 0.8
-    return Mutation(compose(parts, signed=signed, meta_text=text), f"meta text {text[:30]!r} ({'signed' if signed else 'unsigned'})", "error")
+    return Mutation(
+        compose(parts, signed=signed, meta_text=text), f"meta text {text[:30]!r} ({'signed' if signed else 'unsigned'})", "error"
+    )
 
 
 BAD_SECTION = [None, [], "text", 3, True, [{"cell": "lstm"}]]
@@ -310,7 +400,9 @@ BAD_SECTION = [None, [], "text", 3, True, [{"cell": "lstm"}]]
 
 def sections(rng, blob, parts):
     meta = json.loads(json.dumps(parts.meta))
-    name = rng.choice(["model", "train", "vocab", "tokenizer", "metrics", "provenance"] + (["train_state"] if "train_state" in meta else []))
+    name = rng.choice(
+        ["model", "train", "vocab", "tokenizer", "metrics", "provenance"] + (["train_state"] if "train_state" in meta else [])
+    )
     removed = rng.random() < 0.3 and name in ("model", "train", "vocab")
     if removed:
         del meta[name]
@@ -346,13 +438,23 @@ def model_field(rng, blob, parts):
         key = rng.choice(list(meta["model"]))
         same = meta["model"].pop(key) == getattr(ModelConfig(), key)
         signed = rng.random() < 0.8
-        return Mutation(compose(parts, signed=signed, meta_text=json.dumps(meta)), f"model.{key} removed",
-                        "any" if same and signed else "error")
+        return Mutation(
+            compose(parts, signed=signed, meta_text=json.dumps(meta)),
+            f"model.{key} removed",
+            "any" if same and signed else "error",
+        )
     else:
         kind = {"cell": "str", "dropout": "float", "forget_bias": "float"}.get(name, "int")
         pool = _invalid_values(kind, False)
         if kind == "int":  # valid integers that do not match the tensors, and absurd sizes
-            pool += [meta["model"][name] + 1, max(meta["model"][name] - 1, 1) if meta["model"][name] > 2 else 7, 0, 10**12, 1e12, 1 << 40]
+            pool += [
+                meta["model"][name] + 1,
+                max(meta["model"][name] - 1, 1) if meta["model"][name] > 2 else 7,
+                0,
+                10**12,
+                1e12,
+                1 << 40,
+            ]
         if name == "cell":
             pool += [c for c in ("lstm", "gru", "rnn") if c != meta["model"]["cell"]] + ["LSTM", "transformer"]
         if name == "dropout":
@@ -385,8 +487,23 @@ def vocab_record(rng, blob, parts):
     expect = "error"
     if v["kind"] == "char":
         chars = v["chars"]
-        what = rng.choice(["shorter", "longer", "unsorted", "duplicate", "surrogate", "not-str", "missing", "kind", "spm-kind",
-                           "bytes-kind", "same-length-other", "record", "vocab_size"])
+        what = rng.choice(
+            [
+                "shorter",
+                "longer",
+                "unsorted",
+                "duplicate",
+                "surrogate",
+                "not-str",
+                "missing",
+                "kind",
+                "spm-kind",
+                "bytes-kind",
+                "same-length-other",
+                "record",
+                "vocab_size",
+            ]
+        )
         if what == "shorter":
             v["chars"] = chars[:-1]
         elif what == "longer":
@@ -432,8 +549,11 @@ def vocab_record(rng, blob, parts):
     signed = rng.random() < 0.8
     if not signed and what == "same-length-other":
         expect = "error"
-    return Mutation(compose(dataclasses.replace(parts, meta=meta), signed=signed), f"vocab: {what}" + ("" if signed else " (unsigned)"),
-                    expect if signed else "error")
+    return Mutation(
+        compose(dataclasses.replace(parts, meta=meta), signed=signed),
+        f"vocab: {what}" + ("" if signed else " (unsigned)"),
+        expect if signed else "error",
+    )
 
 
 def tokenizer_tensor(rng, blob, parts):
@@ -470,7 +590,11 @@ def tensor_names(rng, blob, parts):
     elif what == "drop":
         del tensors[name]
     elif what == "extra":
-        tensors[rng.choice(["model.extra", "extra", "model.rnn.weight_ih_l9", "train_state.extra", "__x__"])] = ["F32", [1], b"\0\0\0\0"]
+        tensors[rng.choice(["model.extra", "extra", "model.rnn.weight_ih_l9", "train_state.extra", "__x__"])] = [
+            "F32",
+            [1],
+            b"\0\0\0\0",
+        ]
     elif what == "prefix":
         tensors[name.replace("model.", "modl.", 1).replace("train_state.", "train-state.", 1)] = tensors.pop(name)
     else:
@@ -515,8 +639,11 @@ def nonfinite(rng, blob, parts):
     values[rng.randrange(values.numel())] = value
     tensors[name] = [dtype, shape, values.numpy().tobytes()]
     signed = rng.random() < 0.7
-    return Mutation(compose(dataclasses.replace(parts, tensors=tensors), signed=signed),
-                    f"{name} holds {value}" + ("" if signed else " (unsigned)"), "error")
+    return Mutation(
+        compose(dataclasses.replace(parts, tensors=tensors), signed=signed),
+        f"{name} holds {value}" + ("" if signed else " (unsigned)"),
+        "error",
+    )
 
 
 def weight_change(rng, blob, parts):
@@ -537,10 +664,31 @@ def state_tensors(rng, blob, parts):
         meta = {k: v for k, v in parts.meta.items() if k != "train_state"}
         return Mutation(compose(Parts(parts.metadata, meta, tensors)), "train-state tensors without a record", "error")
     moments = sorted(k for k in tensors if ".exp_avg" in k)
-    what = rng.choice(["unknown", "index", "slot-missing", "moment-shape", "step-shape", "step-dtype", "rng-size", "rng-dtype",
-                       "hidden-shape", "hidden-count", "hidden-rows0", "cuda-gap", "noncanonical", "negative-sq", "nan-moment"])
+    what = rng.choice(
+        [
+            "unknown",
+            "index",
+            "slot-missing",
+            "moment-shape",
+            "step-shape",
+            "step-dtype",
+            "rng-size",
+            "rng-dtype",
+            "hidden-shape",
+            "hidden-count",
+            "hidden-rows0",
+            "cuda-gap",
+            "noncanonical",
+            "negative-sq",
+            "nan-moment",
+        ]
+    )
     if what == "unknown":
-        tensors["train_state." + rng.choice(["optim.0.max_exp_avg_sq", "lr", "rng.numpy", "hidden.x", "optim.x.step"])] = ["F32", [1], bytes(4)]
+        tensors["train_state." + rng.choice(["optim.0.max_exp_avg_sq", "lr", "rng.numpy", "hidden.x", "optim.x.step"])] = [
+            "F32",
+            [1],
+            bytes(4),
+        ]
     elif what == "index":
         tensors["train_state.optim.999.step"] = ["F32", [], bytes(4)]
     elif what == "slot-missing":
@@ -602,7 +750,10 @@ STATE_FIELDS = ("step", "epoch", "window", "tokens", "elapsed", "best_val", "bes
 
 def state_record(rng, blob, parts):
     meta = json.loads(json.dumps(parts.meta))
-    what = rng.choice(["field", "field", "field", "unknown", "remove-record"] + (["remove-tensors"] if "train_state.rng.torch" in parts.tensors else []))
+    what = rng.choice(
+        ["field", "field", "field", "unknown", "remove-record"]
+        + (["remove-tensors"] if "train_state.rng.torch" in parts.tensors else [])
+    )
     tensors = parts.tensors
     if what == "field":
         name = rng.choice(STATE_FIELDS)
@@ -613,21 +764,33 @@ def state_record(rng, blob, parts):
     elif what == "unknown":  # read by sample and eval (they ignore it); refused by --resume
         meta["train_state"][rng.choice(["lr", "Step", "rank", ""])] = 1
         signed = rng.random() < 0.8
-        return Mutation(compose(parts, signed=signed, meta_text=json.dumps(meta)), "train-state record: unknown field",
-                        "any" if signed else "error")
+        return Mutation(
+            compose(parts, signed=signed, meta_text=json.dumps(meta)),
+            "train-state record: unknown field",
+            "any" if signed else "error",
+        )
     elif what == "remove-record":  # without tensors (a best file) it is still a valid file
         del meta["train_state"]
         expect = "error" if "train_state.rng.torch" in tensors else "any"
         signed = rng.random() < 0.8
-        return Mutation(compose(parts, signed=signed, meta_text=json.dumps(meta)), "train-state record removed", expect if signed else "error")
+        return Mutation(
+            compose(parts, signed=signed, meta_text=json.dumps(meta)), "train-state record removed", expect if signed else "error"
+        )
     else:  # a best file, as charlm writes it: loads (identical weights); --resume refuses it
         tensors = {k: v for k, v in tensors.items() if not k.startswith("train_state.")}
         signed = rng.random() < 0.8
-        return Mutation(compose(dataclasses.replace(parts, tensors=tensors), signed=signed), "train-state tensors removed",
-                        "any" if signed else "error")
+        return Mutation(
+            compose(dataclasses.replace(parts, tensors=tensors), signed=signed),
+            "train-state tensors removed",
+            "any" if signed else "error",
+        )
     signed = rng.random() < 0.8
     text = json.dumps(meta, ensure_ascii=False).replace('"__HUGE__"', HUGE_DIGITS)
-    return Mutation(compose(dataclasses.replace(parts, tensors=tensors), signed=signed, meta_text=text), f"train-state record: {what}", "error")
+    return Mutation(
+        compose(dataclasses.replace(parts, tensors=tensors), signed=signed, meta_text=text),
+        f"train-state record: {what}",
+        "error",
+    )
 
 
 def format_fields(rng, blob, parts):
@@ -641,10 +804,16 @@ def format_fields(rng, blob, parts):
         del metadata["format_version"]
     elif what == "no-meta":
         del metadata["meta"]
-        return Mutation(join(json.dumps({"__metadata__": metadata, **_entries(parts)}).encode(), _data(parts)), "meta removed", "error")
+        return Mutation(
+            join(json.dumps({"__metadata__": metadata, **_entries(parts)}).encode(), _data(parts)), "meta removed", "error"
+        )
     else:
         del metadata["format"]
-    return Mutation(compose(dataclasses.replace(parts, metadata=metadata)), f"metadata {what}: {str(metadata.get('format_version', ''))[:12]}", "error")
+    return Mutation(
+        compose(dataclasses.replace(parts, metadata=metadata)),
+        f"metadata {what}: {str(metadata.get('format_version', ''))[:12]}",
+        "error",
+    )
 
 
 def _entries(parts: Parts) -> dict:
@@ -708,13 +877,32 @@ def valid_variants(rng, blob, parts):
 
 
 FAMILIES: list[tuple[str, Callable]] = [
-    ("flip-header", flip_header), ("flip-data", flip_data), ("flip-meta", flip_meta), ("flip-length", flip_length),
-    ("truncate", truncate), ("header-length", header_length), ("trailing", trailing), ("foreign", foreign),
-    ("header-json", header_json), ("entry", entry_structure), ("offsets", offsets_layout), ("meta-json", meta_text),
-    ("sections", sections), ("model-config", model_field), ("train-config", train_field), ("vocab", vocab_record),
-    ("tokenizer", tokenizer_tensor), ("names", tensor_names), ("dtype-shape", dtype_shape), ("nonfinite", nonfinite),
-    ("weight-change", weight_change), ("state-tensors", state_tensors), ("state-record", state_record),
-    ("format", format_fields), ("checksum", checksum_fields), ("valid", valid_variants),
+    ("flip-header", flip_header),
+    ("flip-data", flip_data),
+    ("flip-meta", flip_meta),
+    ("flip-length", flip_length),
+    ("truncate", truncate),
+    ("header-length", header_length),
+    ("trailing", trailing),
+    ("foreign", foreign),
+    ("header-json", header_json),
+    ("entry", entry_structure),
+    ("offsets", offsets_layout),
+    ("meta-json", meta_text),
+    ("sections", sections),
+    ("model-config", model_field),
+    ("train-config", train_field),
+    ("vocab", vocab_record),
+    ("tokenizer", tokenizer_tensor),
+    ("names", tensor_names),
+    ("dtype-shape", dtype_shape),
+    ("nonfinite", nonfinite),
+    ("weight-change", weight_change),
+    ("state-tensors", state_tensors),
+    ("state-record", state_record),
+    ("format", format_fields),
+    ("checksum", checksum_fields),
+    ("valid", valid_variants),
 ]
 
 
@@ -730,6 +918,7 @@ def make_case(bases: dict[str, bytes], seed: int, index: int) -> Case:
 
 # -- the good files ---------------------------------------------------------------------------------
 # (their text: conftest.make_text, the suite's tiny corpus)
+
 
 @dataclass
 class Base:
@@ -816,8 +1005,18 @@ class Runner:
         if command == "eval":
             return ["eval", str(path), "--text", str(base.text), "--json"]
         step = base.ckpt.meta.get("train_state", {}).get("step", 3)
-        return ["train", str(base.data_dir), "--resume", str(path), "--out", str(self.resume_out), "--max-steps", str(step + 1),
-                "--log-every", "1"]
+        return [
+            "train",
+            str(base.data_dir),
+            "--resume",
+            str(path),
+            "--out",
+            str(self.resume_out),
+            "--max-steps",
+            str(step + 1),
+            "--log-every",
+            "1",
+        ]
 
     def _command(self, command: str, path: Path, base: Base):
         shutil.rmtree(self.resume_out, ignore_errors=True)
@@ -837,7 +1036,9 @@ class Runner:
         if command == "resume":
             last = self.resume_out / "last.safetensors"
             checkpoint.load(last)  # what resuming wrote must load too
-            return checkpoint.read_header(last)["__metadata__"]["weights_sha256"], checkpoint.read_meta(last)["train_state"]["step"]
+            return checkpoint.read_header(last)["__metadata__"]["weights_sha256"], checkpoint.read_meta(last)["train_state"][
+                "step"
+            ]
         if command == "info":
             return None
         return result.stdout
@@ -982,7 +1183,9 @@ class Totals:
                 self.examples.append((case.index, case.family, case.base, case.note[:120], outcome.detail))
 
 
-def run_cases(runner: Runner, seed: int, count: int, cli_every: int = 1, progress: Callable[[int], None] | None = None) -> tuple[Totals, float]:
+def run_cases(
+    runner: Runner, seed: int, count: int, cli_every: int = 1, progress: Callable[[int], None] | None = None
+) -> tuple[Totals, float]:
     """Cases 0..count-1 of `seed`; every cli_every-th also through the CLI. Returns the totals and the wall time."""
     totals = Totals()
     blobs = {name: b.blob for name, b in runner.bases.items()}

@@ -63,7 +63,9 @@ print(applied, sorted(counts[5:])[12])
 def test_prepare_in_the_same_process_leaves_the_training_settings(tmp_path):
     src = tmp_path / "text.txt"
     src.write_text("some text to prepare\n" * 20000)
-    out = subprocess.run([sys.executable, "-c", AFTER_PREPARE, str(src)], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", AFTER_PREPARE, str(src)], capture_output=True, text=True, check=True
+    ).stdout.split()
     if out[0] != "True":
         pytest.skip("not glibc: the settings do not apply")
     assert int(out[1]) < 100  # each 8 MiB block would fault in ~4,000 pages if prepare's threshold had stayed

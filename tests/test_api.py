@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_text, run, train_small
 
 import charlm
 from charlm.data import PreparedData
-from conftest import make_text, run, train_small
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,14 @@ def load(runs, n=1):
 
 
 @pytest.mark.parametrize("members", [1, 2])
-@pytest.mark.parametrize("settings", [
-    {"temperature": 0.8, "seed": 3},
-    {"temperature": 1.3, "top_k": 5, "top_p": 0.9, "seed": 11},
-    {"greedy": True},
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 0.8, "seed": 3},
+        {"temperature": 1.3, "top_k": 5, "top_p": 0.9, "seed": 11},
+        {"greedy": True},
+    ],
+)
 def test_generate_equals_charlm_sample(runs, members, settings):
     lm = load(runs, members)
     flags = []
@@ -71,8 +74,21 @@ def test_stream_yields_the_generated_text(runs):
 @pytest.mark.parametrize("members", [1, 2])
 def test_beam_equals_charlm_beam(runs, members):
     lm = load(runs, members)
-    result = run("beam", *paths(runs, members), "--prime", "The", "--length", 25, "--beam-width", 4, "--n-best", 3,
-                 "--json", "--device", "cpu")
+    result = run(
+        "beam",
+        *paths(runs, members),
+        "--prime",
+        "The",
+        "--length",
+        25,
+        "--beam-width",
+        4,
+        "--n-best",
+        3,
+        "--json",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     beams = lm.beam("The", 25, beam_width=4, n_best=3)
@@ -130,8 +146,10 @@ def test_adapted_equals_sample_adapt(runs):
 
 def test_sixteen_streams_together_equal_each_alone(runs):
     lm = load(runs)
-    settings = [dict(temperature=0.5 + 0.1 * i, top_k=None if i % 3 else 5, top_p=0.9 if i % 2 else None,
-                     greedy=i == 7, seed=100 + i) for i in range(16)]
+    settings = [
+        dict(temperature=0.5 + 0.1 * i, top_k=None if i % 3 else 5, top_p=0.9 if i % 2 else None, greedy=i == 7, seed=100 + i)
+        for i in range(16)
+    ]
     primes = ["The " + "abcdefghijklmnop"[i] * (1 + i % 4) for i in range(16)]
     lengths = [40 + 7 * i for i in range(16)]
     streams = lm.streams()

@@ -43,7 +43,7 @@ def test_beam_width_1_is_greedy():
     s = scorer()
     prime = torch.tensor(VOCAB.encode("abc"))
     greedy = sample(s, prime, 30, greedy=True)[0].tolist()
-    (ids, score), = beam_search(s, prime, 30, beam_width=1)
+    ((ids, score),) = beam_search(s, prime, 30, beam_width=1)
     assert ids == greedy
     assert score == pytest.approx(sequence_logprob(s, prime, ids), abs=1e-4)
 
@@ -56,7 +56,7 @@ def test_wide_beam_equals_exhaustive_search(cell):
     length = 5
     best = max(itertools.product(range(3), repeat=length), key=lambda ids: sequence_logprob(s, prime, ids))
     best_score = sequence_logprob(s, prime, best)
-    (ids, score), = beam_search(s, prime, length, beam_width=3**length)
+    ((ids, score),) = beam_search(s, prime, length, beam_width=3**length)
     assert ids == list(best)
     assert score == pytest.approx(best_score, abs=1e-4)
     # n-best are the top of the exhaustive ranking, in order.

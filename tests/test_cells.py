@@ -85,7 +85,7 @@ def test_single_steps_equal_whole_windows_with_the_state_carried(cell):
     ids = torch.randint(0, len(VOCAB), (3, 24))
     state_w, state_s, window_logps, step_logps = scorer.start(3), scorer.start(3), [], []
     for lo in range(0, 24, 8):  # three windows, the state carried from one to the next
-        logp, state_w = scorer.score(ids[:, lo:lo + 8], state_w)
+        logp, state_w = scorer.score(ids[:, lo : lo + 8], state_w)
         window_logps.append(logp)
     for t in range(24):
         logp, state_s = scorer.step(ids[:, t], state_s)

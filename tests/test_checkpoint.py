@@ -43,7 +43,7 @@ def test_round_trip_field_by_field(trained):
     ckpt = checkpoint.load(path)
     model = ckpt.build_model()
     again = CharRNN(ckpt.model_config)
-    again.load_state_dict({k[len("model."):]: v for k, v in ckpt.tensors.items() if k.startswith("model.")})
+    again.load_state_dict({k[len("model.") :]: v for k, v in ckpt.tensors.items() if k.startswith("model.")})
     for (k, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -80,7 +80,9 @@ def test_pickle_payload_is_rejected_not_executed(tmp_path, via):
     else:
         p.write_bytes(pickle.dumps(Payload(marker)))
     # torch.save writes a zip archive holding a pickle; pickle.dumps a bare pickle: each is named as what it is
-    with pytest.raises(CharlmError, match="a zip archive \\(a torch.save file\\?\\)" if via == "torch.save" else "is a pickle file"):
+    with pytest.raises(
+        CharlmError, match="a zip archive \\(a torch.save file\\?\\)" if via == "torch.save" else "is a pickle file"
+    ):
         checkpoint.load(p)
     assert not marker.exists()
 

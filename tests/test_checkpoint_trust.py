@@ -114,8 +114,15 @@ def test_altered_data_fails_its_checksum(bases, tmp_path):
         checkpoint.load(p)
 
 
-@pytest.mark.parametrize("value, pattern", [(float("nan"), "NaN or infinite"), (float("inf"), "NaN or infinite"),
-                                            (1e35, "overflow float32"), (-3e38, "overflow float32")])
+@pytest.mark.parametrize(
+    "value, pattern",
+    [
+        (float("nan"), "NaN or infinite"),
+        (float("inf"), "NaN or infinite"),
+        (1e35, "overflow float32"),
+        (-3e38, "overflow float32"),
+    ],
+)
 @pytest.mark.parametrize("name", ["model.head.bias", "model.embed.weight", "model.rnn.weight_hh_l1"])
 def test_nonfinite_and_overflowing_weights_are_refused(bases, tmp_path, name, value, pattern):
     p = write(tmp_path, edited(bases["lstm-last"], lambda parts: set_value(parts, name, 0, value)))
@@ -131,22 +138,31 @@ def _header_with(base, **changes) -> bytes:
     return join(json.dumps(header).encode(), data)
 
 
-@pytest.mark.parametrize("header, pattern", [
-    (b"[1, 2]", "header is a JSON list"),
-    (b'"text"', "header is a JSON str"),
-    (b'{"__metadata__": [1]}', "__metadata__ is not a mapping"),
-    (b'{"__metadata__": {"format": 3}}', "__metadata__ is not a mapping of text to text"),
-    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
-    (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [' + HUGE_DIGITS.encode() + b'], "data_offsets": [0, 4]}}', "thousands of digits"),
-    (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}', "NaN is not a JSON number"),
-    (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [1], "data_offsets": []}}', "invalid data_offsets"),
-    (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}', "invalid data_offsets"),
-    (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}', "do not match its dtype and shape"),
-    (b'{"__metadata__": {}, "x": {"dtype": "F31", "shape": [1], "data_offsets": [0, 4]}}', "unknown dtype"),
-    (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}', "invalid shape"),
-    (b'{"__metadata__": {}, "x": [1]}', "is not {dtype, shape, data_offsets}"),
-    (b'{"a": 1, "a": 2}', "appears twice"),
-])
+@pytest.mark.parametrize(
+    "header, pattern",
+    [
+        (b"[1, 2]", "header is a JSON list"),
+        (b'"text"', "header is a JSON str"),
+        (b'{"__metadata__": [1]}', "__metadata__ is not a mapping"),
+        (b'{"__metadata__": {"format": 3}}', "__metadata__ is not a mapping of text to text"),
+        (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+        (
+            b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [' + HUGE_DIGITS.encode() + b'], "data_offsets": [0, 4]}}',
+            "thousands of digits",
+        ),
+        (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}', "NaN is not a JSON number"),
+        (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [1], "data_offsets": []}}', "invalid data_offsets"),
+        (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [1], "data_offsets": [0]}}', "invalid data_offsets"),
+        (
+            b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}',
+            "do not match its dtype and shape",
+        ),
+        (b'{"__metadata__": {}, "x": {"dtype": "F31", "shape": [1], "data_offsets": [0, 4]}}', "unknown dtype"),
+        (b'{"__metadata__": {}, "x": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}', "invalid shape"),
+        (b'{"__metadata__": {}, "x": [1]}', "is not {dtype, shape, data_offsets}"),
+        (b'{"a": 1, "a": 2}', "appears twice"),
+    ],
+)
 def test_malformed_headers_are_clean_errors(tmp_path, header, pattern):
     p = write(tmp_path, join(header, b"\0" * 64, pad=False))
     with pytest.raises(CharlmError, match=pattern):
@@ -166,8 +182,13 @@ def test_tensor_layout_is_checked(bases, tmp_path):
 
 def test_an_absurd_config_is_refused_before_anything_is_allocated(bases, tmp_path):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for layers, size, pattern in [(10**12, 8, "num_layers must be between 1 and 64"), (1e12, 8, "num_layers must be between"),
-                                  (64, 8, "lacks 248 tensor"), (1, 16384, "lstm 1x16384.*needs F32")]:
+    for layers, size, pattern in [
+        (10**12, 8, "num_layers must be between 1 and 64"),
+        (1e12, 8, "num_layers must be between"),
+        (64, 8, "lacks 248 tensor"),
+        (1, 16384, "lstm 1x16384.*needs F32"),
+    ]:
+
         def big(parts):
             parts.meta["model"]["num_layers"] = layers
             parts.meta["model"]["rnn_size"] = size
@@ -184,12 +205,21 @@ def test_an_absurd_config_is_refused_before_anything_is_allocated(bases, tmp_pat
 def test_vocabulary_must_match_the_model_and_the_tokenizer(bases, tmp_path):
     base = bases["lstm-last"]
     cases = [
-        (lambda p: p.meta["vocab"].update(chars=p.meta["vocab"]["chars"][:-1]), "vocabulary has 40 symbols but the model's output has 41"),
-        (lambda p: p.meta["vocab"].update(chars=p.meta["vocab"]["chars"][:-1] + p.meta["vocab"]["chars"][0]), "symbols must be distinct"),
+        (
+            lambda p: p.meta["vocab"].update(chars=p.meta["vocab"]["chars"][:-1]),
+            "vocabulary has 40 symbols but the model's output has 41",
+        ),
+        (
+            lambda p: p.meta["vocab"].update(chars=p.meta["vocab"]["chars"][:-1] + p.meta["vocab"]["chars"][0]),
+            "symbols must be distinct",
+        ),
         (lambda p: p.meta["vocab"].update(chars=p.meta["vocab"]["chars"][:-1] + "\ud800"), "surrogate"),
         (lambda p: p.meta["vocab"].update(kind="spm"), "holds no serialized model"),
         (lambda p: p.meta["vocab"].update(kind="bytes", bytes=[300] * 41), "bytes must be a list of integers 0..255"),
-        (lambda p: p.tensors.update({"tokenizer.spm": ["U8", [3], b"abc"]}), "char vocabulary but also a SentencePiece tokenizer"),
+        (
+            lambda p: p.tensors.update({"tokenizer.spm": ["U8", [3], b"abc"]}),
+            "char vocabulary but also a SentencePiece tokenizer",
+        ),
         (lambda p: p.meta.update(vocab=[1, 2]), "section 'vocab' is not a mapping"),
         (lambda p: p.meta.pop("vocab"), "no 'vocab' section"),
     ]
@@ -206,7 +236,10 @@ def test_names_dtypes_and_extra_tensors(bases, tmp_path):
         p.tensors["model.head.bias"] = ["F64", shape, fuzzcases.reencode(raw, "F32", "F64")]
 
     cases = [
-        (lambda p: p.tensors.update({"model.extra": ["F32", [1], bytes(4)]}), "holds a tensor 'model.extra' that its model config"),
+        (
+            lambda p: p.tensors.update({"model.extra": ["F32", [1], bytes(4)]}),
+            "holds a tensor 'model.extra' that its model config",
+        ),
         (lambda p: p.tensors.update({"notes": ["U8", [2], b"hi"]}), "not part of a charlm checkpoint"),
         (lambda p: p.tensors.pop("model.rnn.weight_hh_l1"), "lacks 1 tensor"),
         (reencode, "model.head.bias is F64 \\[41\\], but its model config .* needs F32 \\[41\\]"),
@@ -227,7 +260,9 @@ def test_vocab_size_zero_is_one_line_without_warnings(bases, tmp_path):
 
     p = write(tmp_path, edited(bases["gru-best"], zero))
     for command in ("sample", "info", "eval"):
-        assert_clean_error(run(command, p, *(["--text", bases["gru-best"].text] if command == "eval" else [])), "vocab_size must be between 1")
+        assert_clean_error(
+            run(command, p, *(["--text", bases["gru-best"].text] if command == "eval" else [])), "vocab_size must be between 1"
+        )
 
 
 def test_save_writes_0644_less_the_umask(tmp_path):
@@ -278,23 +313,44 @@ def test_train_state_round_trip(bases):
         assert torch.equal(v, ckpt.model_state()[k])
 
 
-@pytest.mark.parametrize("change, pattern", [
-    (lambda p: p.tensors.update({"train_state.optim.0.max_exp_avg_sq": ["F32", [41, 4], bytes(41 * 16)]}), "unknown training-state tensor"),
-    (lambda p: p.tensors.update({"train_state.rng.torch": ["U8", [16], bytes(16)]}), "rng.torch is U8 \\[16\\]; expected U8 \\[5056\\]"),
-    (lambda p: p.tensors.update({"train_state.optim.0.exp_avg": ["F32", [4, 41], p.tensors["train_state.optim.0.exp_avg"][2]]}),
-     "optim.0.exp_avg is F32 \\[4, 41\\]; expected F32 \\[41, 4\\]"),
-    (lambda p: p.tensors.update({"train_state.hidden.0": ["F32", [1, 2, 16], p.tensors["train_state.hidden.0"][2]]}),
-     "hidden.0 is F32 \\[1, 2, 16\\]; expected F32 \\[2, rows, 8\\]"),
-    (lambda p: p.tensors.pop("train_state.hidden.1"), "carried state of a lstm model is 2 tensor"),
-    (lambda p: p.tensors.pop("train_state.optim.3.step"), "optimizer state of parameter 3 lacks step"),
-    (lambda p: p.tensors.update({"train_state.optim.99.step": ["F32", [], bytes(4)]}), "for parameter 99, but the model has 11"),
-    (lambda p: p.meta["train_state"].update(step=1.5), "field step must be an integer >= 0 \\(got 1.5\\)"),
-    (lambda p: p.meta["train_state"].update(step="12"), "field step must be an integer"),
-    (lambda p: p.meta["train_state"].update(best_val=None), "best_val must be a finite number >= 0 \\(or Infinity\\) \\(got null\\)"),
-    (lambda p: p.meta["train_state"].update(best_val=float("nan")), "best_val must be a finite number"),
-    (lambda p: p.meta["train_state"].update(elapsed=float("inf")), "elapsed must be a finite number >= 0 \\(got inf\\)"),
-    (lambda p: p.meta.pop("train_state"), "training-state tensors but no training-state record"),
-])
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (
+            lambda p: p.tensors.update({"train_state.optim.0.max_exp_avg_sq": ["F32", [41, 4], bytes(41 * 16)]}),
+            "unknown training-state tensor",
+        ),
+        (
+            lambda p: p.tensors.update({"train_state.rng.torch": ["U8", [16], bytes(16)]}),
+            "rng.torch is U8 \\[16\\]; expected U8 \\[5056\\]",
+        ),
+        (
+            lambda p: p.tensors.update(
+                {"train_state.optim.0.exp_avg": ["F32", [4, 41], p.tensors["train_state.optim.0.exp_avg"][2]]}
+            ),
+            "optim.0.exp_avg is F32 \\[4, 41\\]; expected F32 \\[41, 4\\]",
+        ),
+        (
+            lambda p: p.tensors.update({"train_state.hidden.0": ["F32", [1, 2, 16], p.tensors["train_state.hidden.0"][2]]}),
+            "hidden.0 is F32 \\[1, 2, 16\\]; expected F32 \\[2, rows, 8\\]",
+        ),
+        (lambda p: p.tensors.pop("train_state.hidden.1"), "carried state of a lstm model is 2 tensor"),
+        (lambda p: p.tensors.pop("train_state.optim.3.step"), "optimizer state of parameter 3 lacks step"),
+        (
+            lambda p: p.tensors.update({"train_state.optim.99.step": ["F32", [], bytes(4)]}),
+            "for parameter 99, but the model has 11",
+        ),
+        (lambda p: p.meta["train_state"].update(step=1.5), "field step must be an integer >= 0 \\(got 1.5\\)"),
+        (lambda p: p.meta["train_state"].update(step="12"), "field step must be an integer"),
+        (
+            lambda p: p.meta["train_state"].update(best_val=None),
+            "best_val must be a finite number >= 0 \\(or Infinity\\) \\(got null\\)",
+        ),
+        (lambda p: p.meta["train_state"].update(best_val=float("nan")), "best_val must be a finite number"),
+        (lambda p: p.meta["train_state"].update(elapsed=float("inf")), "elapsed must be a finite number >= 0 \\(got inf\\)"),
+        (lambda p: p.meta.pop("train_state"), "training-state tensors but no training-state record"),
+    ],
+)
 def test_bad_train_states_are_refused_on_load(bases, tmp_path, change, pattern):
     with pytest.raises(CharlmError, match=pattern):
         checkpoint.load(write(tmp_path, edited(bases["lstm-last"], change)))
@@ -315,7 +371,9 @@ def test_unpack_checks_everything_before_touching_anything(bases, tmp_path):
     # another model's shape: named, nothing loaded
     other = CharRNN(ModelConfig(cell="lstm", num_layers=2, rnn_size=9, embed_size=4, vocab_size=41))
     with pytest.raises(CharlmError, match="model being trained is not the checkpoint's"):
-        checkpoint.unpack_train_state(checkpoint.load(bases["lstm-last"].path), other, torch.optim.AdamW(other.parameters()), Progress)
+        checkpoint.unpack_train_state(
+            checkpoint.load(bases["lstm-last"].path), other, torch.optim.AdamW(other.parameters()), Progress
+        )
     with pytest.raises(CharlmError, match="holds no training state"):
         best = checkpoint.load(bases["gru-best"].path)
         m, o = fresh(best)
@@ -324,8 +382,10 @@ def test_unpack_checks_everything_before_touching_anything(bases, tmp_path):
 
 def test_resume_of_a_bad_train_state_is_one_line(bases, tmp_path):
     base = bases["lstm-last"]
-    for change, pattern in [(lambda p: p.meta["train_state"].update(lr=3), "unknown training-state field"),
-                            (lambda p: p.meta["train_state"].update(best_val=None), "best_val must be")]:
+    for change, pattern in [
+        (lambda p: p.meta["train_state"].update(lr=3), "unknown training-state field"),
+        (lambda p: p.meta["train_state"].update(best_val=None), "best_val must be"),
+    ]:
         p = write(tmp_path, edited(base, change))
         r = run("train", base.data_dir, "--resume", p, "--out", tmp_path / "out", "--max-steps", "9")
         assert_clean_error(r, pattern)

@@ -62,7 +62,8 @@ def test_corpus_list_and_get_from_mirror(tmp_path, isolated_corpora):
     sha = hashlib.sha256(content).hexdigest()
     (isolated_corpora / "toy.yaml").write_text(
         f"name: toy\ndescription: a toy corpus\nurl: http://127.0.0.1:9/toy.txt\nsha256: {sha}\n"
-        f"bytes: {len(content)}\nlicense: public domain\n")
+        f"bytes: {len(content)}\nlicense: public domain\n"
+    )
     mirror = tmp_path / "mirror"
     (mirror / "toy").mkdir(parents=True)
     (mirror / "toy" / "input.txt").write_bytes(content)
@@ -193,9 +194,16 @@ def test_bench_quick_json():
     r = run("bench", "--quick", "--json", "--rnn-size", "32", "--batch-size", "8", "--seq-length", "16")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    paths = ["roof.fp32_gflops", "train.reference_fp32.chars_per_s", "train.fp32.chars_per_s",
-             "train.reference_fp32_default_allocator.chars_per_s", "train.fp32_over_default_allocator_reference",
-             "sample.single.chars_per_s", "sample.batch64.chars_per_s", "prepare.mb_per_s"]
+    paths = [
+        "roof.fp32_gflops",
+        "train.reference_fp32.chars_per_s",
+        "train.fp32.chars_per_s",
+        "train.reference_fp32_default_allocator.chars_per_s",
+        "train.fp32_over_default_allocator_reference",
+        "sample.single.chars_per_s",
+        "sample.batch64.chars_per_s",
+        "prepare.mb_per_s",
+    ]
     if cpu_has_bf16():  # elsewhere bench leaves bf16 out: it cannot train an LSTM in bf16 there
         paths += ["roof.bf16_gflops", "train.bf16.chars_per_s", "train.bf16_over_default_allocator_reference"]
     else:

@@ -89,8 +89,11 @@ def owner(tmp_path, prepared):
         stop(proc)
 
 
-@pytest.mark.parametrize("second", [[], ["--resume", "auto"], ["--overwrite"], ["--resume", "auto", "--overwrite"]],
-                         ids=["same-command", "resume-auto", "overwrite", "resume-auto-overwrite"])
+@pytest.mark.parametrize(
+    "second",
+    [[], ["--resume", "auto"], ["--overwrite"], ["--resume", "auto", "--overwrite"]],
+    ids=["same-command", "resume-auto", "overwrite", "resume-auto-overwrite"],
+)
 def test_a_second_training_in_a_live_run_dir_is_refused(owner, prepared, second):
     proc, out = owner
     wait_for(lambda: (out / "last.safetensors").exists(), what="the first checkpoint", proc=proc)
@@ -109,7 +112,9 @@ def test_resume_auto_twice_one_trains_the_other_is_refused(tmp_path, prepared):
     out = tmp_path / "run"
     first = start_training(prepared.dir, out, "--resume", "auto", "--log-every", "1", "--eval-every", "5")
     try:
-        wait_for(lambda: (out / "last.safetensors").exists() and lock_holder(out) == first.pid, what="the first checkpoint", proc=first)
+        wait_for(
+            lambda: (out / "last.safetensors").exists() and lock_holder(out) == first.pid, what="the first checkpoint", proc=first
+        )
         r = run("train", prepared.dir, "--out", out, *FAST, "--max-steps", "1000000", "--resume", "auto")
         assert_clean_error(r, rf"in use by process {first.pid}")
         parts = [p for p in out.iterdir() if p.name.endswith(".part")]

@@ -58,32 +58,35 @@ def test_a_config_file_is_checked_like_flags(tmp_path):
         config.load_config_file(d)
 
 
-@pytest.mark.parametrize("layer, pattern", [
-    ({"seed": 2**63}, r"seed must be between 0 and 2\^63-1"),
-    ({"seed": -1}, r"seed must be between 0 and 2\^63-1"),
-    ({"max_epochs": float("inf")}, "max_epochs must be a finite number"),
-    ({"max_epochs": float("nan")}, "max_epochs must be a finite number"),
-    ({"lr": float("nan")}, "lr must be a finite number"),
-    ({"lr": "nan"}, "lr must be a finite number"),
-    ({"grad_clip": float("inf")}, "grad_clip must be a finite number"),
-    ({"dropout": float("nan")}, "dropout must be a finite number"),
-    ({"time_budget": float("inf")}, "time_budget must be a finite number"),
-    ({"time_budget": "9" * 400}, "time_budget must be a finite number"),
-    ({"time_budget": True}, "duration"),
-    ({"rnn_size": 10**12}, "rnn_size must be between 1 and 16384"),
-    ({"num_layers": 10**12}, "num_layers must be between 1 and 64"),
-    ({"num_layers": 1e12}, "num_layers must be between 1 and 64"),
-    ({"embed_size": 10**6}, "embed_size must be between 1 and 16384"),
-    ({"batch_size": 10**9}, "batch_size must be between 1 and"),
-    ({"max_steps": 2**64}, r"max_steps must be between 1 and 2\^63-1"),
-    ({"rnn_size": 16384, "num_layers": 2}, "parameters; at most 2\\^31"),
-    ({"rnn_size": True}, "expects int, got True"),
-    ({"lr": False}, "expects float, got False"),
-    ({"rnn_size": float("inf")}, "expects int, got inf"),
-    ({"rnn_size": "9" * 5000}, "expects int"),
-    ({"lr": 10**400}, "expects float"),
-    ({"dropout": None, "cell": None}, None),  # None: not given
-])
+@pytest.mark.parametrize(
+    "layer, pattern",
+    [
+        ({"seed": 2**63}, r"seed must be between 0 and 2\^63-1"),
+        ({"seed": -1}, r"seed must be between 0 and 2\^63-1"),
+        ({"max_epochs": float("inf")}, "max_epochs must be a finite number"),
+        ({"max_epochs": float("nan")}, "max_epochs must be a finite number"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"lr": "nan"}, "lr must be a finite number"),
+        ({"grad_clip": float("inf")}, "grad_clip must be a finite number"),
+        ({"dropout": float("nan")}, "dropout must be a finite number"),
+        ({"time_budget": float("inf")}, "time_budget must be a finite number"),
+        ({"time_budget": "9" * 400}, "time_budget must be a finite number"),
+        ({"time_budget": True}, "duration"),
+        ({"rnn_size": 10**12}, "rnn_size must be between 1 and 16384"),
+        ({"num_layers": 10**12}, "num_layers must be between 1 and 64"),
+        ({"num_layers": 1e12}, "num_layers must be between 1 and 64"),
+        ({"embed_size": 10**6}, "embed_size must be between 1 and 16384"),
+        ({"batch_size": 10**9}, "batch_size must be between 1 and"),
+        ({"max_steps": 2**64}, r"max_steps must be between 1 and 2\^63-1"),
+        ({"rnn_size": 16384, "num_layers": 2}, "parameters; at most 2\\^31"),
+        ({"rnn_size": True}, "expects int, got True"),
+        ({"lr": False}, "expects float, got False"),
+        ({"rnn_size": float("inf")}, "expects int, got inf"),
+        ({"rnn_size": "9" * 5000}, "expects int"),
+        ({"lr": 10**400}, "expects float"),
+        ({"dropout": None, "cell": None}, None),  # None: not given
+    ],
+)
 def test_every_value_is_bounded(layer, pattern):
     if pattern is None:
         config.resolve(layer)

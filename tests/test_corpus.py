@@ -90,7 +90,8 @@ def register(corpora: Path, name: str, content: bytes | None, subset=(), extra: 
     size = len(content) if content is not None else 123
     build = "build:\n  extensions: [.c, .h]\n" + (f"  subset: [{', '.join(subset)}]\n" if subset else "")
     (corpora / f"{name}.yaml").write_text(
-        f"name: {name}\ndescription: test\nurl: null\nsha256: {sha}\nbytes: {size}\nlicense: GPL-2.0\n{extra}{build}")
+        f"name: {name}\ndescription: test\nurl: null\nsha256: {sha}\nbytes: {size}\nlicense: GPL-2.0\n{extra}{build}"
+    )
 
 
 @pytest.fixture
@@ -207,7 +208,11 @@ def test_plain_tar_cut_at_a_member_boundary_is_an_error(tree, tmp_path):
 # -- registry and `charlm corpus get` ----------------------------------------------------------
 def test_shipped_registry_entries(isolated_corpora):
     assert sorted(p.name for p in PACKAGED.glob("*.yaml")) == [
-        "linux-core.yaml", "linux.yaml", "paulgraham.yaml", "shakespeare.yaml"]
+        "linux-core.yaml",
+        "linux.yaml",
+        "paulgraham.yaml",
+        "shakespeare.yaml",
+    ]
     entries = corpus.registry()  # from the package: the corpora dir is empty
     assert {"shakespeare", "paulgraham", "linux", "linux-core"} <= set(entries)
     core, full, pg = entries["linux-core"], entries["linux"], entries["paulgraham"]
@@ -235,15 +240,18 @@ def test_get_from_the_shared_mirror(isolated_corpora, name):
 
 def test_no_url_entries_say_where_to_get_them(isolated_corpora, tmp_path):
     assert_clean_error(run("corpus", "get", "paulgraham"), "no single-file download URL.*must come from a mirror.*--mirror")
-    assert_clean_error(run("corpus", "get", "linux", "--mirror", tmp_path),
-                       "linux has no single-file download URL and mirror .* has no linux-full/input.txt.*--from PATH")
+    assert_clean_error(
+        run("corpus", "get", "linux", "--mirror", tmp_path),
+        "linux has no single-file download URL and mirror .* has no linux-full/input.txt.*--from PATH",
+    )
     assert_clean_error(run("corpus", "get", "paulgraham", "--from", tmp_path), "not built from a source tree.*linux")
     assert_clean_error(run("corpus", "get", "linux", "--subset", "kernel"), "go with --from")
 
 
 def test_get_from_tree_and_tarball_verifies(isolated_corpora, tree, tmp_path):
-    register(isolated_corpora, "core", expected_bytes(tree, ("kernel", "mm")), subset=("kernel", "mm"),
-             extra="mirror_name: linux\n")
+    register(
+        isolated_corpora, "core", expected_bytes(tree, ("kernel", "mm")), subset=("kernel", "mm"), extra="mirror_name: linux\n"
+    )
     dest = isolated_corpora / "core" / "input.txt"
     for source in (tree, make_tarball(tree, tmp_path / "linux.tar.xz")):
         dest.unlink(missing_ok=True)
@@ -271,8 +279,7 @@ def test_wrong_checksum_or_bad_tarball_leaves_nothing(isolated_corpora, tree, tm
     assert_clean_error(run("corpus", "get", "core", "--from", bad), "not a readable tarball")
     assert list((isolated_corpora / "core").iterdir()) == []
     assert_clean_error(run("corpus", "get", "core", "--from", tmp_path / "nope.tar.xz"), "does not exist")
-    assert_clean_error(run("corpus", "get", "core", "--from", tree, "--subset", "nosuch", "-o", tmp_path / "o.txt"),
-                       "no regular")
+    assert_clean_error(run("corpus", "get", "core", "--from", tree, "--subset", "nosuch", "-o", tmp_path / "o.txt"), "no regular")
     assert not (tmp_path / "o.txt").exists()
 
 
@@ -285,8 +292,10 @@ def test_no_published_checksum_reports_the_sha256_it_built(isolated_corpora, tre
     assert (isolated_corpora / "full" / "input.txt").read_bytes() == expected_bytes(tree)
     # A custom subset is not the registered corpus: it needs --out, and says which entry it would be.
     register(isolated_corpora, "core", None, subset=("kernel", "mm"))
-    assert_clean_error(run("corpus", "get", "full", "--from", tree, "--subset", "mm,kernel"),
-                       "differs from the registered full corpus.*--out FILE.*corpus get (linux-)?core")
+    assert_clean_error(
+        run("corpus", "get", "full", "--from", tree, "--subset", "mm,kernel"),
+        "differs from the registered full corpus.*--out FILE.*corpus get (linux-)?core",
+    )
     out = tmp_path / "custom" / "mm.txt"
     r = run("corpus", "get", "full", "--from", tree, "--subset", "mm", "--out", out)
     assert r.exit_code == 0, r.output

@@ -40,6 +40,7 @@ def test_int8_product_without_the_kernel_gives_the_same_numbers(monkeypatch):
 
     def missing(*args):
         raise NotImplementedError
+
     monkeypatch.setattr(torch.ops.aten, "_weight_int8pack_mm", missing)
     slow = Int8Product(w)
     assert slow.fallback is not None and fast.fallback is None

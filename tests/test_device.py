@@ -49,7 +49,9 @@ def test_forward_on_the_device_equals_the_cpu(cell):
     torch.testing.assert_close(got.cpu(), want, atol=FORWARD_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(not HAS_BF16, reason="no native bf16 here"))])
+@pytest.mark.parametrize(
+    "dtype", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(not HAS_BF16, reason="no native bf16 here"))]
+)
 @pytest.mark.parametrize("cell", CELLS)
 def test_single_steps_equal_whole_windows_on_the_device(cell, dtype):
     scorer = ModelScorer(model_for(cell, DEVICE), VOCAB, dtype=dtype)

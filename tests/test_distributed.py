@@ -77,8 +77,15 @@ def free_port() -> int:
 def _rank_main(rank, port, data_dir, out, results, cell="lstm", late_rank=None):
     """One of two ranks: K steps, validate, then resume the 2-rank checkpoint for K more. `late_rank`
     leaves the process group a second after the other (the exit timing perturbed)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank),
-                      LOCAL_WORLD_SIZE="2", CHARLM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+        CHARLM_THREADS="1",
+    )
     from charlm.training import distributed
 
     world = distributed.setup(torch.device("cpu"), "gloo")
@@ -162,7 +169,9 @@ def run_cli(args, tmp_path, hook=None, timeout=90):
         (tmp_path / "hook" / "sitecustomize.py").write_text(textwrap.dedent(HOOK))
         env.update(PYTHONPATH=str(tmp_path / "hook"), CHARLM_TEST_HOOK=hook)
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "charlm", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "charlm", *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
     return proc, time.monotonic() - start
 
 
@@ -170,12 +179,17 @@ def error_lines(stderr):
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-@pytest.mark.parametrize("hook, message", [("raise", r"rank 1: RuntimeError: injected failure"), ("nan", r"loss became nan by step 8.*intact")])
+@pytest.mark.parametrize(
+    "hook, message", [("raise", r"rank 1: RuntimeError: injected failure"), ("nan", r"loss became nan by step 8.*intact")]
+)
 def test_a_failing_rank_stops_the_run(tmp_path, text_file, hook, message):
     """An exception or a NaN on rank 1 only: every rank stops, one error line, exit 1; the last checkpoint survives."""
     out = tmp_path / "run"
-    proc, seconds = run_cli(["train", text_file, "--out", out, "--nproc", "2", "--max-steps", "200", "--eval-every", "5",
-                             "--log-every", "4", *FAST], tmp_path, hook=hook)
+    proc, seconds = run_cli(
+        ["train", text_file, "--out", out, "--nproc", "2", "--max-steps", "200", "--eval-every", "5", "--log-every", "4", *FAST],
+        tmp_path,
+        hook=hook,
+    )
     assert proc.returncode == 1, proc.stderr
     assert seconds < 60
     lines = error_lines(proc.stderr)
@@ -192,8 +206,11 @@ def test_a_failing_rank_stops_the_run(tmp_path, text_file, hook, message):
 def test_two_rank_checkpoint_resumes_in_one_process_and_samples(tmp_path, text_file, isolated_corpora, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("CHARLM_TEST_EXIT_DELAY_RANK", "0")  # rank 0 (the store's host) leaves a second after rank 1
-    proc, _ = run_cli(["train", text_file, "--out", out, "--nproc", "2", "--max-steps", "10", "--eval-every", "10", *FAST],
-                      tmp_path, hook="exit-delay")
+    proc, _ = run_cli(
+        ["train", text_file, "--out", out, "--nproc", "2", "--max-steps", "10", "--eval-every", "10", *FAST],
+        tmp_path,
+        hook="exit-delay",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "done: step 10" in proc.stderr and not error_lines(proc.stderr)
     assert "terminate called" not in proc.stderr

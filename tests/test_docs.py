@@ -7,14 +7,19 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import make_text, train_small
 
 from charlm.data import PreparedData
 from charlm.data import prepare as prep
-from conftest import make_text, train_small
 
 ROOT = Path(__file__).resolve().parent.parent
-LINES = ["ROMEO:", "But, soft! what light through yonder window breaks?", "JULIET:", "First Citizen:",
-         "Before we proceed any further, hear me speak."]
+LINES = [
+    "ROMEO:",
+    "But, soft! what light through yonder window breaks?",
+    "JULIET:",
+    "First Citizen:",
+    "Before we proceed any further, hear me speak.",
+]
 
 
 def python_blocks(markdown: str) -> list[str]:
@@ -25,7 +30,7 @@ def readme_python_section() -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index("\n## Python")
     end = text.find("\n## ", start + 1)
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 @pytest.fixture(scope="module")

@@ -109,9 +109,11 @@ def test_a_file_without_optimizer_state_falls_back_to_sgd_and_says_so(models):
     assert out["dynamic"]["update"] == "sgd" and out["dynamic"]["window"] == 50
     assert out["dynamic"]["lr"] == dynamic.DEFAULTS["sgd"][0]
     assert "plain SGD" in out["dynamic"]["note"]
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "no optimizer state" in lines[0] and "plain SGD" in lines[0]
-    assert_clean_error(run("eval", best, "--dynamic", "--dyn-update", "rms"), "--dyn-update rms needs the training gradient statistics")
+    assert_clean_error(
+        run("eval", best, "--dynamic", "--dyn-update", "rms"), "--dyn-update rms needs the training gradient statistics"
+    )
 
 
 def test_each_ensemble_member_adapts_on_its_own(models):
@@ -143,23 +145,29 @@ def test_sample_adapt_continues_in_the_style_of_the_text(models, tmp_path):
     assert "adapted to" in adapted.stderr
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--dynamic", "--dyn-lr", "-1"], "--dyn-lr must be a finite number >= 0"),
-    (["--dynamic", "--dyn-lr", "nan"], "--dyn-lr must be a finite number >= 0"),
-    (["--dynamic", "--dyn-decay", "2"], r"--dyn-decay must be in \[0, 1\]"),
-    (["--dynamic", "--dyn-update", "adam"], "--dyn-update must be one of auto, rms, sgd"),
-    (["--dynamic", "--dyn-window", "0"], "--dyn-window must be between 1"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dynamic", "--dyn-lr", "-1"], "--dyn-lr must be a finite number >= 0"),
+        (["--dynamic", "--dyn-lr", "nan"], "--dyn-lr must be a finite number >= 0"),
+        (["--dynamic", "--dyn-decay", "2"], r"--dyn-decay must be in \[0, 1\]"),
+        (["--dynamic", "--dyn-update", "adam"], "--dyn-update must be one of auto, rms, sgd"),
+        (["--dynamic", "--dyn-window", "0"], "--dyn-window must be between 1"),
+    ],
+)
 def test_bad_dynamic_options_are_one_line_errors(models, flags, message):
     assert_clean_error(run("eval", models["lstm"] / "last.safetensors", *flags), message)
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    (b"", "is empty"),
-    (b"\xff\xfe\x00bad", "is not UTF-8 text"),
-    ("dir", "is a directory"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"", "is empty"),
+        (b"\xff\xfe\x00bad", "is not UTF-8 text"),
+        ("dir", "is a directory"),
+    ],
+)
 def test_bad_adapt_files_are_one_line_errors(models, tmp_path, content, message):
     path = tmp_path / "adapt.txt"
     if content == "dir":
@@ -167,6 +175,9 @@ def test_bad_adapt_files_are_one_line_errors(models, tmp_path, content, message)
     elif content is not None:
         path.write_bytes(content)
     assert_clean_error(run("sample", models["lstm"] / "last.safetensors", "--adapt", path), f"--adapt .*{message}")
-    assert_clean_error(run("sample", models["lstm"] / "last.safetensors", "--adapt", tmp_path / "adapt.txt", "--dyn-lr", "-2")
-                       if content is None else run("sample", models["lstm"] / "last.safetensors", "--dyn-lr", "-2"),
-                       "--dyn-lr must be")
+    assert_clean_error(
+        run("sample", models["lstm"] / "last.safetensors", "--adapt", tmp_path / "adapt.txt", "--dyn-lr", "-2")
+        if content is None
+        else run("sample", models["lstm"] / "last.safetensors", "--dyn-lr", "-2"),
+        "--dyn-lr must be",
+    )

@@ -70,7 +70,7 @@ def checkpoints(workdir) -> dict[str, Path]:
 def text_ids(lm, streams: int = 2) -> np.ndarray:
     """(STEPS, streams) ids of the training-like text, each stream from another offset."""
     ids = lm.vocab.encode(make_text(STEPS * streams * 8, seed=5))  # a SentencePiece piece spans several characters
-    return np.stack([ids[s * STEPS: (s + 1) * STEPS] for s in range(streams)], axis=1)
+    return np.stack([ids[s * STEPS : (s + 1) * STEPS] for s in range(streams)], axis=1)
 
 
 def figures(graph_bytes: bytes, lm, specs) -> tuple[float, float]:
@@ -154,8 +154,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def torch_free(script: Path, *args) -> str:
     """generate.py's stdout, run with torch blocked; fails if it tried to import torch or charlm."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-    r = subprocess.run([sys.executable, "-I", "-c", NO_TORCH, str(script), *map(str, args)], capture_output=True, text=True,
-                       cwd=script.parent, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", NO_TORCH, str(script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=script.parent,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "IMPORT-CHECK tried=[] loaded=[]" in r.stderr, r.stderr
     return r.stdout
@@ -196,8 +202,11 @@ def test_generate_py_sampling_equals_charlm_with_the_same_seed(checkpoints, tmp_
     a draw within ~1e-7 of a boundary could differ elsewhere, which is why greedy is the guarantee)."""
     ckpt = checkpoints["lstm"]
     script = exported(tmp_path, ckpt)
-    for flags in (["--seed", 3, "--temperature", 0.8], ["--seed", 2**40 + 7, "--top-k", 5, "--top-p", 0.9],
-                  ["--seed", 9, "--num-samples", 3]):
+    for flags in (
+        ["--seed", 3, "--temperature", 0.8],
+        ["--seed", 2**40 + 7, "--top-k", 5, "--top-p", 0.9],
+        ["--seed", 9, "--num-samples", 3],
+    ):
         want = run("sample", ckpt, "--length", 200, "--prime", "Over", *flags)
         assert want.exit_code == 0, want.output
         assert torch_free(script, "--length", 200, "--prime", "Over", *flags) == want.stdout, flags
@@ -221,8 +230,11 @@ def test_error_lines_of_the_generator(checkpoints, tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("error: 1 character(s) not in the model's vocabulary: '∮'"), r.stderr
     r = subprocess.run([sys.executable, str(script), "--temperature", "0"], capture_output=True, text=True)
     assert r.returncode == 1 and "--greedy" in r.stderr
-    r = subprocess.run([sys.executable, str(script), "--prime", "∮ Over", "--unknown", "skip", "--greedy", "--length", "20"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(script), "--prime", "∮ Over", "--unknown", "skip", "--greedy", "--length", "20"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and r.stdout.startswith("∮ Over")
 
 
@@ -236,8 +248,10 @@ def test_metadata_makes_the_file_self_describing(checkpoints, tmp_path):
     assert meta["tokenizer"]["symbols"] == [lm.vocab.symbol(i) for i in range(len(lm.vocab))]
     assert meta["members"][0]["model"] == lm.info[0]["model"] and meta["members"][0]["metrics"] == lm.info[0]["metrics"]
     assert "source_paths" not in meta["members"][0]["provenance"]  # paths of the training machine stay there
-    assert meta["states"] == [{"input": "h", "output": "h_out", "member": 0, "name": "h", "layers": 2, "size": 32},
-                              {"input": "c", "output": "c_out", "member": 0, "name": "c", "layers": 2, "size": 32}]
+    assert meta["states"] == [
+        {"input": "h", "output": "h_out", "member": 0, "name": "h", "layers": 2, "size": 32},
+        {"input": "c", "output": "c_out", "member": 0, "name": "c", "layers": 2, "size": 32},
+    ]
     assert meta["check"]["max_abs_diff"] <= 1e-4 and meta["check"]["steps"] >= 100
     model = onnx.load(str(script.parent / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
@@ -277,9 +291,13 @@ def test_byte_and_sentencepiece_vocabularies(kind, other_vocabularies, tmp_path)
 def test_clean_errors(checkpoints, tmp_path):
     ckpt = checkpoints["lstm"]
     assert_clean_error(run("export", ckpt), r"--onnx DIR, --web DIR, or both")
-    assert_clean_error(run("export", ckpt, "--onnx", tmp_path / "o", "--dtype", "bf16"), r"--dtype must be one of fp32, fp16, int8")
+    assert_clean_error(
+        run("export", ckpt, "--onnx", tmp_path / "o", "--dtype", "bf16"), r"--dtype must be one of fp32, fp16, int8"
+    )
     assert_clean_error(run("export", ckpt, "--onnx", tmp_path / "o", "--ort-dist", tmp_path), r"--ort-dist goes with --web")
-    assert_clean_error(run("export", ckpt, "--web", tmp_path / "w", "--ort-dist", tmp_path), r"lacks onnxruntime-web's ort.min.js.*npm install")
+    assert_clean_error(
+        run("export", ckpt, "--web", tmp_path / "w", "--ort-dist", tmp_path), r"lacks onnxruntime-web's ort.min.js.*npm install"
+    )
     assert_clean_error(run("export", tmp_path / "missing.safetensors", "--onnx", tmp_path / "o"), r"missing.safetensors")
     assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
@@ -299,7 +317,9 @@ class DataDependent(Cell):
 
     def __init__(self, input_size, hidden_size, num_layers, dropout=0.0):
         super().__init__(input_size, hidden_size, num_layers, dropout)
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden_size, self.layer_input_size(k)) * 0.1) for k in range(num_layers))
+        self.w = nn.ParameterList(
+            nn.Parameter(torch.randn(hidden_size, self.layer_input_size(k)) * 0.1) for k in range(num_layers)
+        )
 
     def layer_step(self, k, x, state):
         h = torch.tanh(x @ self.w[k].t() + state[0])

@@ -90,7 +90,11 @@ def browser(webgpu: bool = False):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     args = ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,800"]
-    args += ["--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan"] if webgpu else ["--disable-gpu"]
+    args += (
+        ["--enable-unsafe-webgpu", "--use-webgpu-adapter=swiftshader", "--enable-features=Vulkan"]
+        if webgpu
+        else ["--disable-gpu"]
+    )
     for arg in args:
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -108,7 +112,9 @@ def wait_state(driver, timeout: float = 120) -> str:
     raise AssertionError(f"the page did not finish in {timeout} s: {driver.find_element('id', 'status').text}")
 
 
-def generate(driver, *, prime: str, length: int, greedy: bool, seed: str = "", temperature: str = "0.8", backend: str = "wasm") -> str:
+def generate(
+    driver, *, prime: str, length: int, greedy: bool, seed: str = "", temperature: str = "0.8", backend: str = "wasm"
+) -> str:
     """Fill the form as a user would, press Generate, wait, and return the generated text (without the prime)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
@@ -132,7 +138,7 @@ def sample(ckpt: Path, *flags) -> str:
     r = run("sample", ckpt, "--prime", PRIME, *flags)
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith(PRIME) and r.stdout.endswith("\n")
-    return r.stdout[len(PRIME):-1]
+    return r.stdout[len(PRIME) : -1]
 
 
 def test_page_generates_charlm_sample_greedy_text(site, tmp_path):

@@ -25,8 +25,8 @@ import json  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import FAST, make_text, run, small_configs, train_small  # noqa: E402
 
-import charlm  # noqa: E402
 from charlm import checkpoint  # noqa: E402
 from charlm.cells import cell_names  # noqa: E402
 from charlm.data import PreparedData  # noqa: E402
@@ -34,7 +34,6 @@ from charlm.data import prepare as prep  # noqa: E402
 from charlm.decoding.evaluate import evaluate  # noqa: E402
 from charlm.decoding.scorer import ModelScorer  # noqa: E402
 from charlm.training.trainer import Trainer  # noqa: E402
-from conftest import FAST, make_text, run, small_configs, train_small  # noqa: E402
 
 NEW = "{}Æ"
 
@@ -71,8 +70,21 @@ def test_init_from_with_new_characters_trains_resumes_and_samples_them(tmp_path)
     old_text, new_text = texts(tmp_path)
     r = run("train", old_text, "--out", tmp_path / "a", "--max-steps", "20", *FAST)
     assert r.exit_code == 0, r.output
-    tune = ["train", new_text, "--init-from", tmp_path / "a" / "last.safetensors", "--out", tmp_path / "b", "--resume", "auto",
-            "--lr", "0.01", "--eval-every", "20", *FAST]
+    tune = [
+        "train",
+        new_text,
+        "--init-from",
+        tmp_path / "a" / "last.safetensors",
+        "--out",
+        tmp_path / "b",
+        "--resume",
+        "auto",
+        "--lr",
+        "0.01",
+        "--eval-every",
+        "20",
+        *FAST,
+    ]
     r = run(*tune, "--max-steps", "40")
     assert r.exit_code == 0, r.output
     r = run(*tune, "--max-steps", "60")  # the same command again: it continues the fine-tuning run
@@ -81,8 +93,20 @@ def test_init_from_with_new_characters_trains_resumes_and_samples_them(tmp_path)
     assert meta["train_state"]["step"] == 60 and meta["train"]["warmup_steps"] == 100
     lineage = meta["provenance"]["fine_tuned_from"]
     assert lineage[0]["checkpoint"].endswith("last.safetensors") and lineage[0]["on"].endswith("new.txt")
-    r = run("sample", tmp_path / "b" / "last.safetensors", "--prime", "Æ", "--length", 3000, "--temperature", 1.5,
-            "--seed", 3, "--device", "cpu")
+    r = run(
+        "sample",
+        tmp_path / "b" / "last.safetensors",
+        "--prime",
+        "Æ",
+        "--length",
+        3000,
+        "--temperature",
+        1.5,
+        "--seed",
+        3,
+        "--device",
+        "cpu",
+    )
     assert r.exit_code == 0 and any(c in r.stdout[1:] for c in NEW), r.output
     info = run("info", tmp_path / "b" / "last.safetensors")
     assert "fine-tuned from" in info.stdout

@@ -36,11 +36,14 @@ def _family_cases(runner, family, count=26):
     return [fuzzcases.make_case(blobs, SEED, index + k * len(fuzzcases.FAMILIES)) for k in range(count)]
 
 
-@pytest.mark.parametrize("family, disabled, failure", [
-    ("weight-change", "verify_checksums", "SilentGarbage"),
-    ("nonfinite", "check_values", "AcceptedInvalid|SilentGarbage"),
-    ("state-tensors", "_check_state_set", "AcceptedInvalid"),
-])
+@pytest.mark.parametrize(
+    "family, disabled, failure",
+    [
+        ("weight-change", "verify_checksums", "SilentGarbage"),
+        ("nonfinite", "check_values", "AcceptedInvalid|SilentGarbage"),
+        ("state-tensors", "_check_state_set", "AcceptedInvalid"),
+    ],
+)
 def test_the_fuzzer_catches_a_missing_check(runner, monkeypatch, family, disabled, failure):
     """The oracle is not a rubber stamp: with one check switched off, the cases it guards against fail."""
     for module in (checkpoint, checks):  # wherever the reader looks the check up

@@ -47,8 +47,9 @@ def model(tmp_path_factory) -> Path:
 def charlm(*args, env: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     """`python -m charlm.entry ARGS` (the console script's entry point) in a process of its own."""
     full = {**os.environ, "CHARLM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "charlm.entry", *map(str, args)], capture_output=True, env=full,
-                          timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "charlm.entry", *map(str, args)], capture_output=True, env=full, timeout=timeout, **kw
+    )
 
 
 def text_of(b: bytes) -> str:
@@ -65,13 +66,16 @@ POSIX = {"PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "POSIX", "LANG
 
 # -- locales -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("locale", [ASCII, POSIX], ids=["PYTHONIOENCODING=ascii", "LC_ALL=POSIX"])
 @pytest.mark.parametrize("command", ["sample", "beam", "beam-json"])
 def test_text_the_locale_cannot_encode_is_escaped(model, locale, command):
     prime = "Señor Ñandú: "
-    args = {"sample": ["sample", model / "best.safetensors", "--prime", prime, "--length", "30", "--seed", "1"],
-            "beam": ["beam", model / "best.safetensors", "--prime", prime, "--length", "10", "--n-best", "2"],
-            "beam-json": ["beam", model / "best.safetensors", "--prime", prime, "--length", "10", "--json"]}[command]
+    args = {
+        "sample": ["sample", model / "best.safetensors", "--prime", prime, "--length", "30", "--seed", "1"],
+        "beam": ["beam", model / "best.safetensors", "--prime", prime, "--length", "10", "--n-best", "2"],
+        "beam-json": ["beam", model / "best.safetensors", "--prime", prime, "--length", "10", "--json"],
+    }[command]
     r = charlm(*args, env=locale)
     no_traceback(r)
     assert r.returncode == 0, text_of(r.stderr)
@@ -104,6 +108,7 @@ def test_utf8_typed_under_a_posix_locale_is_still_utf8(model):
 
 # -- file names that are not UTF-8 ----------------------------------------------------------------
 
+
 def test_file_names_that_are_not_utf8_are_data(tmp_path, isolated_corpora):
     odd = os.fsdecode(b"t\xfd.txt")
     (tmp_path / "data").mkdir()
@@ -119,7 +124,9 @@ def test_file_names_that_are_not_utf8_are_data(tmp_path, isolated_corpora):
     r = charlm("train", tmp_path / "data" / odd, "--out", out, *FAST, "--max-steps", "2")
     assert r.returncode == 0, text_of(r.stderr)
     assert b"run\\xfd" in r.stderr  # shown escaped
-    assert checkpoint.load(out / "last.safetensors").meta["provenance"]["source_paths"] == [str((tmp_path / "data" / odd).resolve())]
+    assert checkpoint.load(out / "last.safetensors").meta["provenance"]["source_paths"] == [
+        str((tmp_path / "data" / odd).resolve())
+    ]
 
 
 # -- broken pipes ---------------------------------------------------------------------------------
@@ -152,7 +159,9 @@ def _argv(template: list[str], model: Path, tmp_path: Path) -> list[str]:
 
 def _spawn(argv: list[str]) -> subprocess.Popen:
     env = {**os.environ, "CHARLM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "charlm.entry", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "charlm.entry", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
 
 
 @pytest.mark.parametrize("case", list(STREAMING))
@@ -188,10 +197,13 @@ def test_every_stdout_writer_is_silent_at_a_broken_pipe(model, tmp_path, case):
 
 def test_training_whose_log_reader_goes_away_saves_at_that_step(tmp_path, prepared):
     out = tmp_path / "run"
-    script = (f'"{sys.executable}" -m charlm.entry train "{prepared.dir}" --out "{out}" {" ".join(FAST)} --max-steps 100000 '
-              '--log-every 3 --eval-every 100000 2>&1 | head -3; echo "code=${PIPESTATUS[0]}"')
-    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "CHARLM_THREADS": "1"})
+    script = (
+        f'"{sys.executable}" -m charlm.entry train "{prepared.dir}" --out "{out}" {" ".join(FAST)} --max-steps 100000 '
+        '--log-every 3 --eval-every 100000 2>&1 | head -3; echo "code=${PIPESTATUS[0]}"'
+    )
+    r = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, timeout=300, env={**os.environ, "CHARLM_THREADS": "1"}
+    )
     assert r.stdout.strip().splitlines()[-1] == "code=141", r.stdout
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     saved = checkpoint.read_meta(out / "last.safetensors")["train_state"]["step"]
@@ -201,18 +213,21 @@ def test_training_whose_log_reader_goes_away_saves_at_that_step(tmp_path, prepar
 
 # -- signals ----------------------------------------------------------------------------------------
 
+
 def test_ctrl_c_while_the_command_line_is_imported_is_one_line_and_130():
     """Deterministic: the import of charlm.cli raises KeyboardInterrupt, as a Ctrl-C there does."""
-    probe = ("import builtins, sys\n"
-             "real = builtins.__import__\n"
-             "def imp(name, *a, **k):\n"
-             "    if name == 'charlm.cli':\n"
-             "        raise KeyboardInterrupt\n"
-             "    return real(name, *a, **k)\n"
-             "builtins.__import__ = imp\n"
-             "from charlm.entry import main\n"
-             "sys.argv = ['charlm', 'info', 'x']\n"
-             "main()\n")
+    probe = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        "def imp(name, *a, **k):\n"
+        "    if name == 'charlm.cli':\n"
+        "        raise KeyboardInterrupt\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = imp\n"
+        "from charlm.entry import main\n"
+        "sys.argv = ['charlm', 'info', 'x']\n"
+        "main()\n"
+    )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and r.stderr == "error: interrupted\n", r.stderr
 
@@ -220,8 +235,12 @@ def test_ctrl_c_while_the_command_line_is_imported_is_one_line_and_130():
 @pytest.mark.parametrize("delay", [0.3, 0.6, 0.9, 1.2, 1.5, 1.8])
 def test_ctrl_c_during_start_up_never_prints_a_traceback(model, delay):
     env = {**os.environ, "CHARLM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "charlm.entry", "info", str(model / "best.safetensors")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charlm.entry", "info", str(model / "best.safetensors")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -235,8 +254,12 @@ def test_sigterm_during_prepare_removes_the_work_dir(tmp_path):
     line = "The quick brown fox jumps over the lazy dog, señor.\n"
     big.write_text(line * (100_000_000 // len(line)))
     out = tmp_path / "p"
-    proc = subprocess.Popen([sys.executable, "-m", "charlm.entry", "prepare", str(big), "-o", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "CHARLM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "charlm.entry", "prepare", str(big), "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "CHARLM_THREADS": "1"},
+    )
     end = time.monotonic() + 120
     while not list(tmp_path.glob(".p.building-*")) and proc.poll() is None and time.monotonic() < end:
         time.sleep(0.005)
@@ -270,9 +293,14 @@ def test_a_signal_during_corpus_get_removes_the_partial_download(isolated_corpor
     try:
         (isolated_corpora / "slow.yaml").write_text(
             f"name: slow\ndescription: a download that stalls\nbytes: 50000000\nlicense: none\n"
-            f"url: http://127.0.0.1:{server.server_address[1]}/input.txt\n")
-        proc = subprocess.Popen([sys.executable, "-m", "charlm.entry", "corpus", "get", "slow"], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env={**os.environ, "CHARLM_THREADS": "1"})
+            f"url: http://127.0.0.1:{server.server_address[1]}/input.txt\n"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "charlm.entry", "corpus", "get", "slow"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "CHARLM_THREADS": "1"},
+        )
         end = time.monotonic() + 60
         while not list((isolated_corpora / "slow").glob(".input.txt.part-*")) and time.monotonic() < end:
             assert proc.poll() is None, text_of(proc.stderr.read())
@@ -313,16 +341,27 @@ def test_a_deleted_working_directory_is_one_line(tmp_path, model):
     script = f'cd "{gone}" && rmdir "{gone}" && exec "{sys.executable}" -m charlm info "{model / "best.safetensors"}"'
     r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines() == ["error: the current directory no longer exists (it was deleted or moved away); "
-                                             "cd to a directory that exists"]
+    assert r.stderr.strip().splitlines() == [
+        "error: the current directory no longer exists (it was deleted or moved away); cd to a directory that exists"
+    ]
 
 
 # -- smaller items ------------------------------------------------------------------------------------
 
+
 def test_the_viz_page_mode_follows_the_umask(model, tmp_path):
     old = os.umask(0o077)
     try:
-        r = run("viz", model / "best.safetensors", "--text", model.parent / "text.txt", "-o", tmp_path / "page.html", "--max-chars", "300")
+        r = run(
+            "viz",
+            model / "best.safetensors",
+            "--text",
+            model.parent / "text.txt",
+            "-o",
+            tmp_path / "page.html",
+            "--max-chars",
+            "300",
+        )
     finally:
         os.umask(old)
     assert r.exit_code == 0, r.output
@@ -351,7 +390,9 @@ def test_long_but_legal_names_work(tmp_path, model):
     long_text.write_text(TEXT)
     r = run("train", long_text, "--out", tmp_path / ("r" * 240), *FAST, "--max-steps", "2")
     assert r.exit_code == 0, r.output
-    r = run("viz", model / "best.safetensors", "--text", model.parent / "text.txt", "-o", tmp_path / ("v" * 250), "--max-chars", "200")
+    r = run(
+        "viz", model / "best.safetensors", "--text", model.parent / "text.txt", "-o", tmp_path / ("v" * 250), "--max-chars", "200"
+    )
     assert r.exit_code == 0, r.output
 
 
@@ -367,15 +408,19 @@ def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous_one(tra
     with pytest.raises(CharlmError) as e:
         checkpoint.save(trained / "last.safetensors", ckpt.build_model(), ckpt.meta, ckpt.train_tensors(), vocab=ckpt.vocab)
     monkeypatch.setattr(os, "fsync", real_fsync)
-    assert str(e.value) == (f"no space left on the device holding {trained / 'last.safetensors'}; free space or choose "
-                            "another --out; the previous checkpoint is intact")
+    assert str(e.value) == (
+        f"no space left on the device holding {trained / 'last.safetensors'}; free space or choose "
+        "another --out; the previous checkpoint is intact"
+    )
     assert (trained / "last.safetensors").read_bytes() == before
     assert not [p for p in trained.iterdir() if p.name.endswith(".part")]
 
 
 def test_a_full_disk_for_the_metrics_names_the_file(tmp_path):
     (tmp_path / rundir.METRICS).symlink_to("/dev/full")
-    with pytest.raises(CharlmError, match=r"no space left on the device holding .*metrics\.jsonl; free space or choose another --out"):
+    with pytest.raises(
+        CharlmError, match=r"no space left on the device holding .*metrics\.jsonl; free space or choose another --out"
+    ):
         rundir.append_record(tmp_path, {"kind": "train", "step": 1})
 
 

@@ -23,8 +23,8 @@ ROOT = Path(charlm.__file__).parent
 # Edges left out of the circle check, each with its reason.
 ALLOWED_EDGES = {
     ("charlm", "charlm.api"): "charlm/__init__.py serves the API names lazily (PEP 562 __getattr__): charlm.api is "
-                              "imported when a name is first looked up on the package, after the package has loaded, "
-                              "so modules below it may read charlm.__version__",
+    "imported when a name is first looked up on the package, after the package has loaded, "
+    "so modules below it may read charlm.__version__",
 }
 
 
@@ -126,7 +126,9 @@ def test_no_module_imports_a_private_name_of_another():
 
 def test_no_import_circle():
     found = cycles(graph())
-    assert not found, "modules that import each other (directly or around a circle):\n" + "\n".join(" <-> ".join(c) for c in found)
+    assert not found, "modules that import each other (directly or around a circle):\n" + "\n".join(
+        " <-> ".join(c) for c in found
+    )
 
 
 def test_the_allowed_edges_exist():
@@ -164,13 +166,23 @@ print("HEAVY", ",".join(heavy), file=sys.stderr)
 COMPLETION = {"_CHARLM_COMPLETE": "complete_bash", "COMP_WORDS": "charlm sa", "COMP_CWORD": "1"}
 
 
-@pytest.mark.parametrize("args, env", [
-    (["--help"], {}), (["--version"], {}), (["train", "--help"], {}), (["prepare", "--help"], {}),
-    (["sample", "--help"], {}), (["corpus", "--help"], {}), ([], COMPLETION),
-])
+@pytest.mark.parametrize(
+    "args, env",
+    [
+        (["--help"], {}),
+        (["--version"], {}),
+        (["train", "--help"], {}),
+        (["prepare", "--help"], {}),
+        (["sample", "--help"], {}),
+        (["corpus", "--help"], {}),
+        ([], COMPLETION),
+    ],
+)
 def test_help_version_and_completion_load_nothing_heavy(args, env):
     """The shell runs the program on every Tab press: it must answer without torch (1.5 s) or numpy."""
-    done = subprocess.run([sys.executable, "-c", DRIVER, *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, *args], capture_output=True, text=True, env={**os.environ, **env}, timeout=60
+    )
     heavy = [line for line in done.stderr.splitlines() if line.startswith("HEAVY")]
     assert heavy == ["HEAVY "], done.stderr
     if env:

@@ -49,7 +49,8 @@ def test_a_registry_file_in_the_corpora_dir_adds_or_replaces(isolated_corpora):
     (isolated_corpora / "toy.yaml").write_text("name: toy\ndescription: mine\nbytes: 3\nlicense: none\n")
     shipped = corpus.lookup("shakespeare")
     (isolated_corpora / "shakespeare.yaml").write_text(
-        f"name: shakespeare\ndescription: my copy\nbytes: {shipped.bytes}\nsha256: {shipped.sha256}\nlicense: PD\n")
+        f"name: shakespeare\ndescription: my copy\nbytes: {shipped.bytes}\nsha256: {shipped.sha256}\nlicense: PD\n"
+    )
     entries = corpus.registry()
     assert entries["toy"].description == "mine" and entries["shakespeare"].description == "my copy"
     assert entries["shakespeare"].url is None and SHIPPED <= set(entries)
@@ -107,8 +108,9 @@ def test_the_corpora_dir_flag(outside, tmp_path, capsys):
     mine.mkdir()
     import hashlib
 
-    (mine / "toy.yaml").write_text(f"name: toy\ndescription: t\nbytes: {len(content)}\n"
-                                   f"sha256: {hashlib.sha256(content).hexdigest()}\nlicense: none\n")
+    (mine / "toy.yaml").write_text(
+        f"name: toy\ndescription: t\nbytes: {len(content)}\nsha256: {hashlib.sha256(content).hexdigest()}\nlicense: none\n"
+    )
     (tmp_path / "mirror" / "toy").mkdir(parents=True)
     (tmp_path / "mirror" / "toy" / "input.txt").write_bytes(content)
     r = run("--corpora-dir", mine, "corpus", "list")
@@ -176,4 +178,6 @@ def test_prime_file_errors(tiny_model, tmp_path, command):
     assert_clean_error(run(command, tiny_model, "--prime", "the", "--prime-file", good), "either --prime .* not both")
     assert_clean_error(run(command, tiny_model, "--prime-file", tmp_path / "nope.txt"), "nope.txt does not exist")
     assert_clean_error(run(command, tiny_model, "--prime-file", tmp_path), "is a directory")
-    assert_clean_error(run(command, tiny_model, "--prime-file", bad), r"latin1.txt is not UTF-8 text \(invalid byte at offset 3\)")
+    assert_clean_error(
+        run(command, tiny_model, "--prime-file", bad), r"latin1.txt is not UTF-8 text \(invalid byte at offset 3\)"
+    )

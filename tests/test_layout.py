@@ -27,8 +27,12 @@ def test_decoding_commands_import_no_training_or_corpus_code(trained):
     ckpt = str(trained / "best.safetensors")
     text = trained.parent / "score.txt"
     text.write_text("the quick brown fox jumps over a lazy dog.\n")
-    commands = [["sample", ckpt, "--length", "5", "--seed", "1"], ["beam", ckpt, "--length", "5"],
-                ["eval", ckpt, "--text", str(text)], ["info", ckpt]]
+    commands = [
+        ["sample", ckpt, "--length", "5", "--seed", "1"],
+        ["beam", ckpt, "--length", "5"],
+        ["eval", ckpt, "--text", str(text)],
+        ["info", ckpt],
+    ]
     out = subprocess.run([sys.executable, "-c", PROBE.format(commands=commands)], capture_output=True, text=True, check=True)
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert "charlm.decoding.beam" in loaded and "charlm.cli.decode" in loaded  # the probe did run the commands

@@ -53,8 +53,11 @@ def test_every_preset_loads_on_both_cpus(bf16, name):
     assert "shakespeare-cpu-fp32" not in config.list_presets()  # folded into shakespeare-cpu
 
 
-@pytest.mark.parametrize("fake", [False, pytest.param(True, marks=pytest.mark.skipif(not REAL_BF16, reason="bf16 training needs a CPU with bf16"))],
-                         ids=["no-bf16", "bf16"])
+@pytest.mark.parametrize(
+    "fake",
+    [False, pytest.param(True, marks=pytest.mark.skipif(not REAL_BF16, reason="bf16 training needs a CPU with bf16"))],
+    ids=["no-bf16", "bf16"],
+)
 def test_the_chosen_dtype_is_in_the_checkpoint(tmp_path, prepared, monkeypatch, fake):
     """3 steps with dtype auto: the start-up report says what auto chose; the checkpoint keeps auto in
     its config (a resume elsewhere chooses again) and the choice in its provenance."""
@@ -62,7 +65,9 @@ def test_the_chosen_dtype_is_in_the_checkpoint(tmp_path, prepared, monkeypatch, 
     monkeypatch.setenv("CHARLM_THREADS", "1")
     model_cfg, cfg = small_configs(dtype="auto", max_steps=3, eval_every=3)
     starts = []
-    trainer = Trainer(model_cfg, cfg, prepared, tmp_path / "run", report=lambda kind, info: starts.append(info) if kind == "start" else None)
+    trainer = Trainer(
+        model_cfg, cfg, prepared, tmp_path / "run", report=lambda kind, info: starts.append(info) if kind == "start" else None
+    )
     trainer.run()
     chosen = "bf16" if fake else "fp32"
     assert trainer.dtype == chosen

@@ -33,8 +33,10 @@ def gradients(cell, x, state, forward):
     return out.detach(), [g.detach() for g in torch.autograd.grad(loss, inputs)]
 
 
-@pytest.mark.parametrize("name,scan", [("peephole", "auto"), ("mingru", "sequential"), ("mingru", "log"),
-                                       ("minlstm", "sequential"), ("minlstm", "log")])
+@pytest.mark.parametrize(
+    "name,scan",
+    [("peephole", "auto"), ("mingru", "sequential"), ("mingru", "log"), ("minlstm", "sequential"), ("minlstm", "log")],
+)
 def test_fast_path_equals_the_equations_in_values_and_gradients(name, scan):
     cell, x, state = cell_and_inputs(name, scan)
     fast, fast_grads = gradients(cell, x, state, type(cell).forward)
@@ -92,11 +94,11 @@ def test_forget_bias_starts_the_forget_gates_bias():
     for name, blocks in (("lstm", ("bias_ih_l1", "bias_hh_l1")), ("peephole", ("bias_l1",)), ("minlstm", ("bias_l1",))):
         model = CharRNN(ModelConfig(cell=name, num_layers=2, rnn_size=8, embed_size=4, vocab_size=5, forget_bias=2.5))
         block = model.rnn.forget_block
-        first = getattr(model.rnn, blocks[0])[block * 8:(block + 1) * 8]
+        first = getattr(model.rnn, blocks[0])[block * 8 : (block + 1) * 8]
         assert torch.equal(first, torch.full((8,), 2.5)), name
         if len(blocks) > 1:  # nn.LSTM adds b_ih and b_hh: the second is zeroed so the sum is the value
             assert torch.equal(getattr(model.rnn, blocks[1])[8:16], torch.zeros(8))
-        other = getattr(model.rnn, blocks[0])[:block * 8] if block else getattr(model.rnn, blocks[0])[8:]
+        other = getattr(model.rnn, blocks[0])[: block * 8] if block else getattr(model.rnn, blocks[0])[8:]
         assert not torch.equal(other, torch.full_like(other, 2.5))  # only the forget block
     torch.manual_seed(0)
     gru = CharRNN(ModelConfig(cell="gru", num_layers=1, rnn_size=8, embed_size=4, vocab_size=5, forget_bias=2.5))

@@ -121,8 +121,9 @@ def test_int8_native_product_is_the_integer_arithmetic():
     packed = native.pack(w, "int8")
     y = torch.empty(3, 70)
     scratch = torch.empty(1 << 16, dtype=torch.uint8)
-    native.library().cl_matvec(ctypes.byref(packed.mat), 3, x.data_ptr(), 45, 45, None, 0, 0, None, 0, y.data_ptr(), 70,
-                               scratch.data_ptr(), 1)
+    native.library().cl_matvec(
+        ctypes.byref(packed.mat), 3, x.data_ptr(), 45, 45, None, 0, 0, None, 0, y.data_ptr(), 70, scratch.data_ptr(), 1
+    )
     q, scale = native.int8_rows(w)
     sx = x.abs().amax(dim=1, keepdim=True) / 32767
     xq = torch.round(x / sx).clamp(-32767, 32767)
@@ -139,7 +140,9 @@ def test_the_portable_kernels_match_the_native_ones(tmp_path):
     src, so = tmp_path / "k.c", tmp_path / "k.so"
     src.write_text(native.SOURCE)
     cc = shutil.which("cc") or shutil.which("gcc")
-    run = cc and subprocess.run([cc, "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-o", str(so), str(src), "-lm"], capture_output=True)
+    run = cc and subprocess.run(
+        [cc, "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-o", str(so), str(src), "-lm"], capture_output=True
+    )
     if not run or run.returncode:
         pytest.skip("cannot build the portable library here")
     plain = native._bind(ctypes.CDLL(str(so)))
@@ -152,7 +155,9 @@ def test_the_portable_kernels_match_the_native_ones(tmp_path):
         for library in (lib, plain):
             y = torch.empty(5, 130)
             scratch = torch.empty(1 << 16, dtype=torch.uint8)
-            library.cl_matvec(ctypes.byref(p.mat), 5, x.data_ptr(), 72, 72, None, 0, 0, None, 0, y.data_ptr(), 130, scratch.data_ptr(), 1)
+            library.cl_matvec(
+                ctypes.byref(p.mat), 5, x.data_ptr(), 72, 72, None, 0, 0, None, 0, y.data_ptr(), 130, scratch.data_ptr(), 1
+            )
             outs.append(y)
         torch.testing.assert_close(outs[0], outs[1], rtol=tol, atol=tol)
 

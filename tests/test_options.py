@@ -65,8 +65,25 @@ def test_flags_reach_the_api_as_keywords(tmp_path, text_file, monkeypatch):
         return training.TrainResult(out, out / "last.safetensors", None, out, 0, 0.0, None, None, None, 0.0)
 
     monkeypatch.setattr(training, "train", fake_train)
-    r = run("train", text_file, "--out", tmp_path / "run", "--lr", "0.01", "--compile", "--time-budget", "10m",
-            "--rnn-size", "32", "--dtype", "auto", "--vocab-size", "300", "--tokenizer", "bpe")
+    r = run(
+        "train",
+        text_file,
+        "--out",
+        tmp_path / "run",
+        "--lr",
+        "0.01",
+        "--compile",
+        "--time-budget",
+        "10m",
+        "--rnn-size",
+        "32",
+        "--dtype",
+        "auto",
+        "--vocab-size",
+        "300",
+        "--tokenizer",
+        "bpe",
+    )
     assert r.exit_code == 0, r.output
     assert seen["lr"] == 0.01 and seen["compile"] is True and seen["time_budget"] == "10m" and seen["rnn_size"] == 32
     assert seen["dtype"] == "auto" and seen["vocab_size"] == 300 and seen["tokenizer"] == "bpe"
@@ -75,33 +92,39 @@ def test_flags_reach_the_api_as_keywords(tmp_path, text_file, monkeypatch):
 
 
 # The messages as they were before the options were declared once: they must not change.
-@pytest.mark.parametrize("layer, message", [
-    ({"cell": "x"}, "cell must be one of gru, lstm, rnn, peephole, mingru, minlstm (got 'x')"),
-    ({"num_layers": 0}, "num_layers must be between 1 and 64 (got 0)"),
-    ({"dropout": 1.0}, "dropout must be in [0, 1)"),
-    ({"forget_bias": 101}, "forget_bias must be between -100 and 100 (got 101.0)"),
-    ({"batch_size": 0}, "batch_size must be between 1 and 1048576 (got 0)"),
-    ({"lr": 0}, "lr must be positive"),
-    ({"weight_decay": -1}, "weight_decay must be >= 0"),
-    ({"grad_clip": -1}, "grad_clip must be >= 0 (0 disables clipping)"),
-    ({"schedule": "linear"}, "schedule must be one of constant, step, cosine (got 'linear')"),
-    ({"warmup_steps": -1}, "warmup_steps must be between 0 and 2^63-1 (got -1)"),
-    ({"lr_decay": 0}, "lr_decay must be in (0, 1]"),
-    ({"decay_every": 0}, "decay_every must be between 1 and 2^63-1 (got 0)"),
-    ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in [0, 1]"),
-    ({"max_steps": 0}, "max_steps must be between 1 and 2^63-1 (got 0)"),
-    ({"max_epochs": 0}, "max_epochs must be positive"),
-    ({"time_budget": "0s"}, "time_budget must be positive"),
-    ({"eval_every": 0}, "eval_every must be between 1 and 2^63-1 (got 0)"),
-    ({"seed": -1}, f"seed must be between 0 and 2^63-1 = {config.MAX_COUNT} (got -1)"),
-    ({"device": "tpu"}, "device must be one of auto, cpu, cuda, mps (got 'tpu')"),
-    ({"dtype": "fp16"}, "dtype must be one of fp32, bf16, auto (got 'fp16')"),
-    ({"scheduled_sampling": "cosine"}, "scheduled_sampling must be one of none, linear, exponential, inverse-sigmoid (got 'cosine')"),
-    ({"ss_k": -2}, "ss_k must be positive (got -2.0)"),
-    ({"ss_floor": 1.5}, "ss_floor must be in [0, 1]: the lowest teacher-forcing probability (got 1.5)"),
-    ({"ss_mode": "argmax"}, "ss_mode must be one of model, uniform (got 'argmax')"),
-    ({"scheduled_sampling": "exponential", "ss_k": 2}, "ss_k for exponential: the factor per step, in (0, 1) (got 2.0)"),
-])
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        ({"cell": "x"}, "cell must be one of gru, lstm, rnn, peephole, mingru, minlstm (got 'x')"),
+        ({"num_layers": 0}, "num_layers must be between 1 and 64 (got 0)"),
+        ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+        ({"forget_bias": 101}, "forget_bias must be between -100 and 100 (got 101.0)"),
+        ({"batch_size": 0}, "batch_size must be between 1 and 1048576 (got 0)"),
+        ({"lr": 0}, "lr must be positive"),
+        ({"weight_decay": -1}, "weight_decay must be >= 0"),
+        ({"grad_clip": -1}, "grad_clip must be >= 0 (0 disables clipping)"),
+        ({"schedule": "linear"}, "schedule must be one of constant, step, cosine (got 'linear')"),
+        ({"warmup_steps": -1}, "warmup_steps must be between 0 and 2^63-1 (got -1)"),
+        ({"lr_decay": 0}, "lr_decay must be in (0, 1]"),
+        ({"decay_every": 0}, "decay_every must be between 1 and 2^63-1 (got 0)"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio must be in [0, 1]"),
+        ({"max_steps": 0}, "max_steps must be between 1 and 2^63-1 (got 0)"),
+        ({"max_epochs": 0}, "max_epochs must be positive"),
+        ({"time_budget": "0s"}, "time_budget must be positive"),
+        ({"eval_every": 0}, "eval_every must be between 1 and 2^63-1 (got 0)"),
+        ({"seed": -1}, f"seed must be between 0 and 2^63-1 = {config.MAX_COUNT} (got -1)"),
+        ({"device": "tpu"}, "device must be one of auto, cpu, cuda, mps (got 'tpu')"),
+        ({"dtype": "fp16"}, "dtype must be one of fp32, bf16, auto (got 'fp16')"),
+        (
+            {"scheduled_sampling": "cosine"},
+            "scheduled_sampling must be one of none, linear, exponential, inverse-sigmoid (got 'cosine')",
+        ),
+        ({"ss_k": -2}, "ss_k must be positive (got -2.0)"),
+        ({"ss_floor": 1.5}, "ss_floor must be in [0, 1]: the lowest teacher-forcing probability (got 1.5)"),
+        ({"ss_mode": "argmax"}, "ss_mode must be one of model, uniform (got 'argmax')"),
+        ({"scheduled_sampling": "exponential", "ss_k": 2}, "ss_k for exponential: the factor per step, in (0, 1) (got 2.0)"),
+    ],
+)
 def test_the_checks_say_what_they_said(layer, message):
     with pytest.raises(OptionError) as e:
         config.resolve(layer)

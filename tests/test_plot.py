@@ -27,7 +27,9 @@ def fake_run(steps=60, every=20):
         chars = step * 4096
         records.append({"kind": "train", "step": step, "chars_seen": chars, "train_bpc": 6.0 / (1 + step / 20), "lr": 0.003})
         if step % every == 0:
-            records.append({"kind": "val", "step": step, "chars_seen": chars, "val_bpc": 6.2 / (1 + step / 25), "best_val_bpc": 0.0})
+            records.append(
+                {"kind": "val", "step": step, "chars_seen": chars, "val_bpc": 6.2 / (1 + step / 25), "best_val_bpc": 0.0}
+            )
     return records
 
 

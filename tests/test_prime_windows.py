@@ -68,8 +68,10 @@ def test_a_windowed_prime_equals_stepping_it(cell):
     # The first sampled symbol: greedy, and drawn at several seeds (the same generator, the same rule).
     for greedy in (True, False):
         for seed in range(1 if greedy else 12):
-            first = [sampling.sample(s, prime, 1, greedy=greedy, generator=torch.Generator().manual_seed(seed))[0, 0].item()
-                     for s in (windowed, stepped)]
+            first = [
+                sampling.sample(s, prime, 1, greedy=greedy, generator=torch.Generator().manual_seed(seed))[0, 0].item()
+                for s in (windowed, stepped)
+            ]
             assert first[0] == first[1], (greedy, seed)
 
 
@@ -84,8 +86,26 @@ def test_a_10_mb_prime_peaks_under_1_gb(tmp_path, trained):
         "print(json.dumps({'code': r.returncode, 'stderr': r.stderr[-2000:],"
         " 'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))\n"
     )
-    cmd = [sys.executable, "-c", probe, sys.executable, "-m", "charlm", "--threads", "1", "sample",
-           str(trained / "best.safetensors"), "--prime-file", str(prime), "--unknown", "skip", "--length", "20", "--seed", "1"]
+    cmd = [
+        sys.executable,
+        "-c",
+        probe,
+        sys.executable,
+        "-m",
+        "charlm",
+        "--threads",
+        "1",
+        "sample",
+        str(trained / "best.safetensors"),
+        "--prime-file",
+        str(prime),
+        "--unknown",
+        "skip",
+        "--length",
+        "20",
+        "--seed",
+        "1",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["code"] == 0, r["stderr"]

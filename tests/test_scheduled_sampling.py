@@ -91,8 +91,9 @@ def test_probability_one_feeds_the_models_predictions_after_the_first_input(tmp_
 
 
 def test_probability_one_uniform_feeds_random_symbols_without_an_extra_pass(tmp_path, prepared):
-    model_cfg, cfg = small_configs(lr=1e-9, batch_size=16, scheduled_sampling="exponential", ss_k=1e-12, ss_floor=0.0,
-                                   ss_mode="uniform")
+    model_cfg, cfg = small_configs(
+        lr=1e-9, batch_size=16, scheduled_sampling="exponential", ss_k=1e-12, ss_floor=0.0, ss_mode="uniform"
+    )
     trainer = Trainer(model_cfg, cfg, prepared, tmp_path / "run")
     trainer.step(torch.zeros(()))
     seen = _inputs_seen(trainer)
@@ -120,21 +121,32 @@ def test_masks_depend_on_seed_rank_and_step_only():
 def test_exact_resume_with_the_schedule(tmp_path, prepared, mode):
     """N steps, stop, resume for N more == 2N straight; the checkpoint says what the schedule is and where it stands."""
     n = 6
-    model_cfg, cfg = small_configs(max_steps=2 * n, log_every=1, scheduled_sampling="inverse-sigmoid", ss_k=2.0,
-                                   ss_floor=0.1, ss_mode=mode)
+    model_cfg, cfg = small_configs(
+        max_steps=2 * n, log_every=1, scheduled_sampling="inverse-sigmoid", ss_k=2.0, ss_floor=0.1, ss_mode=mode
+    )
     model_cfg.dropout = 0.2
     straight = Trainer(copy.deepcopy(model_cfg), copy.deepcopy(cfg), prepared, tmp_path / "straight")
     straight.run()
     asked = []
-    first = Trainer(copy.deepcopy(model_cfg), copy.deepcopy(cfg), prepared, tmp_path / "split",
-                    report=lambda kind, r: asked.append("SIGINT") if kind == "train" and r["step"] == n else None,
-                    stop=lambda: asked[0] if asked else None)
+    first = Trainer(
+        copy.deepcopy(model_cfg),
+        copy.deepcopy(cfg),
+        prepared,
+        tmp_path / "split",
+        report=lambda kind, r: asked.append("SIGINT") if kind == "train" and r["step"] == n else None,
+        stop=lambda: asked[0] if asked else None,
+    )
     with pytest.raises(TrainingStopped):
         first.run()
     last = checkpoint.load(tmp_path / "split" / "last.safetensors")
     state, train = last.meta["train_state"], last.meta["train"]
     assert state["ss_step"] == n and state["ss_replace"] == pytest.approx(1 - teacher_forcing(cfg, n - 1))
-    assert (train["scheduled_sampling"], train["ss_k"], train["ss_floor"], train["ss_mode"]) == ("inverse-sigmoid", 2.0, 0.1, mode)
+    assert (train["scheduled_sampling"], train["ss_k"], train["ss_floor"], train["ss_mode"]) == (
+        "inverse-sigmoid",
+        2.0,
+        0.1,
+        mode,
+    )
     resumed = Trainer(copy.deepcopy(model_cfg), copy.deepcopy(cfg), prepared, tmp_path / "split", resume=last)
     assert resumed.progress.ss_step == n
     resumed.run()
@@ -147,8 +159,21 @@ def test_a_schedule_switched_on_at_resume_starts_at_its_beginning(tmp_path, text
     out = tmp_path / "run"
     assert run("train", text_file, "--out", out, "--max-steps", "4", "--eval-every", "4", *FAST).exit_code == 0
     assert checkpoint.read_meta(out / "last.safetensors")["train_state"].get("ss_step", 0) == 0
-    r = run("train", "--resume", out / "last.safetensors", "--max-steps", "7", "--scheduled-sampling", "linear",
-            "--ss-k", "100", "--ss-floor", "0", "--ss-mode", "uniform")
+    r = run(
+        "train",
+        "--resume",
+        out / "last.safetensors",
+        "--max-steps",
+        "7",
+        "--scheduled-sampling",
+        "linear",
+        "--ss-k",
+        "100",
+        "--ss-floor",
+        "0",
+        "--ss-mode",
+        "uniform",
+    )
     assert r.exit_code == 0, r.output
     meta = checkpoint.read_meta(out / "last.safetensors")
     assert meta["train_state"]["step"] == 7 and meta["train_state"]["ss_step"] == 3
@@ -156,15 +181,18 @@ def test_a_schedule_switched_on_at_resume_starts_at_its_beginning(tmp_path, text
     assert meta["train"]["scheduled_sampling"] == "linear"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--scheduled-sampling", "cosine"], "scheduled_sampling must be one of none, linear, exponential, inverse-sigmoid"),
-    (["--scheduled-sampling", "exponential", "--ss-k", "1.5"], r"ss_k for exponential.*\(0, 1\).*1.5"),
-    (["--scheduled-sampling", "linear", "--ss-k", "0.5"], r"ss_k for linear.*>= 1"),
-    (["--scheduled-sampling", "inverse-sigmoid", "--ss-k", "-2"], "ss_k must be positive"),
-    (["--ss-k", "nan"], "ss_k must be a finite number"),
-    (["--ss-floor", "1.5"], r"ss_floor must be in \[0, 1\]"),
-    (["--ss-mode", "argmax"], "ss_mode must be one of model, uniform"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--scheduled-sampling", "cosine"], "scheduled_sampling must be one of none, linear, exponential, inverse-sigmoid"),
+        (["--scheduled-sampling", "exponential", "--ss-k", "1.5"], r"ss_k for exponential.*\(0, 1\).*1.5"),
+        (["--scheduled-sampling", "linear", "--ss-k", "0.5"], r"ss_k for linear.*>= 1"),
+        (["--scheduled-sampling", "inverse-sigmoid", "--ss-k", "-2"], "ss_k must be positive"),
+        (["--ss-k", "nan"], "ss_k must be a finite number"),
+        (["--ss-floor", "1.5"], r"ss_floor must be in \[0, 1\]"),
+        (["--ss-mode", "argmax"], "ss_mode must be one of model, uniform"),
+    ],
+)
 def test_bad_schedule_options_are_one_line_errors(tmp_path, text_file, flags, message):
     r = run("train", text_file, "--out", tmp_path / "run", "--max-steps", "2", *FAST, *flags)
     assert_clean_error(r, message)

@@ -71,7 +71,9 @@ class Server:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=KEY, max_retries=0, timeout=60, **options)
 
     def post(self, path: str, body, **kw) -> "httpx.Response":
-        return httpx.post(self.url + path, json=body, headers=kw.pop("headers", self.headers), timeout=kw.pop("timeout", 60), **kw)
+        return httpx.post(
+            self.url + path, json=body, headers=kw.pop("headers", self.headers), timeout=kw.pop("timeout", 60), **kw
+        )
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", headers=self.headers, timeout=10).text
@@ -116,7 +118,7 @@ def sample(ckpt: Path, prime: str, length: int, seed: int, *flags) -> str:
     r = run("sample", ckpt, "--prime", prime, "--length", length, "--seed", seed, "--dtype", "fp32", *flags)
     assert r.exit_code == 0, r.output
     assert r.stdout.startswith(prime) and r.stdout.endswith("\n")
-    return r.stdout[len(prime):-1]
+    return r.stdout[len(prime) : -1]
 
 
 # -- completions through the openai package ------------------------------------------------------
@@ -130,8 +132,9 @@ def test_models_and_health(server):
 
 def test_completion_equals_charlm_sample(server, ckpt):
     prime = "The quick brown"
-    r = server.client().completions.create(model="run/best", prompt=prime, max_tokens=300, temperature=0.8, top_p=0.95, seed=7,
-                                           extra_body={"top_k": 10})
+    r = server.client().completions.create(
+        model="run/best", prompt=prime, max_tokens=300, temperature=0.8, top_p=0.95, seed=7, extra_body={"top_k": 10}
+    )
     expected = sample(ckpt, prime, 300, 7, "--temperature", 0.8, "--top-p", 0.95, "--top-k", 10)
     assert r.choices[0].text == expected
     assert r.choices[0].finish_reason == "length" and r.object == "text_completion"
@@ -180,8 +183,10 @@ def test_stop_sequences(server, ckpt):
     assert r.choices[0].text == full.split("\n")[0] and r.choices[0].finish_reason == "stop"
     two = client.completions.create(model="run/best", prompt="The", max_tokens=400, seed=5, stop=["\n", "o"])
     assert two.choices[0].text == re.split("\n|o", full)[0]
-    streamed = "".join(c.choices[0].text for c in client.completions.create(model="run/best", prompt="The", max_tokens=400,
-                                                                              seed=5, stop=["\n"], stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="run/best", prompt="The", max_tokens=400, seed=5, stop=["\n"], stream=True)
+    )
     assert streamed == r.choices[0].text
 
 
@@ -205,8 +210,14 @@ def test_equals_sample_beside_15_streams(server, ckpt):
             done = [False] * 15
 
             async def neighbour(i: int) -> None:
-                body = {"prompt": f"A {WORDS[i % len(WORDS)]} ", "max_tokens": 20000, "seed": 100 + i, "stream": True,
-                        "temperature": 0.5 + 0.1 * (i % 5), **({"top_k": 5} if i % 3 == 0 else {})}
+                body = {
+                    "prompt": f"A {WORDS[i % len(WORDS)]} ",
+                    "max_tokens": 20000,
+                    "seed": 100 + i,
+                    "stream": True,
+                    "temperature": 0.5 + 0.1 * (i % 5),
+                    **({"top_k": 5} if i % 3 == 0 else {}),
+                }
                 async with client.stream("POST", "/v1/completions", json=body) as response:
                     assert response.status_code == 200
                     async for line in response.aiter_lines():
@@ -219,8 +230,10 @@ def test_equals_sample_beside_15_streams(server, ckpt):
             tasks = [asyncio.create_task(neighbour(i)) for i in range(15)]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
             active = server.metric("charlm_active_streams")
-            r = await client.post("/v1/completions", json={"prompt": "The quick brown", "max_tokens": 300, "temperature": 0.8,
-                                                           "top_p": 0.95, "top_k": 10, "seed": 7})
+            r = await client.post(
+                "/v1/completions",
+                json={"prompt": "The quick brown", "max_tokens": 300, "temperature": 0.8, "top_p": 0.95, "top_k": 10, "seed": 7},
+            )
             still_running = not any(done)
             for t in tasks:
                 t.cancel()
@@ -259,12 +272,35 @@ def test_echo_and_max_tokens_zero(server):
 
 
 # -- errors --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("field, value", [
-    ("temperature", "hot"), ("temperature", -1), ("max_tokens", 10**9), ("max_tokens", 20001), ("max_tokens", 1.5), ("max_tokens", -1), ("n", 0),
-    ("n", 9), ("top_p", 1.5), ("top_p", 0), ("top_k", 0), ("seed", -1), ("seed", "x"), ("prompt", 5), ("prompt", [1, 2]),
-    ("stop", ["a", "b", "c", "d", "e"]), ("stop", [""]), ("stream", "yes"), ("logprobs", 5), ("echo", 1),
-    ("frobnicate", 1), ("unknown", "drop"), ("beam_width", 100), ("stream_options", {"include_usage": True}),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", "hot"),
+        ("temperature", -1),
+        ("max_tokens", 10**9),
+        ("max_tokens", 20001),
+        ("max_tokens", 1.5),
+        ("max_tokens", -1),
+        ("n", 0),
+        ("n", 9),
+        ("top_p", 1.5),
+        ("top_p", 0),
+        ("top_k", 0),
+        ("seed", -1),
+        ("seed", "x"),
+        ("prompt", 5),
+        ("prompt", [1, 2]),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", [""]),
+        ("stream", "yes"),
+        ("logprobs", 5),
+        ("echo", 1),
+        ("frobnicate", 1),
+        ("unknown", "drop"),
+        ("beam_width", 100),
+        ("stream_options", {"include_usage": True}),
+    ],
+)
 def test_bad_field_is_400_naming_it(server, field, value):
     r = server.post("/v1/completions", {"prompt": "The", "max_tokens": 5, field: value})
     assert r.status_code == 400, r.text
@@ -307,8 +343,14 @@ def test_api_key(server):
 def test_metrics(server):
     server.client().completions.create(model="run/best", prompt="The", max_tokens=20)
     text = httpx.get(server.url + "/metrics", headers=server.headers, timeout=10).text
-    for name in ("charlm_active_streams", "charlm_queued_requests", "charlm_generated_characters_total", "charlm_step_seconds_count",
-                 "charlm_time_to_first_character_seconds_count", 'charlm_requests_total{route="/v1/completions",status="200"}'):
+    for name in (
+        "charlm_active_streams",
+        "charlm_queued_requests",
+        "charlm_generated_characters_total",
+        "charlm_step_seconds_count",
+        "charlm_time_to_first_character_seconds_count",
+        'charlm_requests_total{route="/v1/completions",status="200"}',
+    ):
         assert name in text, name
     assert server.metric("charlm_generated_characters_total") >= 20
 
@@ -328,7 +370,10 @@ def test_queue_bound_429_and_disconnect_frees_the_row(ckpt):
     s = Server(ckpt, "--max-streams", "1", "--max-queue", "1", "--max-n", "1", "--max-length", "10000000")
     try:
         long = {"prompt": "The", "max_tokens": 10_000_000, "stream": True}
-        with httpx.Client(base_url=s.url, headers=s.headers, timeout=30) as a, httpx.Client(base_url=s.url, headers=s.headers, timeout=30) as b:
+        with (
+            httpx.Client(base_url=s.url, headers=s.headers, timeout=30) as a,
+            httpx.Client(base_url=s.url, headers=s.headers, timeout=30) as b,
+        ):
             with a.stream("POST", "/v1/completions", json=long) as first:
                 first_lines = first.iter_lines()
                 assert first_data(first_lines)  # it holds the one row

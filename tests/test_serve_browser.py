@@ -24,7 +24,9 @@ for module in ("selenium", "httpx", "starlette", "uvicorn"):
         MISSING.append(f"the {module} package (pip install -e '.[dev]')")
 
 if MISSING and os.environ.get("CI", "").lower() != "true":
-    pytest.skip(f"no browser to drive: missing {', '.join(MISSING)} (apt-get install chromium chromium-driver)", allow_module_level=True)
+    pytest.skip(
+        f"no browser to drive: missing {', '.join(MISSING)} (apt-get install chromium chromium-driver)", allow_module_level=True
+    )
 
 from test_serve import Server, ckpt  # noqa: E402,F401  (the tiny model and the server process)
 
@@ -96,8 +98,12 @@ def test_page_generates_in_two_tabs(server, tmp_path):
             time.sleep(0.02)
         assert len(set(x for x in lengths if x)) >= 3, lengths
         assert lengths == sorted(lengths)
-        assert driver.execute_script(
-            "return document.querySelectorAll('script[src], link[href]:not([href^=\"data:\"]), img[src]').length") == 0
+        assert (
+            driver.execute_script(
+                "return document.querySelectorAll('script[src], link[href]:not([href^=\"data:\"]), img[src]').length"
+            )
+            == 0
+        )
         shot = tmp_path / "page.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 5000
 
@@ -117,8 +123,14 @@ def test_page_generates_in_two_tabs(server, tmp_path):
         text = make_text(400, seed=5)
         driver.execute_script("document.getElementById('score-text').value = arguments[0]", text)
         driver.find_element(By.ID, "score").click()
-        result = wait_for(lambda: driver.find_element(By.ID, "score-result").text.strip() if "bits/char" in
-                          driver.find_element(By.ID, "score-result").text else "", "the score")
+        result = wait_for(
+            lambda: (
+                driver.find_element(By.ID, "score-result").text.strip()
+                if "bits/char" in driver.find_element(By.ID, "score-result").text
+                else ""
+            ),
+            "the score",
+        )
         assert f"over {len(text) - 1} characters" in result
         assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE" and "AbortError" not in e["message"]]
     finally:

@@ -43,7 +43,9 @@ def test_bad_arguments_are_clear_errors():
         threads.choose("train", ranks=0)
 
 
-@pytest.mark.parametrize("free, expected", [(0.0, 1), (0.6, 1), (0.75, 1), (1.0, 1), (1.69, 1), (1.7, 2), (2.0, 2), (7.9, 8), (30.0, 8)])
+@pytest.mark.parametrize(
+    "free, expected", [(0.0, 1), (0.6, 1), (0.75, 1), (1.0, 1), (1.69, 1), (1.7, 2), (2.0, 2), (7.9, 8), (30.0, 8)]
+)
 def test_the_free_cores_decide(monkeypatch, free, expected):
     """A core counts when at least 70% of it is idle; at least one thread, at most one per physical core."""
     monkeypatch.setattr(threads, "free_cores", lambda ranks=1, **kw: free)

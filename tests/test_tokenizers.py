@@ -33,8 +33,14 @@ def run(*args):
 
 def corpus_text() -> str:
     """English-like lines, with the things a lossy tokenizer would lose: tabs, runs of spaces, CRLF, emoji, '▁'."""
-    extras = ["\tindented\twith tabs\n", "runs    of     spaces   here\n", "windows line\r\n", "emoji 😀 and 日本\n",
-              "a literal ▁ (U+2581) mid-text\n", "  leading and trailing  \n"]
+    extras = [
+        "\tindented\twith tabs\n",
+        "runs    of     spaces   here\n",
+        "windows line\r\n",
+        "emoji 😀 and 日本\n",
+        "a literal ▁ (U+2581) mid-text\n",
+        "  leading and trailing  \n",
+    ]
     lines = make_text(24000, seed=1).splitlines(keepends=True)
     for i, extra in enumerate(extras):
         lines.insert(40 * (i + 1), extra)
@@ -72,10 +78,24 @@ def random_strings(n: int, seed: int = 0) -> list[str]:
 
 
 FIXED_STRINGS = [
-    "", "a", " ", "\n", "\n\n\n", "\t", "\t\tindented\ttabs\n", "runs    of     spaces   ", " leading and trailing ",
-    "windows\r\nline\rends\r\n", "emoji 😀🎉 👩‍👩‍👧 family", "日本語の文章。Ελληνικά Кириллица ☃",
-    "never seen: ∮ ⅋ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u200b zero width", "combining e\u0301 vs é; NFKC would fold ﬁ ＡＢ ①",
-    "▁", "the SentencePiece space ▁ itself ▁▁ and ▁ x", "\x00\x01\x7f controls \x1b[0m", "The quick brown fox.\n",
+    "",
+    "a",
+    " ",
+    "\n",
+    "\n\n\n",
+    "\t",
+    "\t\tindented\ttabs\n",
+    "runs    of     spaces   ",
+    " leading and trailing ",
+    "windows\r\nline\rends\r\n",
+    "emoji 😀🎉 👩‍👩‍👧 family",
+    "日本語の文章。Ελληνικά Кириллица ☃",
+    "never seen: ∮ ⅋ 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \u200b zero width",
+    "combining e\u0301 vs é; NFKC would fold ﬁ ＡＢ ①",
+    "▁",
+    "the SentencePiece space ▁ itself ▁▁ and ▁ x",
+    "\x00\x01\x7f controls \x1b[0m",
+    "The quick brown fox.\n",
 ]
 
 
@@ -194,8 +214,17 @@ def mixed_script_text(n_chars: int = 2_700_000, seed: int = 0) -> str:
     """Latin, Greek, Cyrillic, CJK and emoji: a Zipf-distributed head of 200 characters, and a
     tail of 1,200 more, mostly seen once (Zipf-like counts, at least 1). Lines of words."""
     rng = np.random.default_rng(seed)
-    head = ([*range(0x61, 0x7B), *range(0x41, 0x5B), *range(0x3B1, 0x3CA), *range(0x430, 0x450),
-             *range(0x4E00, 0x4E32), *range(0x1F600, 0x1F614), *map(ord, ".,;:!?'-()0123456789")])[:200]
+    head = (
+        [
+            *range(0x61, 0x7B),
+            *range(0x41, 0x5B),
+            *range(0x3B1, 0x3CA),
+            *range(0x430, 0x450),
+            *range(0x4E00, 0x4E32),
+            *range(0x1F600, 0x1F614),
+            *map(ord, ".,;:!?'-()0123456789"),
+        ]
+    )[:200]
     tail = [*range(0x5000, 0x5000 + 1000), *range(0x1F300, 0x1F300 + 200)]
     weights = 1.0 / np.arange(1, len(head) + 1)
     text = np.asarray(head, dtype=np.uint32)[rng.choice(len(head), size=n_chars, p=weights / weights.sum())]
@@ -234,8 +263,10 @@ def test_ensemble_members_must_share_the_tokenizer(tmp_path, spm_data):
     for name, kind in (("a", "bpe"), ("b", "bpe"), ("u", "unigram")):
         runs[name] = tmp_path / name
         train_small(spm_data[kind], runs[name], max_steps=2, seed=len(runs))
-    scorers = {k: ModelScorer(checkpoint.load(p / "best.safetensors").build_model(), checkpoint.load(p / "best.safetensors").vocab)
-               for k, p in runs.items()}
+    scorers = {
+        k: ModelScorer(checkpoint.load(p / "best.safetensors").build_model(), checkpoint.load(p / "best.safetensors").vocab)
+        for k, p in runs.items()
+    }
     Ensemble([scorers["a"], scorers["b"]])  # the same prepared data: the same tokenizer
     with pytest.raises(CharlmError, match=r"different vocabularies.*bpe SentencePiece.*unigram SentencePiece.*same tokenizer"):
         Ensemble([scorers["a"], scorers["u"]])

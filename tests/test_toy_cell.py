@@ -25,9 +25,12 @@ class ToyTanh(Cell):
 
     def __init__(self, input_size, hidden_size, num_layers, dropout=0.0):
         super().__init__(input_size, hidden_size, num_layers, dropout)
-        self.w = nn.ParameterList(nn.Parameter(torch.randn(hidden_size, self.layer_input_size(k)) / math.sqrt(hidden_size))
-                                  for k in range(num_layers))
-        self.u = nn.ParameterList(nn.Parameter(torch.randn(hidden_size, hidden_size) / math.sqrt(hidden_size)) for _ in range(num_layers))
+        self.w = nn.ParameterList(
+            nn.Parameter(torch.randn(hidden_size, self.layer_input_size(k)) / math.sqrt(hidden_size)) for k in range(num_layers)
+        )
+        self.u = nn.ParameterList(
+            nn.Parameter(torch.randn(hidden_size, hidden_size) / math.sqrt(hidden_size)) for _ in range(num_layers)
+        )
         self.b = nn.ParameterList(nn.Parameter(torch.zeros(hidden_size)) for _ in range(num_layers))
 
     def layer_step(self, k, x, state):

@@ -46,7 +46,9 @@ def test_hidden_state_is_carried_between_windows(tmp_path, prepared):
     assert got == pytest.approx(expected, rel=1e-4)
     # The same windows scored with the state reset each time differ: the test can tell.
     with torch.no_grad():
-        reset = [F.cross_entropy(initial(x[:, k * T : (k + 1) * T])[0].transpose(1, 2), y[:, k * T : (k + 1) * T]) for k in range(4)]
+        reset = [
+            F.cross_entropy(initial(x[:, k * T : (k + 1) * T])[0].transpose(1, 2), y[:, k * T : (k + 1) * T]) for k in range(4)
+        ]
     assert float(reset[3]) / math.log(2) != pytest.approx(expected[3], rel=1e-3)
 
 
@@ -65,8 +67,14 @@ def test_exact_resume(tmp_path, prepared, cell):
         if kind == "train" and record["step"] == n:
             asked.append("SIGINT")
 
-    first = Trainer(copy.deepcopy(model_cfg), copy.deepcopy(cfg), prepared, tmp_path / "split", report=stop_at_n,
-                    stop=lambda: asked[0] if asked else None)
+    first = Trainer(
+        copy.deepcopy(model_cfg),
+        copy.deepcopy(cfg),
+        prepared,
+        tmp_path / "split",
+        report=stop_at_n,
+        stop=lambda: asked[0] if asked else None,
+    )
     with pytest.raises(TrainingStopped):
         first.run()
     last = checkpoint.load(tmp_path / "split" / "last.safetensors")
@@ -96,8 +104,8 @@ def test_resume_changes_nothing_when_it_should_differ(tmp_path, prepared):
 
 def test_training_reduces_loss_and_writes_outputs(tmp_path, prepared):
     trainer = train_small(prepared, tmp_path / "run", max_steps=60, eval_every=30, lr=2e-2)
-    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    vals = [l["val_bpc"] for l in lines if l["kind"] == "val"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    vals = [r["val_bpc"] for r in lines if r["kind"] == "val"]
     assert len(vals) == 2 and vals[-1] < math.log2(len(prepared.vocab)) - 1
     best = checkpoint.load(tmp_path / "run" / "best.safetensors")
     assert not best.train_tensors()  # the shareable file carries no training state
@@ -125,7 +133,9 @@ def test_nan_loss_stops_and_keeps_best(tmp_path, prepared):
     assert digest(out / "last.safetensors") == holder["last"]
 
 
-@pytest.mark.parametrize("signame, said", [("SIGINT", "interrupted"), ("SIGTERM", "stopped by SIGTERM"), ("SIGHUP", "stopped by SIGHUP")])
+@pytest.mark.parametrize(
+    "signame, said", [("SIGINT", "interrupted"), ("SIGTERM", "stopped by SIGTERM"), ("SIGHUP", "stopped by SIGHUP")]
+)
 def test_stop_signals_save_a_resumable_checkpoint(tmp_path, prepared, signame, said):
     model_cfg, cfg = small_configs(max_steps=100, eval_every=1000, log_every=1)
     out = tmp_path / "run"

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import make_text, run, train_small
 
 import charlm
 from charlm.data import PreparedData
 from charlm.data import prepare as prep
 from charlm.decoding.union import union_vocab
-from conftest import make_text, run, train_small
 
 
 @pytest.fixture(scope="module")

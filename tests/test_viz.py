@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 
 import numpy as np
@@ -160,8 +159,27 @@ def test_viz_json_and_page(trained, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(make_text(3000, seed=6))
     out, png = tmp_path / "page.html", tmp_path / "gates.png"
-    r = run("viz", trained / "best.safetensors", "--text", text, "-o", out, "--find", "line-position", "--find", "regex:fox",
-            "--top", "4", "--cell", "3,7", "--layer", "0", "--png", png, "--json")
+    r = run(
+        "viz",
+        trained / "best.safetensors",
+        "--text",
+        text,
+        "-o",
+        out,
+        "--find",
+        "line-position",
+        "--find",
+        "regex:fox",
+        "--top",
+        "4",
+        "--cell",
+        "3,7",
+        "--layer",
+        "0",
+        "--png",
+        png,
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     assert s["show"] == "cell_tanh" and s["layers"] == 2 and s["hidden_size"] == 32 and s["truncated_from"] is None
@@ -212,7 +230,17 @@ def test_every_registered_cell(prepared, tmp_path, cell):
     train_small(prepared, tmp_path / "run", cell=cell, max_steps=2)
     text = tmp_path / "t.txt"
     text.write_text(make_text(800, seed=8))
-    r = run("viz", tmp_path / "run" / "best.safetensors", "--text", text, "-o", tmp_path / "p.html", "--find", "line-position", "--json")
+    r = run(
+        "viz",
+        tmp_path / "run" / "best.safetensors",
+        "--text",
+        text,
+        "-o",
+        tmp_path / "p.html",
+        "--find",
+        "line-position",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     s = json.loads(r.stdout)
     model_cls = type(checkpoint.load(tmp_path / "run" / "best.safetensors").build_model().rnn)
@@ -220,7 +248,19 @@ def test_every_registered_cell(prepared, tmp_path, cell):
     assert s["show"] == ("cell_tanh" if "cell_tanh" in s["internals"] else "hidden")
     assert len(s["find"]["line-position"]["top"]) == 10
     for name in s["internals"]:
-        r = run("viz", tmp_path / "run" / "best.safetensors", "--text", text, "-o", tmp_path / "q.html", "--show", name, "--cell", "0", "--json")
+        r = run(
+            "viz",
+            tmp_path / "run" / "best.safetensors",
+            "--text",
+            text,
+            "-o",
+            tmp_path / "q.html",
+            "--show",
+            name,
+            "--cell",
+            "0",
+            "--json",
+        )
         assert r.exit_code == 0 and json.loads(r.stdout)["show"] == name, r.output
 
 
@@ -353,4 +393,3 @@ def test_a_cell_with_its_own_internals_is_asked(monkeypatch):
     assert calls and calls[0][:2] == (5, 60)
     for name in plain.acts:
         torch.testing.assert_close(plain.acts[name], asked.acts[name])
-

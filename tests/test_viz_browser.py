@@ -22,7 +22,9 @@ except ImportError:
     MISSING.append("the selenium package (pip install -e '.[dev]')")
 
 if MISSING and os.environ.get("CI", "").lower() != "true":
-    pytest.skip(f"no browser to drive: missing {', '.join(MISSING)} (apt-get install chromium chromium-driver)", allow_module_level=True)
+    pytest.skip(
+        f"no browser to drive: missing {', '.join(MISSING)} (apt-get install chromium chromium-driver)", allow_module_level=True
+    )
 
 
 def browser():
@@ -39,7 +41,9 @@ def browser():
 
 
 def backgrounds(driver) -> list[str]:
-    return driver.execute_script("return Array.from(document.querySelectorAll('#text span.c')).map(s => getComputedStyle(s).backgroundColor)")
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#text span.c')).map(s => getComputedStyle(s).backgroundColor)"
+    )
 
 
 @pytest.fixture
@@ -47,7 +51,9 @@ def page(trained, tmp_path) -> Path:
     text = tmp_path / "words.txt"
     text.write_text(make_text(1500, seed=3))
     out = tmp_path / "page.html"
-    r = run("viz", trained / "best.safetensors", "--text", text, "-o", out, "--cell", "0", "--cell", "1", "--find", "line-position")
+    r = run(
+        "viz", trained / "best.safetensors", "--text", text, "-o", out, "--cell", "0", "--cell", "1", "--find", "line-position"
+    )
     assert r.exit_code == 0, r.output
     return out
 
@@ -81,7 +87,9 @@ def test_page_in_chromium(page, tmp_path):
 
         select = Select(driver.find_element(By.ID, "view"))
         labels = [o.text for o in select.options]
-        assert any("cell 1" in l for l in labels) and any("line-position" in l for l in labels) and labels[-1].startswith("surprise")
+        assert (
+            any("cell 1" in s for s in labels) and any("line-position" in s for s in labels) and labels[-1].startswith("surprise")
+        )
         select.select_by_index(1)
         after = backgrounds(driver)
         cell = labels[1].split("cell ")[1].split(":")[0]  # "layer K, cell C: name (why)"

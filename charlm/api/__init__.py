@@ -15,5 +15,16 @@ from charlm.api.model import Beam, LanguageModel, Score, checkpoint_info, load
 from charlm.api.training import Progress, TrainResult, prepare, train
 from charlm.decoding.streams import Event, Streams
 
-__all__ = ["Beam", "Event", "LanguageModel", "Progress", "Score", "Streams", "TrainResult", "checkpoint_info", "load", "prepare",
-           "train"]
+__all__ = [
+    "Beam",
+    "Event",
+    "LanguageModel",
+    "Progress",
+    "Score",
+    "Streams",
+    "TrainResult",
+    "checkpoint_info",
+    "load",
+    "prepare",
+    "train",
+]

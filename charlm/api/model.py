@@ -63,8 +63,13 @@ class Score:
 
     def figures(self, speed: bool = False) -> dict[str, Any]:
         """The record `charlm eval --json` prints: bits_per_token only where tokens are not characters."""
-        record: dict[str, Any] = {"bits_per_char": self.bits_per_char, "perplexity": self.perplexity, "chars": self.chars,
-                                  "tokens": self.tokens, "nll": self.nll}
+        record: dict[str, Any] = {
+            "bits_per_char": self.bits_per_char,
+            "perplexity": self.perplexity,
+            "chars": self.chars,
+            "tokens": self.tokens,
+            "nll": self.nll,
+        }
         if self.tokens != self.chars:
             record["bits_per_token"] = self.bits_per_token
         if speed:
@@ -84,8 +89,14 @@ class Beam(NamedTuple):
         return bits_per_char(-self.logprob, max(len(self.text), 1))
 
 
-def load(*checkpoints: str | Path, device: str = "auto", dtype: str = "auto", weights: Sequence[float] | None = None,
-         combine: str = "mean", threads: int | None = None) -> LanguageModel:
+def load(
+    *checkpoints: str | Path,
+    device: str = "auto",
+    dtype: str = "auto",
+    weights: Sequence[float] | None = None,
+    combine: str = "mean",
+    threads: int | None = None,
+) -> LanguageModel:
     """Load one checkpoint, or several as an ensemble (distributions averaged: combine="mean" or "geometric").
 
     device: auto (a GPU when there is one), cpu, cuda or mps. dtype: the precision of step-by-step
@@ -113,8 +124,14 @@ def load(*checkpoints: str | Path, device: str = "auto", dtype: str = "auto", we
 class LanguageModel:
     """One model or an ensemble, ready to generate and score. Make one with charlm.load()."""
 
-    def __init__(self, members: list[ModelScorer], checkpoints: list[checkpoint.Checkpoint], weights: Sequence[float] | None = None,
-                 combine: str = "mean", eval_dtype: str | None = None):
+    def __init__(
+        self,
+        members: list[ModelScorer],
+        checkpoints: list[checkpoint.Checkpoint],
+        weights: Sequence[float] | None = None,
+        combine: str = "mean",
+        eval_dtype: str | None = None,
+    ):
         self.members = members
         self._checkpoints = checkpoints
         self.weights = None if weights is None else [float(w) for w in weights]
@@ -164,40 +181,101 @@ class LanguageModel:
         threads_mod.apply("batch", self.threads)
         return Streams(self.scorer)
 
-    def stream(self, prime: str = "", length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, greedy: bool = False, seed: int | None = None, stop: str | Sequence[str] | None = None,
-               unknown: str = "error") -> Iterator[str]:
+    def stream(
+        self,
+        prime: str = "",
+        length: int = 500,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        unknown: str = "error",
+    ) -> Iterator[str]:
         """Generate after `prime`, yielding the text as it is produced (the prime itself is not repeated)."""
         threads_mod.apply("step", self.threads)  # one stream: a character at a time
         streams = Streams(self.scorer)  # add() checks every argument now, not at the first next()
-        streams.add(prime, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed,
-                    stop=stop, unknown=unknown)
+        streams.add(
+            prime, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed, stop=stop, unknown=unknown
+        )
         return (event.text for event in streams.run() if event.text)
 
-    def generate(self, prime: str = "", length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, greedy: bool = False, seed: int | None = None, stop: str | Sequence[str] | None = None,
-                 unknown: str = "error") -> str:
+    def generate(
+        self,
+        prime: str = "",
+        length: int = 500,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        unknown: str = "error",
+    ) -> str:
         """The text generated after `prime` (without the prime): `length` symbols, or up to a stop string (not included).
 
         The same seed gives the same text, from here, from `charlm sample --seed` and beside other streams.
         """
-        return "".join(self.stream(prime, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                   seed=seed, stop=stop, unknown=unknown))
+        return "".join(
+            self.stream(
+                prime,
+                length,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                greedy=greedy,
+                seed=seed,
+                stop=stop,
+                unknown=unknown,
+            )
+        )
 
-    def generate_many(self, primes: Sequence[str], length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, greedy: bool = False, seed: int | None = None,
-                      stop: str | Sequence[str] | None = None, unknown: str = "error") -> list[str]:
+    def generate_many(
+        self,
+        primes: Sequence[str],
+        length: int = 500,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        unknown: str = "error",
+    ) -> list[str]:
         """Generate after each prime, all streams stepped together as one batch. Stream i uses seed + i, so it
         equals generate(primes[i], seed=seed + i)."""
         texts = [""] * len(primes)
-        for i, piece in self.stream_many(primes, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                         seed=seed, stop=stop, unknown=unknown):
+        for i, piece in self.stream_many(
+            primes,
+            length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            greedy=greedy,
+            seed=seed,
+            stop=stop,
+            unknown=unknown,
+        ):
             texts[i] += piece
         return texts
 
-    def stream_many(self, primes: Sequence[str], length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
-                    top_p: float | None = None, greedy: bool = False, seed: int | None = None,
-                    stop: str | Sequence[str] | None = None, unknown: str = "error") -> Iterator[tuple[int, str]]:
+    def stream_many(
+        self,
+        primes: Sequence[str],
+        length: int = 500,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        unknown: str = "error",
+    ) -> Iterator[tuple[int, str]]:
         """generate_many as it is produced: (index of the prime, new text) pairs, step by step."""
         if isinstance(primes, str):
             raise OptionError("generate_many takes a list of primes; for one prime use generate")
@@ -205,12 +283,33 @@ class LanguageModel:
         if isinstance(base, bool) or not isinstance(base, int) or not 0 <= base <= 2**63 - 1 - len(primes):
             raise OptionError(f"--seed must be between 0 and 2^63-1 less the number of streams (got {seed!r})")
         streams = self.streams()
-        index = {streams.add(p, length, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, seed=base + i,
-                             stop=stop, unknown=unknown): i for i, p in enumerate(primes)}
+        index = {
+            streams.add(
+                p,
+                length,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                greedy=greedy,
+                seed=base + i,
+                stop=stop,
+                unknown=unknown,
+            ): i
+            for i, p in enumerate(primes)
+        }
         return ((index[event.stream], event.text) for event in streams.run() if event.text)
 
-    def beam(self, prime: str = "", length: int = 100, *, beam_width: int = 5, n_best: int = 1, length_penalty: float = 0.0,
-             stop: str | None = None, unknown: str = "error") -> list[Beam]:
+    def beam(
+        self,
+        prime: str = "",
+        length: int = 100,
+        *,
+        beam_width: int = 5,
+        n_best: int = 1,
+        length_penalty: float = 0.0,
+        stop: str | None = None,
+        unknown: str = "error",
+    ) -> list[Beam]:
         """The n_best most likely continuations of `prime` by beam search, best first: (text, log-prob, tokens)."""
         stop_ids = None
         if stop:
@@ -221,9 +320,19 @@ class LanguageModel:
         return [Beam(self.vocab.decode(ids), logprob, len(ids)) for ids, logprob in results]
 
     # -- scoring -------------------------------------------------------------------------------
-    def score(self, text: str | bytes | None = None, *, split: str | None = None, data: str | Path | None = None,
-              unknown: str = "error", dynamic: bool = False, dyn_lr: float | None = None, dyn_decay: float | None = None,
-              dyn_update: str = "auto", dyn_window: int | None = None) -> Score:
+    def score(
+        self,
+        text: str | bytes | None = None,
+        *,
+        split: str | None = None,
+        data: str | Path | None = None,
+        unknown: str = "error",
+        dynamic: bool = False,
+        dyn_lr: float | None = None,
+        dyn_decay: float | None = None,
+        dyn_update: str = "auto",
+        dyn_window: int | None = None,
+    ) -> Score:
         """Bits per character of a text (or of a split of the prepared data the model was trained on), scored as
         one stream with the state carried through.
 
@@ -244,15 +353,26 @@ class LanguageModel:
         if dynamic_options_given:
             raise OptionError("the dyn_* options go with dynamic=True (--dynamic)")
         scorers = self._eval_scorers()
-        whole = self._static(scorers[0] if len(scorers) == 1 and self.weights is None else
-                             Ensemble(scorers, self.weights, self.combine), tokens, chars)
+        whole = self._static(
+            scorers[0] if len(scorers) == 1 and self.weights is None else Ensemble(scorers, self.weights, self.combine),
+            tokens,
+            chars,
+        )
         if len(scorers) > 1:
             whole = replace(whole, members=[self._member_static(m, tokens, chars) for m in scorers])
         _check_finite(whole, self.paths, "")
         return whole
 
-    def adapted(self, text: str, *, unknown: str = "error", dyn_lr: float | None = None, dyn_decay: float | None = None,
-                dyn_update: str = "auto", dyn_window: int | None = None) -> LanguageModel:
+    def adapted(
+        self,
+        text: str,
+        *,
+        unknown: str = "error",
+        dyn_lr: float | None = None,
+        dyn_decay: float | None = None,
+        dyn_update: str = "auto",
+        dyn_window: int | None = None,
+    ) -> LanguageModel:
         """A copy of this model adapted to `text` by dynamic evaluation over it (as `charlm sample --adapt`), to
         generate in its style. The copy's `adaptation` holds the figure while reading it and the settings."""
         self._refuse_union("adapting")
@@ -272,8 +392,10 @@ class LanguageModel:
         """The members as scorers in the scoring precision: exact fp32 unless bf16 was asked for at load."""
         dtype = self._eval_dtype or "fp32"
         if dtype not in DTYPES:
-            raise OptionError(f"scoring runs in {' or '.join(DTYPES)} (int8 is for step-by-step decoding: sample and beam); "
-                              f"load the model with dtype fp32 or bf16 to score")
+            raise OptionError(
+                f"scoring runs in {' or '.join(DTYPES)} (int8 is for step-by-step decoding: sample and beam); "
+                f"load the model with dtype fp32 or bf16 to score"
+            )
         return [m if m.dtype == dtype else ModelScorer(m.model, m.vocab, dtype=dtype) for m in self.members]
 
     @staticmethod
@@ -283,8 +405,9 @@ class LanguageModel:
         r = evaluate(scorer, tokens, chars=chars, record=record)
         seconds = time.perf_counter() - start
         logprobs = torch.cat(record, dim=-1).flatten().numpy() if record else np.zeros(0)
-        return Score(r["bits_per_char"], r["perplexity"], r["chars"], r["tokens"], r["nll"], r["bits_per_token"], seconds,
-                     logprobs)
+        return Score(
+            r["bits_per_char"], r["perplexity"], r["chars"], r["tokens"], r["nll"], r["bits_per_token"], seconds, logprobs
+        )
 
     def _member_static(self, member: ModelScorer, tokens: np.ndarray, chars: int) -> Score:
         """A member's own figure on the ensemble's text. In a union-vocabulary ensemble the symbols it never saw
@@ -297,8 +420,10 @@ class LanguageModel:
 
     def _refuse_union(self, what: str) -> None:
         if isinstance(self.scorer, Ensemble) and self.scorer.union:
-            raise OptionError(f"{what} needs ensemble members that share one vocabulary (these differ: each adapts on its "
-                              "own symbols); score or sample the union ensemble statically, or adapt the members one by one")
+            raise OptionError(
+                f"{what} needs ensemble members that share one vocabulary (these differ: each adapts on its "
+                "own symbols); score or sample the union ensemble statically, or adapt the members one by one"
+            )
 
     def _dynamic_score(self, tokens: np.ndarray, chars: int, update: str, lr, decay, window) -> Score:
         self._refuse_union("dynamic evaluation")
@@ -312,19 +437,29 @@ class LanguageModel:
 
     def _adapt_in_place(self, tokens: np.ndarray, chars: float, update: str, lr, decay, window) -> Score:
         """Dynamic evaluation over tokens, leaving this object's members adapted (callers pass a copy)."""
-        sources = [dynamic.AdaptSource(int(c.meta["train"]["seq_length"]), checkpoint.gradient_second_moments(c))
-                   for c in self._checkpoints]
+        sources = [
+            dynamic.AdaptSource(int(c.meta["train"]["seq_length"]), checkpoint.gradient_second_moments(c))
+            for c in self._checkpoints
+        ]
         settings, note = dynamic.resolve(sources, [str(p) for p in self.paths], update, lr, decay, window)
         adapters = [dynamic.Adapter(m.model, settings, s.mean_sq) for m, s in zip(self.members, sources)]
         combine = self.scorer.combine_logprobs if isinstance(self.scorer, Ensemble) else None
         record: list[torch.Tensor] = []
         whole, per_member = dynamic.dynamic_evaluate(adapters, tokens, chars, combine, record=record)
-        described = {"update": settings.update, "lr": settings.lr, "decay": settings.decay, "window": settings.window, "note": note}
+        described = {
+            "update": settings.update,
+            "lr": settings.lr,
+            "decay": settings.decay,
+            "window": settings.window,
+            "note": note,
+        }
         logprobs = -torch.cat(record, dim=-1).flatten().numpy() if record else np.zeros(0)
         members = [_from_record(r) for r in per_member] if len(self.members) > 1 else []
         return replace(_from_record(whole), logprobs=logprobs, members=members, dynamic=described)
 
-    def _tokens(self, text: str | bytes | None, split: str | None, data: str | Path | None, unknown: str) -> tuple[np.ndarray, int]:
+    def _tokens(
+        self, text: str | bytes | None, split: str | None, data: str | Path | None, unknown: str
+    ) -> tuple[np.ndarray, int]:
         """The token stream to score and the number of characters of the text it spells."""
         if unknown not in ("error", "skip"):
             raise OptionError(f"--unknown must be error or skip (got {unknown!r})")
@@ -355,7 +490,9 @@ class LanguageModel:
         first = self._checkpoints[0]
         recorded = (first.meta.get("provenance") or {}).get("data_dir")
         if data_dir is None and not isinstance(recorded, str):
-            raise CharlmError(f"{first.path} does not record the data it was trained on; give it with --data DIR, or score a file with --text")
+            raise CharlmError(
+                f"{first.path} does not record the data it was trained on; give it with --data DIR, or score a file with --text"
+            )
         data = PreparedData(data_dir if data_dir is not None else str(recorded))
         parts = split.split("+")
         tokens = np.concatenate([np.asarray(data.tokens(s)) for s in parts])
@@ -369,8 +506,15 @@ class LanguageModel:
 
 
 def _from_record(r: dict) -> Score:
-    return Score(r["bits_per_char"], r["perplexity"], r["chars"], r["tokens"], r["nll"], r["bits_per_token"],
-                 r["chars"] / max(r["chars_per_s"], 1e-30) if r.get("chars_per_s") else 0.0)
+    return Score(
+        r["bits_per_char"],
+        r["perplexity"],
+        r["chars"],
+        r["tokens"],
+        r["nll"],
+        r["bits_per_token"],
+        r["chars"] / max(r["chars_per_s"], 1e-30) if r.get("chars_per_s") else 0.0,
+    )
 
 
 def _check_finite(score: Score, paths: list[Path], hint: str) -> None:
@@ -378,15 +522,24 @@ def _check_finite(score: Score, paths: list[Path], hint: str) -> None:
     named = [(str(p), m) for p, m in zip(paths, score.members)] + [("the model", score)]
     for label, s in named:
         if not math.isfinite(s.bits_per_char):
-            raise CharlmError(f"{label} gives a non-finite figure ({s.bits_per_char} bits/char): "
-                              f"its weights overflow float32 on this text{hint}")
+            raise CharlmError(
+                f"{label} gives a non-finite figure ({s.bits_per_char} bits/char): "
+                f"its weights overflow float32 on this text{hint}"
+            )
 
 
 def checkpoint_info(path: str | Path) -> dict[str, Any]:
     """What a checkpoint file holds, read and checked as a stranger's file (no model is built): its
     metadata, vocabulary, checksum status, whether it is resumable, and its tensor and parameter counts."""
     c = checkpoint.load(path)
-    return {"path": c.path, "meta": copy.deepcopy(c.meta), "vocab": c.vocab, "checksum": c.checksum,
-            "resumable": c.has_train_state, "tensors": len(c.tensors),
-            "parameters": sum(t.numel() for t in c.model_state().values()),
-            "format": checkpoint.FORMAT, "version": checkpoint.VERSION}
+    return {
+        "path": c.path,
+        "meta": copy.deepcopy(c.meta),
+        "vocab": c.vocab,
+        "checksum": c.checksum,
+        "resumable": c.has_train_state,
+        "tensors": len(c.tensors),
+        "parameters": sum(t.numel() for t in c.model_state().values()),
+        "format": checkpoint.FORMAT,
+        "version": checkpoint.VERSION,
+    }

@@ -76,8 +76,11 @@ def config_table(info: dict[str, Any]) -> Table:
     table = Table(title="charlm train", show_header=False, box=None, pad_edge=False)
     for section, values in info["config"].items():
         table.add_row(f"[bold]{section}[/]", " ".join(f"{k}={v}" for k, v in values.items()))
-    table.add_row("[bold]run[/]", f"{info['parameters']:,} parameters on {info['device']}; "
-                  f"{info['steps_per_epoch']:,} steps/epoch; data {info['data']}; out {info['out_dir']}")
+    table.add_row(
+        "[bold]run[/]",
+        f"{info['parameters']:,} parameters on {info['device']}; "
+        f"{info['steps_per_epoch']:,} steps/epoch; data {info['data']}; out {info['out_dir']}",
+    )
     if info["resumed_at"]:
         table.add_row("[bold]resume[/]", f"continuing from step {info['resumed_at']:,}")
     return table
@@ -103,9 +106,15 @@ class ProgressDisplay:
 
     def on_prepare(self, p: Progress) -> None:
         if self.prepare_bar is None:
-            self.prepare_bar = RichProgress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                            console=self.console, transient=True,
-                                            disable=(p.total or 0) < PREPARE_BAR_BYTES or not self.live)
+            self.prepare_bar = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=self.console,
+                transient=True,
+                disable=(p.total or 0) < PREPARE_BAR_BYTES or not self.live,
+            )
             self.prepare_bar.start()
         phase = p.phase or ""
         if phase not in self.prepare_tasks:
@@ -133,13 +142,23 @@ class ProgressDisplay:
             elapsed = p.elapsed_s or 0.0
             if p.eta_s is not None and elapsed + p.eta_s > 0:
                 done = elapsed / (elapsed + p.eta_s)
-            self.bar.update(self.task, completed=done, step=p.step, epoch=p.epoch, train=_fmt_bpc(p.train_bpc),
-                            val=_fmt_bpc(self.val), rate=p.chars_per_s, eta=_fmt_eta(p.eta_s))
+            self.bar.update(
+                self.task,
+                completed=done,
+                step=p.step,
+                epoch=p.epoch,
+                train=_fmt_bpc(p.train_bpc),
+                val=_fmt_bpc(self.val),
+                rate=p.chars_per_s,
+                eta=_fmt_eta(p.eta_s),
+            )
         elif time.monotonic() - self._last_plain >= self.plain_every:
             self._last_plain = time.monotonic()
             self.console.print(
                 f"step {p.step:,}  epoch {p.epoch:.2f}  train {_fmt_bpc(p.train_bpc)} bits/char  "
-                f"{p.chars_per_s:,.0f} chars/s  ETA {_fmt_eta(p.eta_s)}", soft_wrap=True)
+                f"{p.chars_per_s:,.0f} chars/s  ETA {_fmt_eta(p.eta_s)}",
+                soft_wrap=True,
+            )
 
     def on_val(self, p: Progress) -> None:
         self.val = p.val_bpc

@@ -62,9 +62,20 @@ class RunPlan:
         mirror_dir = None if mirror is None else str(mirror)
         files = None
         if not (Path(self.input).is_dir() and (Path(self.input) / "meta.json").exists()):
-            files = prep.resolve_inputs(self.input, glob=glob, mirror=mirror_dir)  # once: a corpus name is fetched and verified here
-        return prep.cached_prepare(self.input, encoding=encoding, fractions=fractions, mirror=mirror_dir, glob=glob, tokenizer=spec,
-                                   files=files, progress=prepare_reporter(progress), base_vocab=self.base_vocab())
+            files = prep.resolve_inputs(
+                self.input, glob=glob, mirror=mirror_dir
+            )  # once: a corpus name is fetched and verified here
+        return prep.cached_prepare(
+            self.input,
+            encoding=encoding,
+            fractions=fractions,
+            mirror=mirror_dir,
+            glob=glob,
+            tokenizer=spec,
+            files=files,
+            progress=prepare_reporter(progress),
+            base_vocab=self.base_vocab(),
+        )
 
     def base_vocab(self) -> Any:
         """The vocabulary a text is prepared against: a fine-tuning run's starting checkpoint's (new characters are
@@ -151,7 +162,9 @@ def _resume_config(resumed: checkpoint.Checkpoint, layers: list[dict]) -> tuple[
     kept = {**vars(saved_model), **vars(saved_train)}
     model_cfg, train_cfg = configs.resolve(*layers, base=saved)
     asked = {**vars(model_cfg), **vars(train_cfg)}
-    conflicts = [f"--{k.replace('_', '-')} {asked[k]} (the checkpoint has {kept[k]})" for k in FIXED_ON_RESUME if asked[k] != kept[k]]
+    conflicts = [
+        f"--{k.replace('_', '-')} {asked[k]} (the checkpoint has {kept[k]})" for k in FIXED_ON_RESUME if asked[k] != kept[k]
+    ]
     if conflicts:
         raise OptionError(
             f"--resume continues the checkpoint's model and random stream, but {'; '.join(conflicts)}: drop "
@@ -185,7 +198,9 @@ def tokenizer_spec(tokenizer: str | None, vocab_size: int | None, coverage: floa
         return None
     from charlm.tokenizers.spm import TokenizerSpec
 
-    return TokenizerSpec(tokenizer or "char", vocab_size, TokenizerSpec.character_coverage if coverage is None else coverage).checked()
+    return TokenizerSpec(
+        tokenizer or "char", vocab_size, TokenizerSpec.character_coverage if coverage is None else coverage
+    ).checked()
 
 
 def split_fractions(split: str | Sequence[float]) -> tuple[float, float, float]:

@@ -91,8 +91,15 @@ def prepare(
     base = checkpoint.load(Path(vocab_from)).vocab if vocab_from is not None else None
     files = prep.resolve_inputs(input, glob=glob, mirror=None if mirror is None else str(mirror))
     with _display(progress) as sink:
-        prep.prepare(files, Path(out), encoding=encoding, fractions=fractions, progress=prepare_reporter(sink), tokenizer=spec,
-                     base_vocab=base)
+        prep.prepare(
+            files,
+            Path(out),
+            encoding=encoding,
+            fractions=fractions,
+            progress=prepare_reporter(sink),
+            tokenizer=spec,
+            base_vocab=base,
+        )
     return Path(out)
 
 
@@ -153,9 +160,18 @@ def train(
         sink = shown if world.is_main else None
         try:
             with _owning(run.out, world):  # before anything is written into OUT; OUT checked writable here
-                data_dir = world.in_turn(lambda: run.prepare_data(  # one writer per cache dir
-                    encoding=encoding, split=split, tokenizer=tokenizer, vocab_size=vocab_size,
-                    character_coverage=character_coverage, glob=glob, mirror=mirror, progress=sink))
+                data_dir = world.in_turn(
+                    lambda: run.prepare_data(  # one writer per cache dir
+                        encoding=encoding,
+                        split=split,
+                        tokenizer=tokenizer,
+                        vocab_size=vocab_size,
+                        character_coverage=character_coverage,
+                        glob=glob,
+                        mirror=mirror,
+                        progress=sink,
+                    )
+                )
                 return _run(run, PreparedData(data_dir), world, sink, polled, stop, overwrite)
         except Exception as e:
             if world.size == 1:
@@ -179,7 +195,9 @@ def _owning(out: Path, world: World) -> contextlib.AbstractContextManager:
     return runlock.held(out, allow_holder=launcher)
 
 
-def _run(run: RunPlan, data: Any, world: World, sink: Sink | None, polled: _StopPoll, stop: StopArg, overwrite: bool) -> TrainResult:
+def _run(
+    run: RunPlan, data: Any, world: World, sink: Sink | None, polled: _StopPoll, stop: StopArg, overwrite: bool
+) -> TrainResult:
     """Build the trainer and train; a stop request ends in a result that says so."""
     from charlm.training.trainer import Trainer, TrainingStopped
 
@@ -188,8 +206,17 @@ def _run(run: RunPlan, data: Any, world: World, sink: Sink | None, polled: _Stop
     # while the data is fetched or prepared, Ctrl-C interrupts at once.
     entered: Any = stop if hasattr(stop, "__enter__") and hasattr(stop, "__exit__") else contextlib.nullcontext()
     with entered:
-        trainer = Trainer(run.model_cfg, run.train_cfg, data, run.out, resume=run.resumed, init_from=run.init,
-                          report=reports, world=world, stop=polled)
+        trainer = Trainer(
+            run.model_cfg,
+            run.train_cfg,
+            data,
+            run.out,
+            resume=run.resumed,
+            init_from=run.init,
+            report=reports,
+            world=world,
+            stop=polled,
+        )
         if world.is_main:  # everything is checked: only now may another run's files be replaced
             run.claim(overwrite)
         stopped = None
@@ -204,9 +231,18 @@ def _run(run: RunPlan, data: Any, world: World, sink: Sink | None, polled: _Stop
     p = trainer.progress
     best = run.out / "best.safetensors"
     return TrainResult(
-        out_dir=run.out, last=run.out / "last.safetensors", best=best if best.exists() else None, data_dir=Path(data.dir),
-        step=p.step, epoch=p.epoch + p.window / len(trainer.batcher), train_bpc=_finite(reports.train_bpc),
-        val_bpc=_finite(reports.val_bpc), best_val_bpc=_finite(p.best_val), elapsed_s=p.elapsed, stopped=stopped, rank=world.rank,
+        out_dir=run.out,
+        last=run.out / "last.safetensors",
+        best=best if best.exists() else None,
+        data_dir=Path(data.dir),
+        step=p.step,
+        epoch=p.epoch + p.window / len(trainer.batcher),
+        train_bpc=_finite(reports.train_bpc),
+        val_bpc=_finite(reports.val_bpc),
+        best_val_bpc=_finite(p.best_val),
+        elapsed_s=p.elapsed,
+        stopped=stopped,
+        rank=world.rank,
     )
 
 

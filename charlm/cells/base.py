@@ -103,7 +103,7 @@ class Cell(nn.Module):
         for k in range(self.num_layers):
             names = [n for n in (f"bias_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}") if hasattr(self, n)]
             for j, name in enumerate(names):
-                getattr(self, name)[lo:lo + H].fill_(value if j == 0 else 0.0)
+                getattr(self, name)[lo : lo + H].fill_(value if j == 0 else 0.0)
 
     def layer_step(self, k: int, x: Tensor, state: State) -> tuple[Tensor, State, dict[str, Tensor]]:
         """Layer k, one time step, from the equations: x (B, in), this layer's state (each (B, H))
@@ -145,8 +145,12 @@ class Cell(nn.Module):
         new_state = tuple(torch.stack([layers[k][i] for k in range(self.num_layers)]) for i in range(len(self.state_names)))
         acts = {}
         if collect and trace:  # name -> (L, B, T, H)
-            acts = {name: torch.stack([torch.stack([trace[t][k][name] for t in range(len(trace))], dim=1)
-                                       for k in range(self.num_layers)]) for name in trace[0][0]}
+            acts = {
+                name: torch.stack(
+                    [torch.stack([trace[t][k][name] for t in range(len(trace))], dim=1) for k in range(self.num_layers)]
+                )
+                for name in trace[0][0]
+            }
         return torch.stack(outputs, dim=1), new_state, acts
 
     @classmethod

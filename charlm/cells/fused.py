@@ -30,13 +30,18 @@ class FusedCell(Cell):
     fused_module: ClassVar[type[nn.RNNBase]]
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0):
-        self.fused_module.__init__(self, input_size, hidden_size, num_layers=num_layers, batch_first=True,
-                                   dropout=dropout if num_layers > 1 else 0.0)
+        self.fused_module.__init__(
+            self, input_size, hidden_size, num_layers=num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0.0
+        )
 
     def weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Layer k's (W_ih, W_hh, b_ih, b_hh), in the module's gate order."""
-        return (getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}"),
-                getattr(self, f"bias_ih_l{k}"), getattr(self, f"bias_hh_l{k}"))
+        return (
+            getattr(self, f"weight_ih_l{k}"),
+            getattr(self, f"weight_hh_l{k}"),
+            getattr(self, f"bias_ih_l{k}"),
+            getattr(self, f"bias_hh_l{k}"),
+        )
 
     def forward(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """The fused kernel over the whole window and stack (dropout between layers while training)."""

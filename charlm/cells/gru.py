@@ -44,9 +44,15 @@ class GRU(FusedCell, nn.GRU):
         """This model's step for the native library (cells/native.py): the input and recurrent products apart."""
         w = [self.weights(k) for k in range(self.num_layers)]  # (w_ih, w_hh, b_ih, b_hh)
         rest = range(1, self.num_layers)
-        return NativeSpec(self.name, 3, embedding @ w[0][0].t() + w[0][2], rec=[wk[1] for wk in w],
-                          inp=[None] + [w[k][0] for k in rest], bias=[None] + [w[k][2] for k in rest],
-                          bias_h=[wk[3] for wk in w])
+        return NativeSpec(
+            self.name,
+            3,
+            embedding @ w[0][0].t() + w[0][2],
+            rec=[wk[1] for wk in w],
+            inp=[None] + [w[k][0] for k in rest],
+            bias=[None] + [w[k][2] for k in rest],
+            bias_h=[wk[3] for wk in w],
+        )
 
 
 class GRUDecoder:

@@ -57,15 +57,28 @@ class LSTM(FusedCell, nn.LSTM):
         """This model's step for the native library (cells/native.py), gates in PyTorch's (i, f, g, o) order."""
         w = [self.weights(k) for k in range(self.num_layers)]  # (w_ih, w_hh, b_ih, b_hh)
         rest = range(1, self.num_layers)
-        return NativeSpec(self.name, 4, embedding @ w[0][0].t() + (w[0][2] + w[0][3]), rec=[w[0][1]] + [None for _ in rest],
-                          inp=[None] + [torch.cat([w[k][0], w[k][1]], dim=1) for k in rest],
-                          bias=[None] + [w[k][2] + w[k][3] for k in rest])
+        return NativeSpec(
+            self.name,
+            4,
+            embedding @ w[0][0].t() + (w[0][2] + w[0][3]),
+            rec=[w[0][1]] + [None for _ in rest],
+            inp=[None] + [torch.cat([w[k][0], w[k][1]], dim=1) for k in rest],
+            bias=[None] + [w[k][2] + w[k][3] for k in rest],
+        )
 
 
 def _named(i: Tensor, f: Tensor, g: Tensor, o: Tensor, c: Tensor) -> dict[str, Tensor]:
     """An LSTM step's internals by name, from its activated gates and new cell state."""
     tanh_c = c.tanh()
-    return {"input_gate": i, "forget_gate": f, "output_gate": o, "candidate": g, "cell": c, "cell_tanh": tanh_c, "hidden": o * tanh_c}
+    return {
+        "input_gate": i,
+        "forget_gate": f,
+        "output_gate": o,
+        "candidate": g,
+        "cell": c,
+        "cell_tanh": tanh_c,
+        "hidden": o * tanh_c,
+    }
 
 
 def _gate_order(w: Tensor, hidden: int) -> Tensor:
@@ -122,8 +135,12 @@ class LSTMDecoder:
     def __init__(self, cells: list[LSTM], embeddings: list[Tensor], dtype: str = "fp32"):
         self.layers, self.hidden = cells[0].num_layers, cells[0].hidden_size
         H = self.hidden
-        layer = [[[_gate_order(w, H) for w in c.weights(k)] for k in range(self.layers)] for c in cells]  # [m][k] = (w_ih, w_hh, b_ih, b_hh)
-        self.products = GateProducts([[(w_ih, w_hh, b_ih + b_hh) for w_ih, w_hh, b_ih, b_hh in lw] for lw in layer], embeddings, dtype)
+        layer = [
+            [[_gate_order(w, H) for w in c.weights(k)] for k in range(self.layers)] for c in cells
+        ]  # [m][k] = (w_ih, w_hh, b_ih, b_hh)
+        self.products = GateProducts(
+            [[(w_ih, w_hh, b_ih + b_hh) for w_ih, w_hh, b_ih, b_hh in lw] for lw in layer], embeddings, dtype
+        )
 
     def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:
         """ids (B,), h and c (M, L, B, H) -> top-layer h (M, B, H), new h and c."""

@@ -38,7 +38,9 @@ class MinimalCell(Cell):
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, dropout: float = 0.0):
         super().__init__(input_size, hidden_size, num_layers, dropout)
         for k in range(num_layers):
-            self.register_parameter(f"weight_l{k}", nn.Parameter(torch.empty(self.blocks * hidden_size, self.layer_input_size(k))))
+            self.register_parameter(
+                f"weight_l{k}", nn.Parameter(torch.empty(self.blocks * hidden_size, self.layer_input_size(k)))
+            )
             self.register_parameter(f"bias_l{k}", nn.Parameter(torch.empty(self.blocks * hidden_size)))
         self.reset_parameters()
 
@@ -99,8 +101,14 @@ class MinimalCell(Cell):
         """This model's step for the native library (cells/native.py): one product per layer, no recurrent matrix."""
         w = [self.weights(k) for k in range(self.num_layers)]  # (W, b)
         rest = range(1, self.num_layers)
-        return NativeSpec(self.name, self.blocks, F.linear(embedding, *w[0]), rec=[None for _ in w],
-                          inp=[None] + [w[k][0] for k in rest], bias=[None] + [w[k][1] for k in rest])
+        return NativeSpec(
+            self.name,
+            self.blocks,
+            F.linear(embedding, *w[0]),
+            rec=[None for _ in w],
+            inp=[None] + [w[k][0] for k in rest],
+            bias=[None] + [w[k][1] for k in rest],
+        )
 
 
 class MinimalDecoder:

@@ -60,16 +60,36 @@ log = logging.getLogger("charlm.native")
 
 
 class _Mat(ctypes.Structure):
-    _fields_ = [("kind", ctypes.c_int32), ("rows", ctypes.c_int32), ("cols", ctypes.c_int32), ("kpad", ctypes.c_int32),
-                ("ngroups", ctypes.c_int32), ("pad_", ctypes.c_int32), ("w", ctypes.c_void_p), ("scale", ctypes.c_void_p),
-                ("rowsum", ctypes.c_void_p)]
+    _fields_ = [
+        ("kind", ctypes.c_int32),
+        ("rows", ctypes.c_int32),
+        ("cols", ctypes.c_int32),
+        ("kpad", ctypes.c_int32),
+        ("ngroups", ctypes.c_int32),
+        ("pad_", ctypes.c_int32),
+        ("w", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("rowsum", ctypes.c_void_p),
+    ]
 
 
 class _Model(ctypes.Structure):
-    _fields_ = [("cell", ctypes.c_int32), ("layers", ctypes.c_int32), ("H", ctypes.c_int32), ("V", ctypes.c_int32),
-                ("G", ctypes.c_int32), ("pad_", ctypes.c_int32), ("table0", ctypes.c_void_p), ("rec", ctypes.POINTER(_Mat)),
-                ("inp", ctypes.POINTER(_Mat)), ("bias", ctypes.POINTER(ctypes.c_void_p)), ("bias_h", ctypes.POINTER(ctypes.c_void_p)),
-                ("peep", ctypes.POINTER(ctypes.c_void_p)), ("head", _Mat), ("head_b", ctypes.c_void_p)]
+    _fields_ = [
+        ("cell", ctypes.c_int32),
+        ("layers", ctypes.c_int32),
+        ("H", ctypes.c_int32),
+        ("V", ctypes.c_int32),
+        ("G", ctypes.c_int32),
+        ("pad_", ctypes.c_int32),
+        ("table0", ctypes.c_void_p),
+        ("rec", ctypes.POINTER(_Mat)),
+        ("inp", ctypes.POINTER(_Mat)),
+        ("bias", ctypes.POINTER(ctypes.c_void_p)),
+        ("bias_h", ctypes.POINTER(ctypes.c_void_p)),
+        ("peep", ctypes.POINTER(ctypes.c_void_p)),
+        ("head", _Mat),
+        ("head_b", ctypes.c_void_p),
+    ]
 
 
 # -- building and loading the library -----------------------------------------------------------
@@ -99,8 +119,11 @@ def library() -> ctypes.CDLL | None:
                 _lib = _bind(ctypes.CDLL(str(_build())))
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _why_not = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                log.warning("charlm: the native decoding step is not available (%s); single steps run on PyTorch's "
-                            "kernels, correct but slower", _why_not)
+                log.warning(
+                    "charlm: the native decoding step is not available (%s); single steps run on PyTorch's "
+                    "kernels, correct but slower",
+                    _why_not,
+                )
         return _lib
 
 
@@ -230,8 +253,17 @@ def pack(w: Tensor, dtype: str) -> Packed:
     else:
         raise ValueError(f"no native product for dtype {dtype!r}")
     keep = [t for t in (data, scale, rowsum) if t is not None]
-    mat = _Mat(KINDS[dtype], rows, cols, kpad, groups, 0, data.data_ptr(),
-               scale.data_ptr() if scale is not None else None, rowsum.data_ptr() if rowsum is not None else None)
+    mat = _Mat(
+        KINDS[dtype],
+        rows,
+        cols,
+        kpad,
+        groups,
+        0,
+        data.data_ptr(),
+        scale.data_ptr() if scale is not None else None,
+        rowsum.data_ptr() if rowsum is not None else None,
+    )
     return Packed(mat, keep)
 
 
@@ -258,8 +290,9 @@ class NativeStep:
     """ids (B,) and the state (each (M, L, B, H)) -> logits (M, B, V) (or log-probs) and the new state, for M
     models of one cell class and shape, in one library call. Build with `native_step`."""
 
-    def __init__(self, lib: ctypes.CDLL, specs: list[NativeSpec], heads: list[tuple[Tensor, Tensor]], dtype: str,
-                 state_count: int):
+    def __init__(
+        self, lib: ctypes.CDLL, specs: list[NativeSpec], heads: list[tuple[Tensor, Tensor]], dtype: str, state_count: int
+    ):
         self.lib, self.dtype, self.count, self.state_count = lib, dtype, len(specs), state_count
         self.keep: list = []
         models = (_Model * len(specs))()
@@ -312,7 +345,9 @@ class NativeStep:
         the given state is never written, so a caller may keep it)."""
         return self.run(ids, state, (self.count, ids.shape[0], self.vocab), log_probs)
 
-    def run(self, ids: Tensor, state: tuple[Tensor, ...], out_shape: tuple[int, ...], log_probs: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    def run(
+        self, ids: Tensor, state: tuple[Tensor, ...], out_shape: tuple[int, ...], log_probs: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The step with the state in any shape of the same memory layout ((L, B, H) for one model: no
         unsqueeze and index per step) and the output in out_shape (M * B * V elements)."""
         if ids.dtype != torch.int64 or not ids.is_contiguous():
@@ -324,8 +359,10 @@ class NativeStep:
         B = ids.shape[0]
         size = self.count * self.layers * B * self.hidden  # the library reads this many values of each state tensor
         if len(state) != self.state_count or any(s.numel() != size for s in state):
-            raise ValueError(f"a state of {self.state_count} tensors of {self.count}x{self.layers}x{B}x{self.hidden} values "
-                             f"for {B} ids, got {[tuple(s.shape) for s in state]}")
+            raise ValueError(
+                f"a state of {self.state_count} tensors of {self.count}x{self.layers}x{B}x{self.hidden} values "
+                f"for {B} ids, got {[tuple(s.shape) for s in state]}"
+            )
         out = torch.empty(out_shape)
         h_new = torch.empty_like(h)
         if self.state_count > 1:
@@ -336,8 +373,20 @@ class NativeStep:
         else:
             new, c_in, c_out = (h_new,), None, None
         scratch = self.scratch(B)
-        rc = self.lib.cl_step(self.models, self.count, ids.data_ptr(), B, h.data_ptr(), c_in, h_new.data_ptr(), c_out,
-                              out.data_ptr(), log_probs, scratch.data_ptr(), torch.get_num_threads())
+        rc = self.lib.cl_step(
+            self.models,
+            self.count,
+            ids.data_ptr(),
+            B,
+            h.data_ptr(),
+            c_in,
+            h_new.data_ptr(),
+            c_out,
+            out.data_ptr(),
+            log_probs,
+            scratch.data_ptr(),
+            torch.get_num_threads(),
+        )
         if rc != 0:
             raise IndexError(f"an id outside the vocabulary (0..{self.vocab - 1}) in {ids.tolist()}")
         return out, new
@@ -381,6 +430,14 @@ def dyn_update(p: Tensor, g: Tensor, scale: Tensor | None, p0: Tensor, decay: Te
         return False
     if any(t is not None and t.numel() != p.numel() for t in (g, scale, p0, decay_t)):
         return False
-    lib.cl_dyn_update(p.data_ptr(), g.data_ptr(), None if scale is None else scale.data_ptr(), p0.data_ptr(),
-                      None if decay_t is None else decay_t.data_ptr(), 0.0 if decay_t is not None else float(decay), lr, p.numel())
+    lib.cl_dyn_update(
+        p.data_ptr(),
+        g.data_ptr(),
+        None if scale is None else scale.data_ptr(),
+        p0.data_ptr(),
+        None if decay_t is None else decay_t.data_ptr(),
+        0.0 if decay_t is not None else float(decay),
+        lr,
+        p.numel(),
+    )
     return True

@@ -87,9 +87,15 @@ class Peephole(Cell):
         """This model's step for the native library (cells/native.py): the LSTM's, with the peepholes."""
         w = [self.weights(k) for k in range(self.num_layers)]  # (w_ih, w_hh, b, peep)
         rest = range(1, self.num_layers)
-        return NativeSpec(self.name, 4, embedding @ w[0][0].t() + w[0][2], rec=[w[0][1]] + [None for _ in rest],
-                          inp=[None] + [torch.cat([w[k][0], w[k][1]], dim=1) for k in rest],
-                          bias=[None] + [w[k][2] for k in rest], peep=[wk[3] for wk in w])
+        return NativeSpec(
+            self.name,
+            4,
+            embedding @ w[0][0].t() + w[0][2],
+            rec=[w[0][1]] + [None for _ in rest],
+            inp=[None] + [torch.cat([w[k][0], w[k][1]], dim=1) for k in rest],
+            bias=[None] + [w[k][2] for k in rest],
+            peep=[wk[3] for wk in w],
+        )
 
 
 class PeepholeDecoder:

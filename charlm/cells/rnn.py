@@ -37,9 +37,14 @@ class RNN(FusedCell, nn.RNN):
         """This model's step for the native library (cells/native.py)."""
         w = [self.weights(k) for k in range(self.num_layers)]  # (w_ih, w_hh, b_ih, b_hh)
         rest = range(1, self.num_layers)
-        return NativeSpec(self.name, 1, embedding @ w[0][0].t() + w[0][2] + w[0][3], rec=[w[0][1]] + [None for _ in rest],
-                          inp=[None] + [torch.cat([w[k][0], w[k][1]], dim=1) for k in rest],
-                          bias=[None] + [w[k][2] + w[k][3] for k in rest])
+        return NativeSpec(
+            self.name,
+            1,
+            embedding @ w[0][0].t() + w[0][2] + w[0][3],
+            rec=[w[0][1]] + [None for _ in rest],
+            inp=[None] + [torch.cat([w[k][0], w[k][1]], dim=1) for k in rest],
+            bias=[None] + [w[k][2] + w[k][3] for k in rest],
+        )
 
 
 class RNNDecoder:
@@ -51,7 +56,9 @@ class RNNDecoder:
         w = [[c.weights(k) for k in range(self.layers)] for c in cells]
         self.table0 = torch.stack([e @ wm[0][0].t() + wm[0][2] + wm[0][3] for e, wm in zip(embeddings, w)])  # (M, V, H)
         self.w_hh0 = products([wm[0][1] for wm in w], dtype)
-        self.w_cat = [None] + [products([torch.cat([wm[k][0], wm[k][1]], dim=1) for wm in w], dtype) for k in range(1, self.layers)]
+        self.w_cat = [None] + [
+            products([torch.cat([wm[k][0], wm[k][1]], dim=1) for wm in w], dtype) for k in range(1, self.layers)
+        ]
         self.b = [None] + [torch.stack([wm[k][2] + wm[k][3] for wm in w]).unsqueeze(1) for k in range(1, self.layers)]
 
     def __call__(self, ids: Tensor, state: State) -> tuple[Tensor, State]:

@@ -96,12 +96,13 @@ class Checkpoint:
         try:
             model.load_state_dict(self.model_state())
         except RuntimeError as e:
-            raise CheckpointError(f"{self.path}: weights do not match the recorded model config ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(
+                f"{self.path}: weights do not match the recorded model config ({str(e).splitlines()[0]})"
+            ) from None
         return model.eval()
 
 
-def save(path: str | Path, model: CharRNN, meta: dict, train_tensors: dict[str, torch.Tensor] | None = None,
-         vocab=None) -> Path:
+def save(path: str | Path, model: CharRNN, meta: dict, train_tensors: dict[str, torch.Tensor] | None = None, vocab=None) -> Path:
     """Write atomically: temp file in the same dir, fsync, rename. The previous file survives any crash.
 
     A SentencePiece vocabulary's serialized model is stored as the uint8 tensor TOKENIZER_TENSOR.
@@ -194,12 +195,14 @@ def remove_stale_parts(directory: str | Path) -> list[Path]:
 
 # -- reading: everything is checked before it is trusted --------------------------------------
 
+
 def read_header(path: str | Path) -> dict:
     """The safetensors JSON header of a charlm checkpoint, checked, without reading the tensors."""
     f, _, _ = _open(path)
     f.close()
-    header: dict[str, Any] = {name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]}
-                              for name, e in f.entries.items()}
+    header: dict[str, Any] = {
+        name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.begin, e.end]} for name, e in f.entries.items()
+    }
     header["__metadata__"] = dict(f.metadata)
     return header
 

@@ -50,7 +50,9 @@ def checked_meta(f: TensorFile) -> dict:
     if not re.fullmatch(r"[0-9]{1,6}", version) or int(version) < 1:
         raise CheckpointError(f"{path} has an unreadable format version")
     if int(version) > VERSION:
-        raise CheckpointError(f"{path} uses checkpoint format version {int(version)}; this charlm reads up to {VERSION}: upgrade charlm")
+        raise CheckpointError(
+            f"{path} uses checkpoint format version {int(version)}; this charlm reads up to {VERSION}: upgrade charlm"
+        )
     try:
         meta = parse_json(md.get("meta", ""), allow_nonfinite=True)  # metrics may be NaN, best_val Infinity
     except ValueError as e:
@@ -81,7 +83,11 @@ def check_state_field(path: Path, key: str, value: Any, integer: bool) -> float 
     if integer:
         ok, need = type(value) is int and 0 <= value <= config.MAX_COUNT, "an integer >= 0"
     else:
-        ok = type(value) in (int, float) and (math.isfinite(value) or (key in CAN_BE_INFINITE and value == math.inf)) and value >= 0
+        ok = (
+            type(value) in (int, float)
+            and (math.isfinite(value) or (key in CAN_BE_INFINITE and value == math.inf))
+            and value >= 0
+        )
         need = "a finite number >= 0" + (" (or Infinity)" if key in CAN_BE_INFINITE else "")
     if not ok:
         raise CheckpointError(f"{path}: training-state field {key[:40]} must be {need} (got {_short(value)})")
@@ -112,28 +118,36 @@ def check_entries(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
     params = list(expected.values())
     for name, e in f.entries.items():  # the weights first: they say most about what is wrong
         if name.startswith(MODEL_PREFIX):
-            key = name[len(MODEL_PREFIX):]
+            key = name[len(MODEL_PREFIX) :]
             if key not in expected:
-                raise CheckpointError(f"{path} holds a tensor {name[:80]!r} that its model config ({_describe(cfg)}) does not have")
+                raise CheckpointError(
+                    f"{path} holds a tensor {name[:80]!r} that its model config ({_describe(cfg)}) does not have"
+                )
             if e.dtype != "F32" or e.shape != expected[key]:
-                raise CheckpointError(f"{path}: tensor {name} is {e.dtype} {list(e.shape)}, but its model config "
-                                  f"({_describe(cfg)}) needs F32 {list(expected[key])}")
+                raise CheckpointError(
+                    f"{path}: tensor {name} is {e.dtype} {list(e.shape)}, but its model config "
+                    f"({_describe(cfg)}) needs F32 {list(expected[key])}"
+                )
         elif name != TOKENIZER_TENSOR and not name.startswith(STATE_PREFIX):
             raise CheckpointError(f"{path} holds a tensor {name[:80]!r} that is not part of a charlm checkpoint")
     missing = [MODEL_PREFIX + k for k in expected if MODEL_PREFIX + k not in f.entries]
     if missing:
-        raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) its model config ({_describe(cfg)}) needs: "
-                          f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        raise CheckpointError(
+            f"{path} lacks {len(missing)} tensor(s) its model config ({_describe(cfg)}) needs: "
+            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+        )
     for name, e in f.entries.items():
         if name == TOKENIZER_TENSOR and (e.dtype != "U8" or len(e.shape) != 1):
             raise CheckpointError(f"{path}: tensor {name} is {e.dtype} {list(e.shape)}; a serialized tokenizer is U8 [n]")
         if name.startswith(STATE_PREFIX):
-            _check_state_entry(path, name[len(STATE_PREFIX):], e, cfg, params)
+            _check_state_entry(path, name[len(STATE_PREFIX) :], e, cfg, params)
     kind = meta["vocab"].get("kind")
     if kind == "spm" and TOKENIZER_TENSOR not in f.entries:
         raise CheckpointError(f"{path} uses a SentencePiece vocabulary but holds no serialized model ({TOKENIZER_TENSOR})")
     if kind != "spm" and TOKENIZER_TENSOR in f.entries:
-        raise CheckpointError(f"{path} has a {str(kind)[:20]} vocabulary but also a SentencePiece tokenizer tensor: one of them is wrong")
+        raise CheckpointError(
+            f"{path} has a {str(kind)[:20]} vocabulary but also a SentencePiece tokenizer tensor: one of them is wrong"
+        )
     _check_state_set(f, meta, cfg)
 
 
@@ -170,7 +184,7 @@ def _check_state_set(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
     (A best file keeps the progress record without the tensors: it is not resumable.)
     """
     path = f.path
-    keys = [n[len(STATE_PREFIX):] for n in f.entries if n.startswith(STATE_PREFIX)]
+    keys = [n[len(STATE_PREFIX) :] for n in f.entries if n.startswith(STATE_PREFIX)]
     if not keys:
         return
     if "train_state" not in meta:
@@ -181,8 +195,10 @@ def _check_state_set(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
     count = len(cell_class(cfg.cell).state_names)  # the cell's state tensors: lstm (h, c), gru (h), ...
     if hidden and hidden != list(range(count)):
         names = ", ".join(f".{j}" for j in range(1, count))
-        raise CheckpointError(f"{path}: the carried state of a {cfg.cell} model is {count} tensor(s) "
-                          f"(train_state.hidden.0{', ' + names if names else ''}), not {len(hidden)}")
+        raise CheckpointError(
+            f"{path}: the carried state of a {cfg.cell} model is {count} tensor(s) "
+            f"(train_state.hidden.0{', ' + names if names else ''}), not {len(hidden)}"
+        )
     if hidden and len({f.entries[STATE_PREFIX + f"hidden.{j}"].shape for j in range(count)}) > 1:
         raise CheckpointError(f"{path}: the carried states train_state.hidden.0 .. .{count - 1} differ in shape")
     cuda = sorted(int(k.split(".")[2]) for k in keys if k.startswith("rng.cuda."))
@@ -195,7 +211,9 @@ def _check_state_set(f: TensorFile, meta: dict, cfg: ModelConfig) -> None:
             slots.setdefault(i, set()).add(name)
     for i, names in slots.items():
         if names != set(ADAM_SLOTS):
-            raise CheckpointError(f"{path}: the optimizer state of parameter {i} lacks {', '.join(sorted(set(ADAM_SLOTS) - names))}")
+            raise CheckpointError(
+                f"{path}: the optimizer state of parameter {i} lacks {', '.join(sorted(set(ADAM_SLOTS) - names))}"
+            )
 
 
 def verify_checksums(f: TensorFile) -> str:
@@ -204,13 +222,16 @@ def verify_checksums(f: TensorFile) -> str:
     if not have:
         return "none"
     if len(have) == 1:
-        raise CheckpointError(f"{f.path} is corrupt: it has {have[0]} but no {({WEIGHTS_SHA256, RECORD_SHA256} - set(have)).pop()}")
+        raise CheckpointError(
+            f"{f.path} is corrupt: it has {have[0]} but no {({WEIGHTS_SHA256, RECORD_SHA256} - set(have)).pop()}"
+        )
     weights, others = digest_order(f.entries)
     if f.digest(weights) != f.metadata[WEIGHTS_SHA256]:
         raise CheckpointError(f"{f.path} is corrupt: its weights do not match their sha256 checksum; use another checkpoint")
     if f.digest(others, prefix=utf8(f.metadata["meta"])) != f.metadata[RECORD_SHA256]:
-        raise CheckpointError(f"{f.path} is corrupt: its metadata or training state does not match its sha256 checksum; "
-                          "use another checkpoint")
+        raise CheckpointError(
+            f"{f.path} is corrupt: its metadata or training state does not match its sha256 checksum; use another checkpoint"
+        )
     return "verified"
 
 
@@ -222,8 +243,10 @@ def checked_vocab(f: TensorFile, meta: dict, cfg: ModelConfig):
         message = str(e)
         raise CheckpointError(message if str(f.path) in message else f"{f.path}: {message}") from None
     if len(vocab) != cfg.vocab_size:
-        raise CheckpointError(f"{f.path}: its vocabulary has {len(vocab)} symbols but the model's output has {cfg.vocab_size} "
-                          "(model.vocab_size): corrupt")
+        raise CheckpointError(
+            f"{f.path}: its vocabulary has {len(vocab)} symbols but the model's output has {cfg.vocab_size} "
+            "(model.vocab_size): corrupt"
+        )
     return vocab
 
 
@@ -241,10 +264,13 @@ def check_values(path: Path, tensors: dict[str, torch.Tensor], cfg: ModelConfig)
     # times the input bound, plus |b|. The sum of that over all the cell's tensors bounds any layer
     # (written for no cell in particular): below MAX_ACTIVATION every product and partial sum the
     # network computes is finite, and so are its log-probs.
-    w = {k[len(MODEL_PREFIX):]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    w = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     x = max(float(w["embed.weight"].abs().max()) if w["embed.weight"].numel() else 0.0, 1.0)
-    bound = sum(float(_row_sums(t.reshape(t.shape[0], -1)).max() * x) if t.dim() > 1 else float(t.double().abs().max())
-                for name, t in w.items() if name.startswith("rnn.") and t.numel())
+    bound = sum(
+        float(_row_sums(t.reshape(t.shape[0], -1)).max() * x) if t.dim() > 1 else float(t.double().abs().max())
+        for name, t in w.items()
+        if name.startswith("rnn.") and t.numel()
+    )
     if not bound <= MAX_ACTIVATION:
         raise CheckpointError(f"{path}: the recurrent weights are so large that activations overflow float32: corrupt")
     if not float((_row_sums(w["head.weight"]) + w["head.bias"].double().abs()).max()) <= MAX_ACTIVATION:

@@ -27,8 +27,15 @@ import torch
 from charlm.errors import CheckpointError
 
 DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER = 100 << 20
@@ -182,11 +189,15 @@ def _read_header(f: BinaryIO, path: Path, size: int) -> bytes:
     """The header's bytes, after the checks that tell a safetensors file from a zip, a pickle or a stub."""
     head = f.read(9)
     if head[:2] == b"PK":
-        raise CheckpointError(f"{path} is a zip archive (a torch.save file?), not a charlm checkpoint; charlm never unpickles files")
+        raise CheckpointError(
+            f"{path} is a zip archive (a torch.save file?), not a charlm checkpoint; charlm never unpickles files"
+        )
     # A header length whose low byte is 0x80 looks like a pickle's first byte; a safetensors
     # header (JSON) always opens with "{" at byte 8, a pickle there is anything else.
     if head[:1] == b"\x80" and head[8:9] != b"{":
-        raise CheckpointError(f"{path} is a pickle file (torch.save or pickle.dump), not a charlm checkpoint; charlm never unpickles files")
+        raise CheckpointError(
+            f"{path} is a pickle file (torch.save or pickle.dump), not a charlm checkpoint; charlm never unpickles files"
+        )
     if len(head) < 8:
         raise CheckpointError(f"{path} is empty or truncated: not a charlm checkpoint")
     (n,) = struct.unpack("<Q", head[:8])
@@ -216,7 +227,9 @@ def _checked_file(path: Path, raw: bytes, size: int) -> TensorFile:
             raise CheckpointError(f"{path} is corrupt: the data of tensor {name[:80]!r} {what}")
         end = e.end
     if 8 + n + end > size:
-        raise CheckpointError(f"{path} is truncated ({size:,} bytes; the header promises {8 + n + end:,}); use another checkpoint")
+        raise CheckpointError(
+            f"{path} is truncated ({size:,} bytes; the header promises {8 + n + end:,}); use another checkpoint"
+        )
     if 8 + n + end < size:
         raise CheckpointError(f"{path} is corrupt: {size - 8 - n - end:,} bytes follow the last tensor")
     return TensorFile(path=path, header_size=n, file_size=size, metadata=metadata, entries=entries)

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from charlm.checkpoint import Checkpoint
 
 
-def pack_train_state(optimizer: torch.optim.Optimizer, hidden: tuple[torch.Tensor, ...] = (),
-                     cuda: bool = False) -> dict[str, torch.Tensor]:
+def pack_train_state(
+    optimizer: torch.optim.Optimizer, hidden: tuple[torch.Tensor, ...] = (), cuda: bool = False
+) -> dict[str, torch.Tensor]:
     """The tensors of a resumable file (without the prefix): RNG states, carried state, AdamW state.
 
     The progress record (step, epoch, ...) goes into meta["train_state"]; see unpack_train_state.
@@ -56,8 +57,9 @@ def gradient_second_moments(ckpt: Checkpoint) -> list[torch.Tensor] | None:
     return moments or None
 
 
-def unpack_train_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress_type,
-                       device: torch.device | None = None) -> tuple[dict, tuple[torch.Tensor, ...]]:
+def unpack_train_state(
+    ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress_type, device: torch.device | None = None
+) -> tuple[dict, tuple[torch.Tensor, ...]]:
     """Check a checkpoint's training state against this model and optimizer, then restore both and the RNG.
 
     Returns the progress record (fields of the dataclass progress_type, checked) and the carried
@@ -66,11 +68,16 @@ def unpack_train_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torc
     where = ckpt.path
     tensors = ckpt.train_tensors()
     if "train_state" not in ckpt.meta or "rng.torch" not in tensors:
-        raise CheckpointError(f"{where} holds no training state (a best/exported file); resume from last.safetensors or use --init-from")
+        raise CheckpointError(
+            f"{where} holds no training state (a best/exported file); resume from last.safetensors or use --init-from"
+        )
     progress = _progress(ckpt.meta["train_state"], progress_type, where)
     weights, own = ckpt.model_state(), model.state_dict()
-    differ = sorted(k for k in own.keys() | weights.keys()
-                    if k not in own or k not in weights or tuple(own[k].shape) != tuple(weights[k].shape))
+    differ = sorted(
+        k
+        for k in own.keys() | weights.keys()
+        if k not in own or k not in weights or tuple(own[k].shape) != tuple(weights[k].shape)
+    )
     if differ:
         k = differ[0]
         shapes = f"{list(weights[k].shape) if k in weights else 'absent'} in the checkpoint, {list(own[k].shape) if k in own else 'absent'} here"
@@ -93,8 +100,12 @@ def unpack_train_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torc
     cfg = getattr(model, "cfg", None)
     if hidden and cfg is not None:
         count = len(cell_class(cfg.cell).state_names)
-        if len(hidden) != count or any(h.dim() != 3 or h.shape[0] != cfg.num_layers or h.shape[2] != cfg.rnn_size for h in hidden):
-            raise CheckpointError(f"{where}: the carried state does not fit this model ({count} x [{cfg.num_layers}, rows, {cfg.rnn_size}])")
+        if len(hidden) != count or any(
+            h.dim() != 3 or h.shape[0] != cfg.num_layers or h.shape[2] != cfg.rnn_size for h in hidden
+        ):
+            raise CheckpointError(
+                f"{where}: the carried state does not fit this model ({count} x [{cfg.num_layers}, rows, {cfg.rnn_size}])"
+            )
     # Everything checks: only now is anything changed.
     model.load_state_dict(weights)
     optimizer.load_state_dict({"state": slots, "param_groups": optimizer.state_dict()["param_groups"]})
@@ -110,6 +121,8 @@ def _progress(record: dict, progress_type, where: Path) -> dict:
     known = {f.name: str(f.type) for f in dataclasses.fields(progress_type)}
     unknown = sorted(set(record) - set(known))
     if unknown:
-        raise CheckpointError(f"{where}: unknown training-state field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
-                          "written by a newer charlm, or corrupt")
+        raise CheckpointError(
+            f"{where}: unknown training-state field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}; "
+            "written by a newer charlm, or corrupt"
+        )
     return {name: check_state_field(where, name, value, known[name].startswith("int")) for name, value in record.items()}

@@ -52,15 +52,25 @@ def _torch_version() -> str:
 
 @app.callback()
 def _global_options(
-    version: Optional[bool] = typer.Option(None, "--version", is_eager=True, callback=_print_version,
-                                           help="Print charlm's and torch's versions and exit."),
+    version: Optional[bool] = typer.Option(
+        None, "--version", is_eager=True, callback=_print_version, help="Print charlm's and torch's versions and exit."
+    ),
     corpora_dir: Optional[Path] = typer.Option(
-        None, "--corpora-dir", metavar="DIR", show_default=False,
+        None,
+        "--corpora-dir",
+        metavar="DIR",
+        show_default=False,
         help="Where corpora are fetched to and the prepare cache lives (sets $CHARLM_CORPORA_DIR for this run). "
-             "Default: corpora/ in a checkout, else the per-user data dir (see: charlm corpus list)."),
+        "Default: corpora/ in a checkout, else the per-user data dir (see: charlm corpus list).",
+    ),
     threads: Optional[int] = typer.Option(
-        None, "--threads", metavar="N", min=1, show_default=False,
-        help="Threads for the model's work (default: chosen from the idle cores and the kind of work)."),
+        None,
+        "--threads",
+        metavar="N",
+        min=1,
+        show_default=False,
+        help="Threads for the model's work (default: chosen from the idle cores and the kind of work).",
+    ),
 ) -> None:
     """Character-level recurrent language models: prepare, train, sample, evaluate."""
     # The environment, not globals: torchrun's ranks (train --nproc) inherit them.

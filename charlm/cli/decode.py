@@ -35,14 +35,33 @@ CkptArg = Annotated[List[Path], typer.Argument(help="One checkpoint, or several 
 WeightsOpt = Annotated[Optional[str], typer.Option(help="Ensemble weights, one per model, e.g. 0.5,0.3,0.2.")]
 CombineOpt = Annotated[str, typer.Option(help="Ensemble rule: mean (of probabilities) or geometric (normalized).")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
-DtypeOpt = Annotated[str, typer.Option(help="fp32; bf16 matrix products: faster on CPUs with bf16 units (for one stream, and more so for batches and beams), figures differ slightly from fp32; int8 weights (one scale per row, bf16 activations): the least memory read per step, fastest for one stream and for ensembles, figures differ more (the prime still runs in bf16).")]
-EvalDtypeOpt = Annotated[str, typer.Option(help="fp32, or bf16 matrix products: faster on CPUs with bf16 units; the figures differ slightly from fp32.")]
-PrimeUnknownOpt = Annotated[str, typer.Option(help="Prime characters outside a char vocabulary: error, or skip (the model never sees them).")]
-PrimeFileOpt = Annotated[Optional[Path], typer.Option("--prime-file", metavar="FILE", show_default=False, help="Read the prime from a UTF-8 file, newlines and all (used exactly as written, final newline included); instead of --prime.")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="fp32; bf16 matrix products: faster on CPUs with bf16 units (for one stream, and more so for batches and beams), figures differ slightly from fp32; int8 weights (one scale per row, bf16 activations): the least memory read per step, fastest for one stream and for ensembles, figures differ more (the prime still runs in bf16)."
+    ),
+]
+EvalDtypeOpt = Annotated[
+    str,
+    typer.Option(help="fp32, or bf16 matrix products: faster on CPUs with bf16 units; the figures differ slightly from fp32."),
+]
+PrimeUnknownOpt = Annotated[
+    str, typer.Option(help="Prime characters outside a char vocabulary: error, or skip (the model never sees them).")
+]
+PrimeFileOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--prime-file",
+        metavar="FILE",
+        show_default=False,
+        help="Read the prime from a UTF-8 file, newlines and all (used exactly as written, final newline included); instead of --prime.",
+    ),
+]
 
 
-def load_model(paths: list[Path], device: str, dtype: str, weights: Optional[str], combine: str,
-               allowed: tuple[str, ...] = DECODE_DTYPES) -> LanguageModel:
+def load_model(
+    paths: list[Path], device: str, dtype: str, weights: Optional[str], combine: str, allowed: tuple[str, ...] = DECODE_DTYPES
+) -> LanguageModel:
     """The checkpoints as one LanguageModel, the flags checked first (before any file is read)."""
     import charlm
 
@@ -77,7 +96,9 @@ def checked_argument(flag: str, value: str) -> str:
     value = argument_text(value)
     bad = undecodable(value)
     if bad is not None:
-        raise DataError(f"{flag} holds the byte 0x{bad[1]:02X} at character {bad[0] + 1}, which is not UTF-8 text; give it as UTF-8")
+        raise DataError(
+            f"{flag} holds the byte 0x{bad[1]:02X} at character {bad[0] + 1}, which is not UTF-8 text; give it as UTF-8"
+        )
     return value
 
 
@@ -97,14 +118,25 @@ def sample(
     temperature: Annotated[float, typer.Option(help="> 0; below 1 is more conservative.")] = 1.0,
     top_k: Annotated[Optional[int], typer.Option(help="Sample only among the k most likely characters.")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Sample only within the top probability mass p.")] = None,
-    greedy: Annotated[bool, typer.Option(help="Always take the most likely character (ignores temperature/top-k/top-p).")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Seed: the same seed gives the same text (sample i of --num-samples uses seed+i-1).")] = None,
+    greedy: Annotated[
+        bool, typer.Option(help="Always take the most likely character (ignores temperature/top-k/top-p).")
+    ] = False,
+    seed: Annotated[
+        Optional[int], typer.Option(help="Seed: the same seed gives the same text (sample i of --num-samples uses seed+i-1).")
+    ] = None,
     num_samples: Annotated[int, typer.Option(help="Independent samples, generated together as one batch.")] = 1,
     weights: WeightsOpt = None,
     combine: CombineOpt = "mean",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "fp32",
-    adapt: Annotated[Optional[Path], typer.Option(metavar="FILE", show_default=False, help="First adapt to this UTF-8 text (dynamic evaluation over it, in memory), then generate: the model continues in its style.")] = None,
+    adapt: Annotated[
+        Optional[Path],
+        typer.Option(
+            metavar="FILE",
+            show_default=False,
+            help="First adapt to this UTF-8 text (dynamic evaluation over it, in memory), then generate: the model continues in its style.",
+        ),
+    ] = None,
     dyn_lr: dyn.DynLrOpt = None,
     dyn_decay: dyn.DynDecayOpt = None,
     dyn_update: dyn.DynUpdateOpt = "auto",
@@ -123,13 +155,23 @@ def sample(
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, unknown=unknown)
     seed = random_seed() >> 8 if seed is None else seed
     if num_samples == 1:
-        write_text(itertools.chain([prime], lm.stream(prime, length, seed=seed, **settings), ["\n"]))  # streamed, not listed first
+        write_text(
+            itertools.chain([prime], lm.stream(prime, length, seed=seed, **settings), ["\n"])
+        )  # streamed, not listed first
     else:
         write_samples(lm.stream_many([prime] * num_samples, length, seed=seed, **settings), prime, num_samples)
 
 
-def check_sample_flags(unknown: str, greedy: bool, temperature: float, top_k: Optional[int], top_p: Optional[float],
-                       length: int, num_samples: int, seed: Optional[int]) -> None:
+def check_sample_flags(
+    unknown: str,
+    greedy: bool,
+    temperature: float,
+    top_k: Optional[int],
+    top_p: Optional[float],
+    length: int,
+    num_samples: int,
+    seed: Optional[int],
+) -> None:
     """sample's own flags, checked before any file is read."""
     from charlm.decoding.sampling import processors
 
@@ -175,11 +217,15 @@ def beam(
     checkpoints: CkptArg,
     prime: Annotated[str, typer.Option(help="Text to continue.")] = "",
     prime_file: PrimeFileOpt = None,
-    length: Annotated[int, typer.Option(help="Symbols to generate at most: characters, or pieces for a SentencePiece model.")] = 100,
+    length: Annotated[
+        int, typer.Option(help="Symbols to generate at most: characters, or pieces for a SentencePiece model.")
+    ] = 100,
     beam_width: Annotated[int, typer.Option(help="Hypotheses kept at each step (K); 1 is greedy decoding.")] = 5,
     n_best: Annotated[int, typer.Option(help="How many of the best continuations to print (M <= K).")] = 1,
     length_penalty: Annotated[float, typer.Option(help="Rank by log-prob / length**A; 0 ranks by the total log-prob.")] = 0.0,
-    stop_at: Annotated[Optional[str], typer.Option(help="End a hypothesis when it produces this text (e.g. a newline: $'\\n').")] = None,
+    stop_at: Annotated[
+        Optional[str], typer.Option(help="End a hypothesis when it produces this text (e.g. a newline: $'\\n').")
+    ] = None,
     unknown: PrimeUnknownOpt = "error",
     weights: WeightsOpt = None,
     combine: CombineOpt = "mean",
@@ -196,16 +242,21 @@ def beam(
     lm = load_model(checkpoints, device, dtype, weights, combine)
     if stop_at:  # accept a typed "\\n" or "\\t" as well as a real newline or tab
         stop_at = checked_argument("--stop-at", stop_at).replace("\\n", "\n").replace("\\t", "\t")
-    results = lm.beam(prime, length, beam_width=beam_width, n_best=n_best, length_penalty=length_penalty, stop=stop_at,
-                      unknown=unknown)
-    rows = [{"text": prime + b.text, "logprob": b.logprob, "chars": len(b.text), "tokens": b.tokens,
-             "bits_per_char": b.bits_per_char} for b in results]  # bits per character of the generated text, whatever the unit
+    results = lm.beam(
+        prime, length, beam_width=beam_width, n_best=n_best, length_penalty=length_penalty, stop=stop_at, unknown=unknown
+    )
+    rows = [
+        {"text": prime + b.text, "logprob": b.logprob, "chars": len(b.text), "tokens": b.tokens, "bits_per_char": b.bits_per_char}
+        for b in results
+    ]  # bits per character of the generated text, whatever the unit
     if as_json:
         print(strict_json(rows, ensure_ascii=not stdout_is_utf8()))
         return
     line = rule()
     for i, r in enumerate(rows):
-        err.print(f"{line} {i + 1}/{len(rows)}: log-prob {r['logprob']:.3f}, {r['bits_per_char']:.3f} bits/char over {r['chars']} chars {line}")
+        err.print(
+            f"{line} {i + 1}/{len(rows)}: log-prob {r['logprob']:.3f}, {r['bits_per_char']:.3f} bits/char over {r['chars']} chars {line}"
+        )
         sys.stdout.write(r["text"] + "\n")
         sys.stdout.flush()
 
@@ -214,13 +265,28 @@ def beam(
 @friendly
 def eval_cmd(
     checkpoints: CkptArg,
-    split: Annotated[str, typer.Option(help="val, test, train, or several joined with + (val+test = the last 10% by default).")] = "val",
+    split: Annotated[
+        str, typer.Option(help="val, test, train, or several joined with + (val+test = the last 10% by default).")
+    ] = "val",
     text: Annotated[Optional[Path], typer.Option(help="Score this UTF-8 file instead of a split.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Prepared dir to read the split from (default: the one recorded in the checkpoint).")] = None,
-    unknown: Annotated[str, typer.Option(help="Characters outside a char vocabulary: error, or skip (drops them from the text scored). SentencePiece models score any text.")] = "error",
+    data: Annotated[
+        Optional[Path], typer.Option(help="Prepared dir to read the split from (default: the one recorded in the checkpoint).")
+    ] = None,
+    unknown: Annotated[
+        str,
+        typer.Option(
+            help="Characters outside a char vocabulary: error, or skip (drops them from the text scored). SentencePiece models score any text."
+        ),
+    ] = "error",
     weights: WeightsOpt = None,
     combine: CombineOpt = "mean",
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (ensemble figures at the top, members in 'members'; with --dynamic: 'static' and 'dynamic').")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object (ensemble figures at the top, members in 'members'; with --dynamic: 'static' and 'dynamic').",
+        ),
+    ] = False,
     device: DeviceOpt = "cpu",
     dtype: EvalDtypeOpt = "fp32",
     dynamic: dyn.DynamicOpt = False,
@@ -242,8 +308,17 @@ def eval_cmd(
     source = shown(text) if text else split
     static = lm.score(raw, split=None if raw is not None else split, data=data, unknown=unknown)
     if dynamic:
-        adapting = lm.score(raw, split=None if raw is not None else split, data=data, unknown=unknown, dynamic=True,
-                            dyn_lr=dyn_lr, dyn_decay=dyn_decay, dyn_update=dyn_update, dyn_window=dyn_window)
+        adapting = lm.score(
+            raw,
+            split=None if raw is not None else split,
+            data=data,
+            unknown=unknown,
+            dynamic=True,
+            dyn_lr=dyn_lr,
+            dyn_decay=dyn_decay,
+            dyn_update=dyn_update,
+            dyn_window=dyn_window,
+        )
         return dyn.eval_report(checkpoints, static, adapting, source, combine, as_json)
     if as_json:
         payload: dict[str, Any] = {**static.figures(), "source": source}
@@ -298,7 +373,13 @@ def literal(text: str, limit: int = 500) -> Text:
 @friendly
 def info(
     ckpt: Annotated[Path, typer.Argument(help="A checkpoint file.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the metadata as JSON (a figure that does not exist, such as the validation figure of a run without a validation split, is null).")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the metadata as JSON (a figure that does not exist, such as the validation figure of a run without a validation split, is null).",
+        ),
+    ] = False,
 ):
     """Show what a checkpoint holds: model, vocabulary, training config, metrics, provenance."""
     import charlm
@@ -315,18 +396,25 @@ def info(
 
     table = Table("field", "value", title=literal(shown(ckpt)), show_lines=False)  # file contents are never rich markup
     table.add_row("format", f"{c['format']} v{c['version']}")
-    checks = {"verified": "verified (sha256 of the weights, and of the metadata and training state)",
-              "none": "none (written before checksums; unchecked)"}
+    checks = {
+        "verified": "verified (sha256 of the weights, and of the metadata and training state)",
+        "none": "none (written before checksums; unchecked)",
+    }
     table.add_row("weights checksum", checks[c["checksum"]])
     vocab = c["vocab"]
     if vocab.kind == "spm":
         table.add_row("vocabulary", literal(vocab.describe()[0].upper() + vocab.describe()[1:]))
     else:
-        table.add_row("vocabulary", literal(f"{len(vocab)} {vocab.kind} symbols: {''.join(vocab.symbol(i) for i in range(min(len(vocab), 100)))!r}"))
+        table.add_row(
+            "vocabulary",
+            literal(f"{len(vocab)} {vocab.kind} symbols: {''.join(vocab.symbol(i) for i in range(min(len(vocab), 100)))!r}"),
+        )
     for entry in (meta.get("provenance") or {}).get("fine_tuned_from") or []:  # newest first
         if isinstance(entry, dict):
-            table.add_row("fine-tuned from", literal(f"{entry.get('checkpoint')} (sha256 {str(entry.get('weights_sha256'))[:12]}) "
-                                                     f"on {entry.get('on')}"))
+            table.add_row(
+                "fine-tuned from",
+                literal(f"{entry.get('checkpoint')} (sha256 {str(entry.get('weights_sha256'))[:12]}) on {entry.get('on')}"),
+            )
     for section in ("model", "metrics", "provenance", "train"):
         for k, v in meta.get(section, {}).items():
             if section == "provenance" and k == "fine_tuned_from":
@@ -337,4 +425,3 @@ def info(
     table.add_row("training state", "yes (resumable)" if c["resumable"] else "no (weights only)")
     table.add_row("tensors", f"{c['tensors']} ({c['parameters']:,} model parameters)")
     PipeConsole().print(table)
-

@@ -18,17 +18,43 @@ from charlm.errors import OptionError
 
 EXPORT_DTYPES = ("fp32", "fp16", "int8")  # charlm.export.storage.STORAGE_DTYPES, named here without importing it
 
-OnnxOpt = Annotated[Optional[Path], typer.Option("--onnx", metavar="DIR", show_default=False,
-                    help="Write DIR/model.onnx (one step: ids and state in, log-probs and state out) and DIR/generate.py, "
-                         "which needs only numpy and onnxruntime.")]
-WebOpt = Annotated[Optional[Path], typer.Option("--web", metavar="DIR", show_default=False,
-                   help="Write a static page (index.html, app.js, model.onnx, model.json) that generates in the browser "
-                        "with onnxruntime-web; serve it, e.g. python -m http.server -d DIR.")]
-ExportDtypeOpt = Annotated[str, typer.Option(help="How the weights are stored: fp32; fp16 (half the file) or int8 (a quarter, one "
-                                                  "scale per row). The arithmetic is fp32 in all three (docs/export.md).")]
-OrtDistOpt = Annotated[Optional[Path], typer.Option("--ort-dist", metavar="PATH", show_default=False,
-                       help="A local copy of the onnxruntime-web npm package's dist/ to copy into the page (offline); "
-                            "without it the page loads onnxruntime-web from its CDN.")]
+OnnxOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--onnx",
+        metavar="DIR",
+        show_default=False,
+        help="Write DIR/model.onnx (one step: ids and state in, log-probs and state out) and DIR/generate.py, "
+        "which needs only numpy and onnxruntime.",
+    ),
+]
+WebOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--web",
+        metavar="DIR",
+        show_default=False,
+        help="Write a static page (index.html, app.js, model.onnx, model.json) that generates in the browser "
+        "with onnxruntime-web; serve it, e.g. python -m http.server -d DIR.",
+    ),
+]
+ExportDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="How the weights are stored: fp32; fp16 (half the file) or int8 (a quarter, one "
+        "scale per row). The arithmetic is fp32 in all three (docs/export.md)."
+    ),
+]
+OrtDistOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--ort-dist",
+        metavar="PATH",
+        show_default=False,
+        help="A local copy of the onnxruntime-web npm package's dist/ to copy into the page (offline); "
+        "without it the page loads onnxruntime-web from its CDN.",
+    ),
+]
 
 
 @app.command()
@@ -55,22 +81,37 @@ def export(
     try:
         from charlm.export import export as run_export
     except ImportError as e:
-        raise OptionError(f"charlm export needs onnx, onnxscript and onnxruntime ({e.name} is missing): pip install 'charlm[export]'") from None
+        raise OptionError(
+            f"charlm export needs onnx, onnxscript and onnxruntime ({e.name} is missing): pip install 'charlm[export]'"
+        ) from None
 
-    result = run_export(checkpoints, onnx=onnx, web=web, dtype=dtype, weights=parse_weights(weights), combine=combine,
-                        ort_dist=ort_dist)
+    result = run_export(
+        checkpoints, onnx=onnx, web=web, dtype=dtype, weights=parse_weights(weights), combine=combine, ort_dist=ort_dist
+    )
     check = result.graph.check
-    err.print(f"checked: onnxruntime's log-probs within {check.max_abs_diff:.2g} of charlm's, mean KL {check.mean_kl:.1g} nats "
-              f"({dtype} weights; allowed {check.bound:g} and {check.kl_bound:g}) over {check.steps} steps x {check.streams} streams",
-              soft_wrap=True)
+    err.print(
+        f"checked: onnxruntime's log-probs within {check.max_abs_diff:.2g} of charlm's, mean KL {check.mean_kl:.1g} nats "
+        f"({dtype} weights; allowed {check.bound:g} and {check.kl_bound:g}) over {check.steps} steps x {check.streams} streams",
+        soft_wrap=True,
+    )
     for path in result.onnx_files + result.web_files:
         if path.name in ("model.onnx", "generate.py", "index.html"):
             err.print(f"wrote {path} ({_size(path.stat().st_size)})", soft_wrap=True)
     if onnx is not None:
-        err.print(f"generate without PyTorch (pip install numpy onnxruntime): python {onnx / 'generate.py'} --length 300", soft_wrap=True)
+        err.print(
+            f"generate without PyTorch (pip install numpy onnxruntime): python {onnx / 'generate.py'} --length 300",
+            soft_wrap=True,
+        )
     if web is not None:
-        where = "onnxruntime-web copied into the folder: works offline" if result.ort_source == "ort/" else f"onnxruntime-web from {result.ort_source}"
-        err.print(f"serve the page ({where}): python -m http.server -b 127.0.0.1 -d {web}, then open http://127.0.0.1:8000/", soft_wrap=True)
+        where = (
+            "onnxruntime-web copied into the folder: works offline"
+            if result.ort_source == "ort/"
+            else f"onnxruntime-web from {result.ort_source}"
+        )
+        err.print(
+            f"serve the page ({where}): python -m http.server -b 127.0.0.1 -d {web}, then open http://127.0.0.1:8000/",
+            soft_wrap=True,
+        )
 
 
 def _size(n: int) -> str:

@@ -74,6 +74,7 @@ def _die() -> None:
 
 # -- --nproc against the machine ----------------------------------------------------------------
 
+
 def check_nproc(nproc: int, model_cfg: Any, train_cfg: Any, vocab_size: int) -> list[str]:
     """Warnings about N ranks on this machine (more than its cores); an OptionError if their memory does not fit."""
     from charlm import threads
@@ -82,15 +83,18 @@ def check_nproc(nproc: int, model_cfg: Any, train_cfg: Any, vocab_size: int) -> 
     warnings = []
     cores = threads.usable_cores()
     if nproc > cores:
-        warnings.append(f"--nproc {nproc} is more than the {cores} cores this process may use: the ranks share them, "
-                        "and every step waits for the slowest")
+        warnings.append(
+            f"--nproc {nproc} is more than the {cores} cores this process may use: the ranks share them, "
+            "and every step waits for the slowest"
+        )
     per_rank = rank_bytes(model_cfg, train_cfg, vocab_size)
     available = available_memory()
     if available is not None and per_rank * nproc > available:
         fit = max(1, available // per_rank)
         raise OptionError(
             f"--nproc {nproc}: the ranks would need about {_gb(per_rank * nproc)} of memory ({_gb(per_rank)} each), "
-            f"but {_gb(available)} is available here; use --nproc {fit} or fewer (or a smaller --batch-size)")
+            f"but {_gb(available)} is available here; use --nproc {fit} or fewer (or a smaller --batch-size)"
+        )
     return warnings
 
 
@@ -125,8 +129,10 @@ def available_memory() -> int | None:
                     found.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
         pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             with open(limit_file) as f:
                 limit = f.read().strip()

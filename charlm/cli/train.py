@@ -27,8 +27,10 @@ from charlm.terminal import shown
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Give `fn` one flag per config option in place of its **options, placed after its `init_from` (the --help order)."""
     params = list(inspect.signature(fn, eval_str=True).parameters.values())
-    flags = [inspect.Parameter(d.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=_flag(d))
-             for d in config.declared_options()]
+    flags = [
+        inspect.Parameter(d.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=_flag(d))
+        for d in config.declared_options()
+    ]
     at = [p.name for p in params].index("init_from") + 1
     kept = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     fn.__signature__ = inspect.Signature(kept[:at] + flags + kept[at:])  # type: ignore[attr-defined]
@@ -46,13 +48,31 @@ def _flag(d: config.Declared) -> Any:
 @config_options
 def train(
     ctx: typer.Context,
-    input: Annotated[Optional[str], typer.Argument(help="A text file, a prepared dir or a corpus name. With --resume: optional.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run dir for checkpoints and metrics.jsonl (default: checkpoints/RUN).")] = None,
+    input: Annotated[
+        Optional[str],
+        typer.Argument(help="A text file, a prepared dir or a corpus name. With --resume: optional.", show_default=False),
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Run dir for checkpoints and metrics.jsonl (default: checkpoints/RUN).")
+    ] = None,
     preset: Annotated[Optional[str], typer.Option(help=f"A shipped preset: {', '.join(config.list_presets())}.")] = None,
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="A YAML file of option: value (explicit flags win).")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="Continue exactly from a last.safetensors (optimizer, step, data position, state); 'auto': from OUT/last.safetensors if it exists, else start fresh (for preemptible queues).", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out (its checkpoints and metrics.jsonl) instead of refusing to.")] = False,
-    init_from: Annotated[Optional[Path], typer.Option(help="Start from a checkpoint's weights only (fresh optimizer and schedule).")] = None,
+    config_file: Annotated[
+        Optional[Path], typer.Option("--config", help="A YAML file of option: value (explicit flags win).")
+    ] = None,
+    resume: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Continue exactly from a last.safetensors (optimizer, step, data position, state); 'auto': from OUT/last.safetensors if it exists, else start fresh (for preemptible queues).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the run in --out (its checkpoints and metrics.jsonl) instead of refusing to."),
+    ] = False,
+    init_from: Annotated[
+        Optional[Path], typer.Option(help="Start from a checkpoint's weights only (fresh optimizer and schedule).")
+    ] = None,
     encoding: Annotated[str, typer.Option(help="For a text input: utf-8 or bytes.")] = "utf-8",
     split: Annotated[str, typer.Option(help="For a text input: train,val,test fractions.")] = "0.9,0.05,0.05",
     tokenizer: TokenizerOpt = None,
@@ -60,8 +80,16 @@ def train(
     character_coverage: CoverageOpt = None,
     glob: Annotated[Optional[str], typer.Option(help="For a directory input: files to include.")] = None,
     mirror: Annotated[Optional[Path], typer.Option(help="Corpus mirror dir, for corpus names.")] = None,
-    nproc: Annotated[Optional[int], typer.Option(help="Data-parallel on N processes of this machine (runs torchrun for you); --batch-size is per process.", show_default=False)] = None,
-    backend: Annotated[str, typer.Option(help="With several processes: auto (NCCL on CUDA, Gloo on CPU), nccl or gloo.")] = "auto",
+    nproc: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Data-parallel on N processes of this machine (runs torchrun for you); --batch-size is per process.",
+            show_default=False,
+        ),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="With several processes: auto (NCCL on CUDA, Gloo on CPU), nccl or gloo.")
+    ] = "auto",
     **options: Any,
 ) -> None:
     """Train a character-level RNN with truncated backpropagation through time.
@@ -72,8 +100,15 @@ def train(
     from charlm.cli.stop import SignalsEnd, StopRequests
 
     run_args = dict(preset=preset, config=config_file, resume=resume, init_from=init_from, **options)
-    data_args = dict(encoding=encoding, split=split, tokenizer=tokenizer, vocab_size=spm_vocab_size,
-                     character_coverage=character_coverage, glob=glob, mirror=mirror)
+    data_args = dict(
+        encoding=encoding,
+        split=split,
+        tokenizer=tokenizer,
+        vocab_size=spm_vocab_size,
+        character_coverage=character_coverage,
+        glob=glob,
+        mirror=mirror,
+    )
     if nproc is not None and nproc != 1:
         _launch(ctx, training.plan(input, out, **run_args), nproc, data_args, overwrite)
         return
@@ -83,16 +118,20 @@ def train(
         # Not in a torchrun rank: there a SIGTERM outside the loop is torchrun ending the ranks after
         # another one failed, and the failed rank's line is the one to read.
         with SignalsEnd("train") if not in_torchrun() else contextlib.nullcontext():
-            result = training.train(input, out, overwrite=overwrite, progress=True, stop=StopRequests(), backend=backend,
-                                    **run_args, **data_args)
+            result = training.train(
+                input, out, overwrite=overwrite, progress=True, stop=StopRequests(), backend=backend, **run_args, **data_args
+            )
     except training.RankStopped:
         raise typer.Exit(1) from None  # rank 0 says why
     if result.stopped:
         raise CharlmError(result.stopped)
     if result.rank == 0:
         best = "-" if result.best_val_bpc is None else f"{result.best_val_bpc:.4f}"
-        err.print(f"done: step {result.step:,}, best val {best} bits/char; "
-                  f"checkpoints in {shown(result.out_dir)} (best.safetensors, last.safetensors)", soft_wrap=True)
+        err.print(
+            f"done: step {result.step:,}, best val {best} bits/char; "
+            f"checkpoints in {shown(result.out_dir)} (best.safetensors, last.safetensors)",
+            soft_wrap=True,
+        )
 
 
 def in_torchrun() -> bool:
@@ -154,4 +193,3 @@ def _forwarded_args(ctx: typer.Context, overrides: dict) -> list[str]:
         else:
             args += [param.opts[0], str(value)]
     return args
-

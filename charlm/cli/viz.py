@@ -45,16 +45,46 @@ def _cells(values: list[str]) -> list[int]:
 def viz(
     ckpt: Annotated[Path, typer.Argument(help="A checkpoint file.", show_default=False)],
     text: Annotated[Path, typer.Option(help="The UTF-8 text to run through the model.", show_default=False)],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="The HTML page to write; default TEXT's name + .viz.html in this directory.")] = None,
-    layer: Annotated[Optional[int], typer.Option(help="The layer of the --cell numbers: 0 is the lowest; default the top one.")] = None,
-    cell: Annotated[List[str], typer.Option(help="Cell (unit) numbers to colour by, 0-based: --cell 3 --cell 17, or --cell 3,17. Default: the cells that vary most (or, with --find, the best ones).")] = [],
-    show: Annotated[Optional[str], typer.Option(help="Which internal colours the text: cell_tanh (an LSTM's cell state through tanh; the default where there is one), hidden, a gate (input_gate, forget_gate, ...): see the error for what a cell has.")] = None,
-    find: Annotated[List[str], typer.Option(help="Rank every cell of every layer by how well it tracks a property: quote, line-position, bracket-depth, comment, indent, or regex:PATTERN (inside a match). Repeatable.")] = [],
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="The HTML page to write; default TEXT's name + .viz.html in this directory."),
+    ] = None,
+    layer: Annotated[
+        Optional[int], typer.Option(help="The layer of the --cell numbers: 0 is the lowest; default the top one.")
+    ] = None,
+    cell: Annotated[
+        List[str],
+        typer.Option(
+            help="Cell (unit) numbers to colour by, 0-based: --cell 3 --cell 17, or --cell 3,17. Default: the cells that vary most (or, with --find, the best ones)."
+        ),
+    ] = [],
+    show: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Which internal colours the text: cell_tanh (an LSTM's cell state through tanh; the default where there is one), hidden, a gate (input_gate, forget_gate, ...): see the error for what a cell has."
+        ),
+    ] = None,
+    find: Annotated[
+        List[str],
+        typer.Option(
+            help="Rank every cell of every layer by how well it tracks a property: quote, line-position, bracket-depth, comment, indent, or regex:PATTERN (inside a match). Repeatable."
+        ),
+    ] = [],
     top: Annotated[int, typer.Option(help="Cells listed per --find property.")] = 10,
     max_chars: Annotated[int, typer.Option(help="Show at most this many characters of the text (the first ones).")] = MAX_CHARS,
-    png: Annotated[Optional[Path], typer.Option(help="Also draw the gate-saturation scatter to this PNG (needs matplotlib).", show_default=False)] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as one JSON object on stdout (rankings, gate saturation, surprising spans).")] = False,
-    unknown: Annotated[str, typer.Option(help="Characters outside a char vocabulary: error, or skip (left out of the page).")] = "error",
+    png: Annotated[
+        Optional[Path],
+        typer.Option(help="Also draw the gate-saturation scatter to this PNG (needs matplotlib).", show_default=False),
+    ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print the numbers as one JSON object on stdout (rankings, gate saturation, surprising spans)."
+        ),
+    ] = False,
+    unknown: Annotated[
+        str, typer.Option(help="Characters outside a char vocabulary: error, or skip (left out of the page).")
+    ] = "error",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
 ):
     """Write a self-contained HTML page: the text coloured by a cell's activation or by the bits each character cost, the model's next-character predictions on hover, --find rankings and gate saturation."""
@@ -72,8 +102,12 @@ def viz(
     ckpt_data = checkpoint.load(ckpt)
     model = ckpt_data.build_model().to(pick_device(device))
     cfg = ckpt_data.model_config
-    about = {"checkpoint": str(ckpt), "model": f"{cfg.num_layers}x{cfg.rnn_size} {cfg.cell}, {ckpt_data.vocab.describe()}",
-             "source": str(text), "truncated_from": full_length}
+    about = {
+        "checkpoint": str(ckpt),
+        "model": f"{cfg.num_layers}x{cfg.rnn_size} {cfg.cell}, {ckpt_data.vocab.describe()}",
+        "source": str(text),
+        "truncated_from": full_length,
+    }
     out = out if out is not None else Path(text.name + ".viz.html")
     summary, data, _ = visualize(model, ckpt_data.vocab, content, opts, unknown, about)
     size = page.write(out, page.render(data, f"{ckpt.name} on {text.name}"))

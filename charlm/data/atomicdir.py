@@ -52,8 +52,10 @@ def _prefix(target: Path) -> str:
 
 def _check_replaceable(target: Path, replaceable: set[str]) -> None:
     if target.is_symlink() and not target.exists():
-        raise DataError(f"{shown(target)} is a symbolic link to {shown(os.readlink(target))}, which does not exist; "
-                        "create its target or write elsewhere")
+        raise DataError(
+            f"{shown(target)} is a symbolic link to {shown(os.readlink(target))}, which does not exist; "
+            "create its target or write elsewhere"
+        )
     if not target.exists():
         return
     if not target.is_dir():
@@ -61,7 +63,9 @@ def _check_replaceable(target: Path, replaceable: set[str]) -> None:
     others = sorted(name for name in os.listdir(target) if name not in replaceable)
     if others:
         listed = ", ".join(shown(n) for n in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise DataError(f"{shown(target)} holds other files ({listed}) and would be replaced as a whole; give a new or empty directory")
+        raise DataError(
+            f"{shown(target)} holds other files ({listed}) and would be replaced as a whole; give a new or empty directory"
+        )
 
 
 def _swap_in(work: Path, target: Path) -> None:
@@ -82,7 +86,7 @@ def _remove_abandoned(target: Path) -> None:
         if not stale.name.startswith(prefix):
             continue
         try:
-            pid = int(stale.name[len(prefix):].split("-")[0])
+            pid = int(stale.name[len(prefix) :].split("-")[0])
         except ValueError:
             continue
         if pid != os.getpid() and not _alive(pid):

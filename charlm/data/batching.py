@@ -28,8 +28,9 @@ from charlm.errors import DataError
 class StreamBatcher:
     """Windows of (inputs, targets), each (B, T), over one token stream; `rows` keeps a slice of the B rows."""
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_length: int, what: str = "the training split",
-                 rows: slice | None = None):
+    def __init__(
+        self, tokens: np.ndarray, batch_size: int, seq_length: int, what: str = "the training split", rows: slice | None = None
+    ):
         n = len(tokens)
         self.batch_size, self.seq_length = batch_size, seq_length
         self.row_length = (n - 1) // batch_size if n > 1 else 0

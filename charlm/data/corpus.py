@@ -326,7 +326,7 @@ def _temp_beside(dest: Path) -> tuple[int, str]:
         dest.parent.mkdir(parents=True, exist_ok=True)
         prefix = f".{_short(dest.name)}.part-"
         for stale in dest.parent.iterdir():
-            pid = stale.name[len(prefix):].split(".")[0] if stale.name.startswith(prefix) else ""
+            pid = stale.name[len(prefix) :].split(".")[0] if stale.name.startswith(prefix) else ""
             if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
                 stale.unlink(missing_ok=True)
         return tempfile.mkstemp(dir=dest.parent, prefix=f"{prefix}{os.getpid()}.")

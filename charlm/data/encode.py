@@ -160,7 +160,9 @@ def char_ids(files: list[Path], encoding: str, vocab: Vocab, sha256: str) -> Ite
             ids = _utf8_ids(data, table, lut)
         yield ids.astype(vocab.id_dtype, copy=False), done
     if sha.hexdigest() != sha256:
-        raise DataError(f"the input changed while it was being prepared ({shown(files[0]) if len(files) == 1 else 'one of the files'}): run the command again")
+        raise DataError(
+            f"the input changed while it was being prepared ({shown(files[0]) if len(files) == 1 else 'one of the files'}): run the command again"
+        )
 
 
 def _complete_utf8(data: bytes) -> tuple[bytes, bytes]:

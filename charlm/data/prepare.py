@@ -97,7 +97,9 @@ def prepare(
     spec = (tokenizer or TokenizerSpec()).checked()
     spec = check_base(base_vocab, encoding, spec)
     if spec.is_spm and encoding != "utf-8":
-        raise DataError(f"--tokenizer {spec.kind} reads UTF-8 text: drop --encoding bytes (byte fallback already covers any character)")
+        raise DataError(
+            f"--tokenizer {spec.kind} reads UTF-8 text: drop --encoding bytes (byte fallback already covers any character)"
+        )
     fractions = check_fractions(fractions)
     total = _total_bytes(files)
     if total == 0:
@@ -118,13 +120,16 @@ def check_base(base, encoding: str, spec: TokenizerSpec) -> TokenizerSpec:
     if spec.is_spm:
         raise DataError(f"the base vocabulary is {base.describe()}: a --tokenizer {spec.kind} would replace it; drop --tokenizer")
     if base.kind != ("char" if encoding == "utf-8" else "bytes"):
-        raise DataError(f"the base vocabulary is {base.describe()}, the text is read as {encoding}: "
-                        f"use --encoding {'bytes' if base.kind == 'bytes' else 'utf-8'}")
+        raise DataError(
+            f"the base vocabulary is {base.describe()}, the text is read as {encoding}: "
+            f"use --encoding {'bytes' if base.kind == 'bytes' else 'utf-8'}"
+        )
     return spec
 
 
-def _prepare_into(out_dir: Path, files, encoding, fractions, progress, spec: TokenizerSpec, total: int, start: float,
-                  base=None) -> dict:
+def _prepare_into(
+    out_dir: Path, files, encoding, fractions, progress, spec: TokenizerSpec, total: int, start: float, base=None
+) -> dict:
     """prepare's passes, writing into a fresh work dir."""
     # Pass 1: validate, hash, count, collect the vocabulary.
     sha = hashlib.sha256()
@@ -137,7 +142,9 @@ def _prepare_into(out_dir: Path, files, encoding, fractions, progress, spec: Tok
 
     bounds = (0, *split_bounds(n_units, fractions), n_units)
     if spec.is_spm:
-        vocab = base if base is not None else _train_tokenizer(files, out_dir, bounds[1], spec, len(scan.codes()), progress, total)
+        vocab = (
+            base if base is not None else _train_tokenizer(files, out_dir, bounds[1], spec, len(scan.codes()), progress, total)
+        )
         if base is not None:
             (out_dir / TOKENIZER_FILE).write_bytes(base.model_bytes)
         tokenizer_meta = {**spec.to_meta(), "vocab_size": len(vocab), "sha256": vocab.sha256, "file": TOKENIZER_FILE}
@@ -317,7 +324,9 @@ def cached_prepare(
     cache = corpus.corpora_dir() / ".cache" / f"{_cache_stem(files[0])}-{h.hexdigest()[:12]}-{key}"
     if not (cache / "meta.json").exists():
         try:
-            prepare(files, cache, encoding=encoding, fractions=fractions, progress=progress, tokenizer=spec, base_vocab=base_vocab)
+            prepare(
+                files, cache, encoding=encoding, fractions=fractions, progress=progress, tokenizer=spec, base_vocab=base_vocab
+            )
         except OSError as e:  # the cache cannot be written (read-only, no permission, a file in the way, full)
             if e.errno not in CACHE_ERRORS or not shown(e.filename or "").startswith(shown(cache.parent.parent)):
                 raise
@@ -335,5 +344,7 @@ def _cache_stem(first: Path) -> str:
 
 
 def _cache_not_writable(cache: Path, e: OSError, source) -> DataError:
-    return DataError(f"cannot write the prepare cache {shown(cache.parent)} ({e.strerror or e}); give a writable "
-                     f"--corpora-dir, or prepare the text yourself (charlm prepare {shown(source)} -o DIR) and train on DIR")
+    return DataError(
+        f"cannot write the prepare cache {shown(cache.parent)} ({e.strerror or e}); give a writable "
+        f"--corpora-dir, or prepare the text yourself (charlm prepare {shown(source)} -o DIR) and train on DIR"
+    )

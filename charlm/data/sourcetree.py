@@ -175,7 +175,9 @@ def _spool_members(path: Path, reader, spool, subset, extensions) -> tuple[dict[
         # tarfile's own gzip reader never checks the CRC-32 in the gzip trailer, so a flipped byte
         # that still inflates would pass: gzip.GzipFile checks it, at the end of the stream.
         source = gzip.GzipFile(fileobj=reader, mode="rb") if gzipped else reader
-        with tarfile.open(fileobj=source, mode="r|" if gzipped else "r|*", tarinfo=_StrictTarInfo) as tar:  # '|': a forward-only stream
+        with tarfile.open(
+            fileobj=source, mode="r|" if gzipped else "r|*", tarinfo=_StrictTarInfo
+        ) as tar:  # '|': a forward-only stream
             while (member := tar.next()) is not None:
                 tar.members.clear()  # a stream keeps every TarInfo otherwise (~80k for a kernel); none is looked up again
                 name = _normalize(member.name)

@@ -33,8 +33,10 @@ def beam_search(
     if length < 1:
         raise CharlmError(f"--length must be at least 1 (got {length})")
     if not -MAX_LENGTH_PENALTY <= length_penalty <= MAX_LENGTH_PENALTY:  # NaN fails this too
-        raise CharlmError(f"--length-penalty must be a number between -{MAX_LENGTH_PENALTY} and {MAX_LENGTH_PENALTY} "
-                          f"(got {length_penalty}); 0 ranks by the total log-prob, 1 by the mean")
+        raise CharlmError(
+            f"--length-penalty must be a number between -{MAX_LENGTH_PENALTY} and {MAX_LENGTH_PENALTY} "
+            f"(got {length_penalty}); 0 ranks by the total log-prob, 1 by the mean"
+        )
     logp, state = run_prime(scorer, prime)  # (1, V)
     vocab_size = logp.shape[-1]
     scores = torch.zeros(1)  # (K,) total log-prob of each live hypothesis
@@ -50,7 +52,7 @@ def beam_search(
         seqs = torch.cat([seqs[rows], symbols.unsqueeze(1)], dim=1)
         scores = top.values
         if stop is not None and seqs.shape[1] >= len(stop):
-            done = (seqs[:, -len(stop):] == torch.tensor(stop)).all(dim=1)
+            done = (seqs[:, -len(stop) :] == torch.tensor(stop)).all(dim=1)
             finished += [(seqs[i].tolist(), float(scores[i])) for i in torch.nonzero(done).flatten().tolist()]
             keep = torch.nonzero(~done).flatten()
             rows, symbols, seqs, scores = rows[keep], symbols[keep], seqs[keep], scores[keep]
@@ -71,5 +73,7 @@ def beam_search(
 def _check_finite(logp: Tensor, t: int) -> None:
     """Log-probs of finite weights are finite unless the weights overflow float32: then say so, never emit garbage."""
     if not bool(torch.isfinite(logp).all()):
-        raise CharlmError(f"the model's output is not a finite number at step {t + 1} (NaN or infinite): "
-                          "its weights overflow float32; this checkpoint cannot be used")
+        raise CharlmError(
+            f"the model's output is not a finite number at step {t + 1} (NaN or infinite): "
+            "its weights overflow float32; this checkpoint cannot be used"
+        )

@@ -74,23 +74,32 @@ class Settings:
 check_options = check_dynamic_options  # the flags' own ranges, before anything is loaded
 
 
-def resolve(sources: list[AdaptSource], names: list[str], update: str, lr: float | None, decay: float | None,
-            window: int | None) -> tuple[Settings, str | None]:
+def resolve(
+    sources: list[AdaptSource], names: list[str], update: str, lr: float | None, decay: float | None, window: int | None
+) -> tuple[Settings, str | None]:
     """The settings for these members, and a note when the RMS update falls back to plain SGD."""
     check_options(update, lr, decay, window)
     lacking = [name for name, s in zip(names, sources) if s.mean_sq is None]
     note = None
     if update == "rms" and lacking:
-        raise CharlmError(f"--dyn-update rms needs the training gradient statistics, which {lacking[0]} does not hold "
-                          "(no optimizer state: a best or exported file); use last.safetensors, or --dyn-update sgd")
+        raise CharlmError(
+            f"--dyn-update rms needs the training gradient statistics, which {lacking[0]} does not hold "
+            "(no optimizer state: a best or exported file); use last.safetensors, or --dyn-update sgd"
+        )
     if update == "auto":
         update = "sgd" if lacking else "rms"
         if lacking:
-            note = (f"{lacking[0]} holds no optimizer state, so no training gradient statistics: dynamic evaluation uses "
-                    "plain SGD (give last.safetensors for the RMS-normalised update)")
+            note = (
+                f"{lacking[0]} holds no optimizer state, so no training gradient statistics: dynamic evaluation uses "
+                "plain SGD (give last.safetensors for the RMS-normalised update)"
+            )
     default_lr, default_decay = DEFAULTS[update]
-    settings = Settings(update, default_lr if lr is None else lr, default_decay if decay is None else decay,
-                        sources[0].window if window is None else window)
+    settings = Settings(
+        update,
+        default_lr if lr is None else lr,
+        default_decay if decay is None else decay,
+        sources[0].window if window is None else window,
+    )
     return settings, note
 
 
@@ -144,12 +153,24 @@ class Adapter:
 def figures(nll: float, tokens: int, chars: float, seconds: float) -> dict:
     """An evaluation record as evaluate() writes it, with the scoring speed."""
     bpc = bits_per_char(nll, chars)
-    return {"bits_per_char": bpc, "perplexity": 2.0**bpc, "chars": int(round(chars)), "tokens": tokens, "nll": nll,
-            "bits_per_token": bits_per_char(nll, tokens), "chars_per_s": chars / max(seconds, 1e-9)}
+    return {
+        "bits_per_char": bpc,
+        "perplexity": 2.0**bpc,
+        "chars": int(round(chars)),
+        "tokens": tokens,
+        "nll": nll,
+        "bits_per_token": bits_per_char(nll, tokens),
+        "chars_per_s": chars / max(seconds, 1e-9),
+    }
 
 
-def dynamic_evaluate(adapters: list[Adapter], tokens: np.ndarray, chars: float | None = None,
-                     combine: Callable[[Tensor], Tensor] | None = None, record: list | None = None) -> tuple[dict, list[dict]]:
+def dynamic_evaluate(
+    adapters: list[Adapter],
+    tokens: np.ndarray,
+    chars: float | None = None,
+    combine: Callable[[Tensor], Tensor] | None = None,
+    record: list | None = None,
+) -> tuple[dict, list[dict]]:
     """Score tokens as one stream while every adapter adapts: (the combined record, one record per member).
 
     combine: the members' stacked log-probs (M, B, T, V) -> the ensemble's (B, T, V); one member: itself.

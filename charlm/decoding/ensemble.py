@@ -87,8 +87,10 @@ def vocab_difference(a, b) -> str:
     if "spm" in (a.kind, b.kind):
         # Pieces are not comparable one by one: the same piece can have another id, or another
         # segmentation around it. Only the same serialized model makes the same token stream.
-        return (f"the first uses {a.describe()}, the second {b.describe()}; ensemble members must share the same "
-                "tokenizer (models trained on the same prepared data)")
+        return (
+            f"the first uses {a.describe()}, the second {b.describe()}; ensemble members must share the same "
+            "tokenizer (models trained on the same prepared data)"
+        )
     sa = {a.symbol(i) for i in range(len(a))}
     sb = {b.symbol(i) for i in range(len(b))}
     parts = []

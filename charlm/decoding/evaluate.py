@@ -25,8 +25,16 @@ def bits_per_char(nll: float, chars: float) -> float:
 
 
 @torch.inference_mode()
-def evaluate(scorer: Scorer, tokens: np.ndarray, chars_per_token: float = 1.0, streams: int = 1, window: int = 512,
-             chars: int | None = None, record: list | None = None, rows: int | None = None) -> dict:
+def evaluate(
+    scorer: Scorer,
+    tokens: np.ndarray,
+    chars_per_token: float = 1.0,
+    streams: int = 1,
+    window: int = 512,
+    chars: int | None = None,
+    record: list | None = None,
+    rows: int | None = None,
+) -> dict:
     """Score every token after the first given the ones before it, the state carried through.
 
     streams=1 scores the text as one stream (exact): a long text is cut into `rows` rows run side by
@@ -49,8 +57,14 @@ def evaluate(scorer: Scorer, tokens: np.ndarray, chars_per_token: float = 1.0, s
             record.append(token_logp.cpu())
         n += token_logp.numel()
     if n == 0:
-        return {"bits_per_char": float("nan"), "perplexity": float("nan"), "chars": 0, "tokens": 0, "nll": 0.0,
-                "bits_per_token": float("nan")}
+        return {
+            "bits_per_char": float("nan"),
+            "perplexity": float("nan"),
+            "chars": 0,
+            "tokens": 0,
+            "nll": 0.0,
+            "bits_per_token": float("nan"),
+        }
     spelled = n * chars_per_token if chars is None else chars
     bpc = bits_per_char(nll, spelled)
     return {
@@ -105,8 +119,11 @@ def row_splittable(scorer: Scorer) -> bool:
     (a union-vocabulary ensemble skips positions per member and scores one text in its rows only)."""
     if isinstance(scorer, ModelScorer):
         return scorer.dtype == "fp32"  # bf16 scoring differs between batch shapes by more than the mending's tolerance
-    return (isinstance(scorer, Ensemble) and not scorer.union
-            and all(isinstance(m, ModelScorer) and m.dtype == "fp32" for m in scorer.members))
+    return (
+        isinstance(scorer, Ensemble)
+        and not scorer.union
+        and all(isinstance(m, ModelScorer) and m.dtype == "fp32" for m in scorer.members)
+    )
 
 
 def exact_rows(scorer: Scorer, tokens: np.ndarray, rows: int | None = None) -> list[Tensor] | None:

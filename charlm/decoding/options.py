@@ -21,6 +21,8 @@ def check_dynamic_options(update: str, lr: float | None, decay: float | None, wi
     if lr is not None and not (math.isfinite(lr) and lr >= 0):
         raise OptionError(f"--dyn-lr must be a finite number >= 0 (got {lr}); 0 leaves the model as trained")
     if decay is not None and not (math.isfinite(decay) and 0 <= decay <= 1):
-        raise OptionError(f"--dyn-decay must be in [0, 1]: the share of the way back to the trained weights per window (got {decay})")
+        raise OptionError(
+            f"--dyn-decay must be in [0, 1]: the share of the way back to the trained weights per window (got {decay})"
+        )
     if window is not None and not 1 <= window <= MAX_DYN_WINDOW:
         raise OptionError(f"--dyn-window must be between 1 and {MAX_DYN_WINDOW} (got {window})")

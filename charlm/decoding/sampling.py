@@ -24,7 +24,9 @@ class Temperature:
         if t < MIN_TEMPERATURE:
             # Below this float32 cannot divide by it (1e-320 rounds to 0: every logit -inf, NaN
             # probabilities); the limit of a temperature this small is greedy decoding anyway.
-            raise OptionError(f"--temperature must be at least {MIN_TEMPERATURE} (got {t}); for deterministic decoding use --greedy")
+            raise OptionError(
+                f"--temperature must be at least {MIN_TEMPERATURE} (got {t}); for deterministic decoding use --greedy"
+            )
         self.t = t
 
     def __call__(self, logits: Tensor) -> Tensor:

@@ -32,8 +32,9 @@ class Stepper:
     @torch.no_grad()
     def __init__(self, models: list[CharRNN], dtype: str = "fp32"):
         self.models, self.dtype = models, dtype
-        self.native = native_step([m.rnn for m in models], [m.embed.weight for m in models],
-                                  [(m.head.weight, m.head.bias) for m in models], dtype)
+        self.native = native_step(
+            [m.rnn for m in models], [m.embed.weight for m in models], [(m.head.weight, m.head.bias) for m in models], dtype
+        )
         self._cell_step: Any = None  # the PyTorch path's parts, built on first use
         self._w_head: list | None = None
         self._b_head: Tensor | None = None

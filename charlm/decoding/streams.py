@@ -111,9 +111,19 @@ class Streams:
         self._groups: list[list[int]] | None = None  # rows by sampling settings; None: to be worked out again
 
     # -- adding and removing -------------------------------------------------------------------
-    def add(self, prime: str | Sequence[int] = "", length: int = 500, *, temperature: float = 1.0, top_k: int | None = None,
-            top_p: float | None = None, greedy: bool = False, seed: int | None = None, stop: str | Sequence[str] | None = None,
-            unknown: str = "error") -> int:
+    def add(
+        self,
+        prime: str | Sequence[int] = "",
+        length: int = 500,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        greedy: bool = False,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        unknown: str = "error",
+    ) -> int:
         """Queue a stream; it joins the batch once its prime has run (over the next step() calls). Returns its id.
 
         prime: text (or ids); with none, the stream starts as if after a line break. length: symbols to
@@ -133,8 +143,17 @@ class Streams:
         ids = prime_ids(self.vocab, prime, unknown) if isinstance(prime, str) else np.asarray(prime, dtype=np.int64)
         if ids.ndim != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= len(self.vocab):
             raise OptionError(f"prime ids must be a non-empty list of ids below {len(self.vocab)}")
-        stream = _Stream(next(self._ids), settings, chain, random.Random(int(seed)), int(length), stops,
-                         self.vocab.stream_decoder(), ids, temperature_only(chain, len(self.vocab)))
+        stream = _Stream(
+            next(self._ids),
+            settings,
+            chain,
+            random.Random(int(seed)),
+            int(length),
+            stops,
+            self.vocab.stream_decoder(),
+            ids,
+            temperature_only(chain, len(self.vocab)),
+        )
         self._pending.append(stream)
         return stream.id
 
@@ -266,8 +285,10 @@ class Streams:
                 if at >= 0:
                     return Event(stream.id, text[:at], True, "stop", stream.generated)
             # Hold back the longest end of the text that could still become a stop string.
-            hold = max((k for stop in stream.stops for k in range(1, min(len(stop), len(text) + 1))
-                        if text.endswith(stop[:k])), default=0)
+            hold = max(
+                (k for stop in stream.stops for k in range(1, min(len(stop), len(text) + 1)) if text.endswith(stop[:k])),
+                default=0,
+            )
             text, stream.held = (text[:-hold], text[-hold:]) if hold else (text, "")
         if stream.generated >= stream.length:
             return Event(stream.id, text + stream.held, True, "length", stream.generated)
@@ -292,8 +313,10 @@ def prime_ids(vocab, prime: str, unknown: str = "error") -> np.ndarray:
         raise OptionError(f"--unknown must be error or skip (got {unknown!r})")
     bad = next((i for i, c in enumerate(prime) if "\udc80" <= c <= "\udcff"), None)
     if bad is not None:  # an argument's undecodable byte, as Python passes it on (surrogateescape)
-        raise DataError(f"the prime holds the byte 0x{ord(prime[bad]) - 0xDC00:02X} at character {bad + 1}, which is not UTF-8 text; "
-                        "give the prime as UTF-8 (or in a UTF-8 file with --prime-file)")
+        raise DataError(
+            f"the prime holds the byte 0x{ord(prime[bad]) - 0xDC00:02X} at character {bad + 1}, which is not UTF-8 text; "
+            "give the prime as UTF-8 (or in a UTF-8 file with --prime-file)"
+        )
     ids = vocab.encode(prime, unknown) if prime else np.zeros(0, dtype=np.int64)
     if len(ids) == 0:
         ids = vocab.encode("\n", unknown="skip")[:1] if vocab.kind in ("char", "spm") else np.zeros(0, dtype=np.int64)

@@ -36,9 +36,11 @@ def union_vocab(vocabs: list):
     if "spm" in kinds:
         spm = next(v for v in vocabs if v.kind == "spm")
         other = next((v for v in vocabs if v != spm), vocabs[0])
-        raise CharlmError(f"the members use different tokenizers ({spm.describe()}; {other.describe()}): only character "
-                          "vocabularies can be joined; ensemble members with SentencePiece must share the same tokenizer "
-                          "(models trained on the same prepared data)")
+        raise CharlmError(
+            f"the members use different tokenizers ({spm.describe()}; {other.describe()}): only character "
+            "vocabularies can be joined; ensemble members with SentencePiece must share the same tokenizer "
+            "(models trained on the same prepared data)"
+        )
     if len(kinds) > 1:
         raise CharlmError("the members' vocabularies are of different kinds (characters and bytes): they cannot be joined")
     return Vocab(kinds.pop(), np.unique(np.concatenate([v.codes for v in vocabs])))
@@ -46,8 +48,10 @@ def union_vocab(vocabs: list):
 
 def check_combine(combine: str) -> None:
     if combine != "mean":
-        raise OptionError("--combine geometric needs members that share one vocabulary: a geometric mean is zero wherever "
-                          "one member gives zero, so each would veto the symbols only the others know; use --combine mean")
+        raise OptionError(
+            "--combine geometric needs members that share one vocabulary: a geometric mean is zero wherever "
+            "one member gives zero, so each would veto the symbols only the others know; use --combine mean"
+        )
 
 
 class UnionMember:

@@ -21,4 +21,14 @@ from charlm.export.api import ExportResult, export
 from charlm.export.onnx import StepGraph, build, load_for_export, read_metadata, write_onnx
 from charlm.export.web import ORT_WEB_VERSION, write_web
 
-__all__ = ["ExportResult", "ORT_WEB_VERSION", "StepGraph", "build", "export", "load_for_export", "read_metadata", "write_onnx", "write_web"]
+__all__ = [
+    "ExportResult",
+    "ORT_WEB_VERSION",
+    "StepGraph",
+    "build",
+    "export",
+    "load_for_export",
+    "read_metadata",
+    "write_onnx",
+    "write_web",
+]

@@ -22,9 +22,16 @@ class ExportResult:
     ort_source: str | None = None  # the web page's onnxruntime-web: "ort/" (copied) or the CDN address
 
 
-def export(checkpoints: Sequence[str | Path], *, onnx: str | Path | None = None, web: str | Path | None = None,
-           dtype: str = "fp32", weights: Sequence[float] | None = None, combine: str = "mean",
-           ort_dist: str | Path | None = None) -> ExportResult:
+def export(
+    checkpoints: Sequence[str | Path],
+    *,
+    onnx: str | Path | None = None,
+    web: str | Path | None = None,
+    dtype: str = "fp32",
+    weights: Sequence[float] | None = None,
+    combine: str = "mean",
+    ort_dist: str | Path | None = None,
+) -> ExportResult:
     """`charlm export CKPT... --onnx DIR --web DIR`: load the checkpoints (several: an ensemble, combined in
     the graph), export one step to ONNX with weights stored as `dtype`, check it against charlm, then write
     DIR/model.onnx + DIR/generate.py (onnx) and the page folder (web). Nothing is written if a check fails."""

@@ -42,9 +42,17 @@ class CheckResult:
     runtime: str  # "onnxruntime X.Y.Z"
 
     def record(self) -> dict:
-        return {"steps": self.steps, "streams": self.streams, "max_abs_diff": self.max_abs_diff, "mean_kl": self.mean_kl,
-                "bound": self.bound, "kl_bound": self.kl_bound, "runtime": self.runtime,
-                "reference": "charlm's fp32 decoder (LanguageModel.scorer.step)", "input": "text the model samples itself"}
+        return {
+            "steps": self.steps,
+            "streams": self.streams,
+            "max_abs_diff": self.max_abs_diff,
+            "mean_kl": self.mean_kl,
+            "bound": self.bound,
+            "kl_bound": self.kl_bound,
+            "runtime": self.runtime,
+            "reference": "charlm's fp32 decoder (LanguageModel.scorer.step)",
+            "input": "text the model samples itself",
+        }
 
 
 def session(model: bytes | str, threads: int = 1) -> onnxruntime.InferenceSession:
@@ -58,8 +66,14 @@ def session(model: bytes | str, threads: int = 1) -> onnxruntime.InferenceSessio
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def run_both(sess, lm: LanguageModel, specs: Sequence[StateSpec], first: np.ndarray, steps: int,
-             choose: Callable[[int, np.ndarray], np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def run_both(
+    sess,
+    lm: LanguageModel,
+    specs: Sequence[StateSpec],
+    first: np.ndarray,
+    steps: int,
+    choose: Callable[[int, np.ndarray], np.ndarray],
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """From ids `first` (B,), `steps` steps of the graph and of charlm, states carried apart; yields
     (onnxruntime's log-probs, charlm's), both (B, V). choose(t, charlm's log-probs) gives the next ids."""
     batch = len(first)
@@ -99,8 +113,9 @@ def kl(want: np.ndarray, got: np.ndarray) -> np.ndarray:
     return (np.exp(want) * (want - got)).sum(axis=-1)
 
 
-def compare(model: bytes, lm: LanguageModel, specs: Sequence[StateSpec], dtype: str, steps: int, streams: int,
-            seed: int = 0) -> CheckResult:
+def compare(
+    model: bytes, lm: LanguageModel, specs: Sequence[StateSpec], dtype: str, steps: int, streams: int, seed: int = 0
+) -> CheckResult:
     """Run the graph and lm side by side on the model's own samples; a CharlmError naming the step if they part by more than the bounds."""
     import onnxruntime as ort
 
@@ -114,12 +129,16 @@ def compare(model: bytes, lm: LanguageModel, specs: Sequence[StateSpec], dtype: 
     for t, (got, want) in enumerate(run_both(sess, lm, specs, first, steps, self_sampled(seed))):
         diff = float(np.max(np.abs(got - want)))
         if not diff <= bound:  # NaN fails too
-            raise CharlmError(f"the exported graph ({dtype}) parts from charlm at step {t + 1}: log-probs differ by {diff:.3g} "
-                              f"(allowed {bound:g}); nothing was written")
+            raise CharlmError(
+                f"the exported graph ({dtype}) parts from charlm at step {t + 1}: log-probs differ by {diff:.3g} "
+                f"(allowed {bound:g}); nothing was written"
+            )
         worst = max(worst, diff)
         kls.append(kl(want, got))
     mean_kl = float(np.mean(np.concatenate(kls)))
     if not mean_kl <= kl_bound:
-        raise CharlmError(f"the exported graph ({dtype}) parts from charlm: mean KL divergence {mean_kl:.3g} nats per step "
-                          f"(allowed {kl_bound:g}); nothing was written")
+        raise CharlmError(
+            f"the exported graph ({dtype}) parts from charlm: mean KL divergence {mean_kl:.3g} nats per step "
+            f"(allowed {kl_bound:g}); nothing was written"
+        )
     return CheckResult(steps, streams, worst, mean_kl, bound, kl_bound, f"onnxruntime {ort.__version__}")

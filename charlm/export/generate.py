@@ -66,14 +66,18 @@ class Tokenizer:
         if missing and unknown == "error":
             shown = ", ".join(repr(u) if self.kind == "char" else f"0x{u:02X}" for u in missing[:10])
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise GenerateError(f"{len(missing)} character(s) not in the model's vocabulary: {shown}{more} (--unknown skip drops them)")
+            raise GenerateError(
+                f"{len(missing)} character(s) not in the model's vocabulary: {shown}{more} (--unknown skip drops them)"
+            )
         return [self._index[u] for u in units if u in self._index]
 
     def _encode_spm(self, text: str) -> list[int]:
         try:
             import sentencepiece
         except ImportError:
-            raise GenerateError("a prime for a SentencePiece model needs the sentencepiece package: pip install sentencepiece") from None
+            raise GenerateError(
+                "a prime for a SentencePiece model needs the sentencepiece package: pip install sentencepiece"
+            ) from None
         sp = sentencepiece.SentencePieceProcessor(model_proto=base64.b64decode(self._record["model"]))
         ids: list[int] = []
         for k, part in enumerate(text.split("\u2581")):  # a literal "▁" goes in as its bytes, as charlm encodes it
@@ -107,7 +111,7 @@ class Model:
             raise GenerateError(f"{path} is not a charlm step graph (no charlm.format metadata)")
         if int(meta.get("charlm.format_version", "0")) > FORMAT_VERSION:
             raise GenerateError(f"{path} is a newer charlm export (format {meta['charlm.format_version']}); update generate.py")
-        self.meta = {k[len("charlm."):]: v for k, v in meta.items() if k.startswith("charlm.")}
+        self.meta = {k[len("charlm.") :]: v for k, v in meta.items() if k.startswith("charlm.")}
         self.tokenizer = Tokenizer(json.loads(self.meta["tokenizer"]))
         self.states = json.loads(self.meta["states"])
         self.outputs = ["logprobs", *(s["output"] for s in self.states)]
@@ -135,7 +139,9 @@ class Sampler:
     def __init__(self, greedy: bool, temperature: float, top_k: int | None, top_p: float | None):
         if not greedy:
             if not (temperature > 0 and temperature < float("inf")):
-                raise GenerateError(f"--temperature must be a finite number > 0 (got {temperature}); for deterministic decoding use --greedy")
+                raise GenerateError(
+                    f"--temperature must be a finite number > 0 (got {temperature}); for deterministic decoding use --greedy"
+                )
             if temperature < MIN_TEMPERATURE:
                 raise GenerateError(f"--temperature must be at least {MIN_TEMPERATURE} (got {temperature}); use --greedy")
             if top_k is not None and top_k < 1:
@@ -151,7 +157,7 @@ class Sampler:
         logits = logp if self.temperature == 1.0 else logp / np.float32(self.temperature)
         V = logits.shape[-1]
         if self.top_k is not None and self.top_k < V:
-            kth = -np.partition(-logits, self.top_k - 1, axis=-1)[:, self.top_k - 1:self.top_k]
+            kth = -np.partition(-logits, self.top_k - 1, axis=-1)[:, self.top_k - 1 : self.top_k]
             logits = np.where(logits < kth, np.float32(-np.inf), logits)
         if self.top_p is not None and self.top_p < 1.0:
             order = np.argsort(-logits, axis=-1, kind="stable")
@@ -177,8 +183,9 @@ def draw(logits: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     return np.minimum(picked, logits.shape[-1] - 1)
 
 
-def generate(model: Model, prime: str, length: int, sampler: Sampler, seed: int, samples: int = 1,
-             unknown: str = "error") -> Iterator[list[str]]:
+def generate(
+    model: Model, prime: str, length: int, sampler: Sampler, seed: int, samples: int = 1, unknown: str = "error"
+) -> Iterator[list[str]]:
     """Yield, per step, each stream's new text; `samples` streams step together, stream i seeded with seed + i."""
     ids = model.tokenizer.encode(prime, unknown) if prime else []
     logp, state = model.prime(ids or model.tokenizer.start, samples)
@@ -193,11 +200,18 @@ def generate(model: Model, prime: str, length: int, sampler: Sampler, seed: int,
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Generate text from a charlm ONNX export (numpy + onnxruntime, no PyTorch).")
-    p.add_argument("--model", type=Path, default=Path(__file__).resolve().parent / "model.onnx", help="the exported model (default: model.onnx beside this file)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path(__file__).resolve().parent / "model.onnx",
+        help="the exported model (default: model.onnx beside this file)",
+    )
     p.add_argument("--prime", default="", help="text to start from (printed, then continued)")
     p.add_argument("--prime-file", type=Path, help="read the prime from a UTF-8 file instead")
     p.add_argument("--unknown", choices=("error", "skip"), default="error", help="prime characters outside the vocabulary")
-    p.add_argument("--length", type=int, default=500, help="symbols to generate (characters, or pieces for a SentencePiece model)")
+    p.add_argument(
+        "--length", type=int, default=500, help="symbols to generate (characters, or pieces for a SentencePiece model)"
+    )
     p.add_argument("--greedy", action="store_true", help="always take the most likely symbol")
     p.add_argument("--temperature", type=float, default=1.0, help="> 0; below 1 is more conservative")
     p.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely symbols")

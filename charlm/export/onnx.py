@@ -65,7 +65,9 @@ class StepGraph:
         return {p.key: p.value for p in self.model.metadata_props}
 
 
-def load_for_export(checkpoints: Sequence[str | Path], weights: Sequence[float] | None = None, combine: str = "mean") -> LanguageModel:
+def load_for_export(
+    checkpoints: Sequence[str | Path], weights: Sequence[float] | None = None, combine: str = "mean"
+) -> LanguageModel:
     """The checkpoints as charlm runs them in fp32 on the CPU: the reference the export is checked against."""
     import charlm
 
@@ -91,8 +93,9 @@ def build(lm: LanguageModel, dtype: str = "fp32", check_steps: int = 200, check_
     except onnx.checker.ValidationError as e:
         raise CharlmError(f"the exported graph fails ONNX's checker: {str(e).splitlines()[0]}") from None
     result = compare(model.SerializeToString(), lm, specs, dtype, check_steps, check_streams)
-    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        META_PREFIX + "check": json.dumps(result.record())})
+    onnx.helper.set_model_props(
+        model, {**{p.key: p.value for p in model.metadata_props}, META_PREFIX + "check": json.dumps(result.record())}
+    )
     return StepGraph(model, dtype, specs, tokenizer, result)
 
 
@@ -106,11 +109,23 @@ def _to_onnx(module: StepModule, specs: list[StateSpec], cells: list[str]) -> on
     level = exporter_log.level
     exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed", said for every export
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+            torch.no_grad(),
+        ):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, args, input_names=[IDS, *(s.input for s in specs)],
-                                        output_names=[LOGPROBS, *(s.output for s in specs)], dynamo=True,
-                                        dynamic_shapes=shapes, external_data=False, verbose=False)
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=[IDS, *(s.input for s in specs)],
+                output_names=[LOGPROBS, *(s.output for s in specs)],
+                dynamo=True,
+                dynamic_shapes=shapes,
+                external_data=False,
+                verbose=False,
+            )
     except Exception as e:  # the exporter raises many kinds; any of them means this cell has no ONNX step
         raise CharlmError(f"cell {', '.join(sorted(set(cells)))} cannot be exported as an ONNX step: {_reason(e)}") from None
     finally:
@@ -150,8 +165,10 @@ def _set_metadata(model: onnx.ModelProto, lm: LanguageModel, dtype: str, specs: 
     }
     onnx.helper.set_model_props(model, {META_PREFIX + k: v for k, v in values.items()})
     model.producer_name, model.producer_version = "charlm", __version__
-    model.doc_string = (f"charlm {__version__}: one step of a character-level recurrent language model "
-                        f"({', '.join(m['model']['cell'] for m in members)}); ids (B,) and state -> log-probs (B, V) and state")
+    model.doc_string = (
+        f"charlm {__version__}: one step of a character-level recurrent language model "
+        f"({', '.join(m['model']['cell'] for m in members)}); ids (B,) and state -> log-probs (B, V) and state"
+    )
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -160,7 +177,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for p in model.metadata_props:
         if p.key.startswith(META_PREFIX):
-            key = p.key[len(META_PREFIX):]
+            key = p.key[len(META_PREFIX) :]
             try:
                 out[key] = json.loads(p.value)
             except json.JSONDecodeError:

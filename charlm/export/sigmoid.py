@@ -51,10 +51,12 @@ def exact_sigmoid(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes.append(node)
             continue
         x, y, tag = node.input[0], node.output[0], f"charlm_sigmoid_{k}"
-        nodes += [helper.make_node("Neg", [x], [tag + "_neg"], name=tag + "_neg"),
-                  helper.make_node("Exp", [tag + "_neg"], [tag + "_exp"], name=tag + "_exp"),
-                  helper.make_node("Add", [tag + "_exp", one], [tag + "_den"], name=tag + "_add"),
-                  helper.make_node("Reciprocal", [tag + "_den"], [y], name=tag + "_rcp")]
+        nodes += [
+            helper.make_node("Neg", [x], [tag + "_neg"], name=tag + "_neg"),
+            helper.make_node("Exp", [tag + "_neg"], [tag + "_exp"], name=tag + "_exp"),
+            helper.make_node("Add", [tag + "_exp", one], [tag + "_den"], name=tag + "_add"),
+            helper.make_node("Reciprocal", [tag + "_den"], [y], name=tag + "_rcp"),
+        ]
     del graph.node[:]
     graph.node.extend(nodes)
     return model

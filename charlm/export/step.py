@@ -39,8 +39,14 @@ class StateSpec:
     size: int
 
     def record(self) -> dict:
-        return {"input": self.input, "output": self.output, "member": self.member, "name": self.name,
-                "layers": self.layers, "size": self.size}
+        return {
+            "input": self.input,
+            "output": self.output,
+            "member": self.member,
+            "name": self.name,
+            "layers": self.layers,
+            "size": self.size,
+        }
 
 
 def state_specs(models: Sequence[CharRNN]) -> list[StateSpec]:
@@ -78,7 +84,7 @@ class StepModule(nn.Module):
     def forward(self, ids: Tensor, *states: Tensor) -> tuple[Tensor, ...]:
         logps, new_states, at = [], [], 0
         for model, n in zip(self.members, self.counts):
-            logp, new = member_step(model, ids, states[at:at + n])  # type: ignore[arg-type]
+            logp, new = member_step(model, ids, states[at : at + n])  # type: ignore[arg-type]
             logps.append(logp)
             new_states += new
             at += n

@@ -50,8 +50,10 @@ def compress(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
         else:
             q, scale = quantize_rows(w, axes.get(init.name, 0))
             kept += [numpy_helper.from_array(q, init.name + "__q"), numpy_helper.from_array(scale, init.name + "__scale")]
-            restore += [helper.make_node("Cast", [init.name + "__q"], [init.name + "__qf"], to=onnx.TensorProto.FLOAT),
-                        helper.make_node("Mul", [init.name + "__qf", init.name + "__scale"], [init.name])]
+            restore += [
+                helper.make_node("Cast", [init.name + "__q"], [init.name + "__qf"], to=onnx.TensorProto.FLOAT),
+                helper.make_node("Mul", [init.name + "__qf", init.name + "__scale"], [init.name]),
+            ]
     del graph.initializer[:]
     graph.initializer.extend(kept)
     nodes = list(graph.node)

@@ -29,6 +29,12 @@ def tokenizer_record(vocab: Any) -> dict[str, Any]:
         return {"kind": "bytes", "bytes": [int(c) for c in vocab.codes], **base}
     by_id = {i: b for b, i in vocab.byte_ids.items()}  # a byte piece prints its byte, whatever its name says
     pieces = [bytes([by_id[i]]) if i in by_id else vocab.decode([i]).encode("utf-8") for i in range(len(vocab))]
-    return {"kind": "spm", "tokenizer": vocab.tokenizer, "sha256": vocab.sha256, "pieces": [p.hex() for p in pieces],
-            "space_ids": [vocab.byte_ids[b] for b in "\u2581".encode()], **base,
-            "model": base64.b64encode(vocab.model_bytes).decode("ascii")}
+    return {
+        "kind": "spm",
+        "tokenizer": vocab.tokenizer,
+        "sha256": vocab.sha256,
+        "pieces": [p.hex() for p in pieces],
+        "space_ids": [vocab.byte_ids[b] for b in "\u2581".encode()],
+        **base,
+        "model": base64.b64encode(vocab.model_bytes).decode("ascii"),
+    }

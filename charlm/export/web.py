@@ -28,8 +28,10 @@ CDN = f"https://cdn.jsdelivr.net/npm/onnxruntime-web@{ORT_WEB_VERSION}/dist/"
 # The bundle with the WASM and WebGPU (JSEP) backends, and the WebAssembly it loads.
 ORT_FILES = ("ort.min.js", "ort-wasm-simd-threaded.jsep.mjs", "ort-wasm-simd-threaded.jsep.wasm")
 PAGE_FILES = ("index.html", "app.js")
-NPM_HINT = (f"npm install --prefix .cache/npm --no-save --ignore-scripts onnxruntime-web@{ORT_WEB_VERSION}, "
-            "then --ort-dist .cache/npm/node_modules/onnxruntime-web/dist")
+NPM_HINT = (
+    f"npm install --prefix .cache/npm --no-save --ignore-scripts onnxruntime-web@{ORT_WEB_VERSION}, "
+    "then --ort-dist .cache/npm/node_modules/onnxruntime-web/dist"
+)
 
 
 @dataclass
@@ -58,10 +60,17 @@ def page_data(graph: StepGraph) -> dict:
     tokenizer = {k: v for k, v in graph.tokenizer.items() if k != "model"}
     describe = ", ".join(f"{m['model']['cell']} {m['model']['num_layers']}x{m['model']['rnn_size']}" for m in members)
     return {
-        "format": meta["charlm.format"], "charlm_version": meta["charlm.version"], "dtype": graph.dtype,
-        "tokenizer": tokenizer, "states": [s.record() for s in graph.states], "vocab_size": graph.tokenizer["size"],
-        "description": describe if len(members) == 1 else f"ensemble ({json.loads(meta['charlm.ensemble'])['combine']}) of {describe}",
-        "metrics": [m.get("metrics", {}) for m in members], "check": json.loads(meta["charlm.check"]),
+        "format": meta["charlm.format"],
+        "charlm_version": meta["charlm.version"],
+        "dtype": graph.dtype,
+        "tokenizer": tokenizer,
+        "states": [s.record() for s in graph.states],
+        "vocab_size": graph.tokenizer["size"],
+        "description": describe
+        if len(members) == 1
+        else f"ensemble ({json.loads(meta['charlm.ensemble'])['combine']}) of {describe}",
+        "metrics": [m.get("metrics", {}) for m in members],
+        "check": json.loads(meta["charlm.check"]),
     }
 
 

@@ -68,16 +68,29 @@ class ServerState:
     def check_model(self, model: str | None) -> None:
         """A request may leave `model` out, or name the model served here."""
         if model is not None and model != self.model_id:
-            raise ApiError(f"model {model!r} is not served here; this server serves {self.model_id!r} (GET /v1/models)",
-                           404, param="model", code="model_not_found")
+            raise ApiError(
+                f"model {model!r} is not served here; this server serves {self.model_id!r} (GET /v1/models)",
+                404,
+                param="model",
+                code="model_not_found",
+            )
 
 
-def create_app(lm: LanguageModel, limits: Limits = DEFAULTS, *, api_key: str | None = None, model_id: str | None = None) -> Starlette:
+def create_app(
+    lm: LanguageModel, limits: Limits = DEFAULTS, *, api_key: str | None = None, model_id: str | None = None
+) -> Starlette:
     """The app over a loaded model. Its decode loop starts with the app (ASGI lifespan) and stops with it;
     app.state.server.loop.begin_drain() is what SIGTERM calls (server.py)."""
     metrics = Metrics()
-    state = ServerState(lm, DecodeLoop(lm, limits, metrics), limits, metrics, model_id or default_model_id(lm.paths),
-                        int(time.time()), f"charlm-{__version__}-{lm.dtype}")
+    state = ServerState(
+        lm,
+        DecodeLoop(lm, limits, metrics),
+        limits,
+        metrics,
+        model_id or default_model_id(lm.paths),
+        int(time.time()),
+        f"charlm-{__version__}-{lm.dtype}",
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
@@ -88,9 +101,15 @@ def create_app(lm: LanguageModel, limits: Limits = DEFAULTS, *, api_key: str | N
             state.loop.stop()
 
     r = Routes(state)
-    routes = [Route("/", r.index), Route("/health", r.health), Route("/metrics", r.metrics), Route("/v1/models", r.models),
-              Route("/v1/models/{model:path}", r.model), Route("/v1/completions", r.completions, methods=["POST"]),
-              Route("/v1/score", r.score, methods=["POST"])]
+    routes = [
+        Route("/", r.index),
+        Route("/health", r.health),
+        Route("/metrics", r.metrics),
+        Route("/v1/models", r.models),
+        Route("/v1/models/{model:path}", r.model),
+        Route("/v1/completions", r.completions, methods=["POST"]),
+        Route("/v1/score", r.score, methods=["POST"]),
+    ]
     handlers = {ApiError: _api_error, CharlmError: _charlm_error, HTTPException: _http_error, Exception: _server_error}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)  # type: ignore[arg-type]
     if api_key:
@@ -145,8 +164,15 @@ class Routes:
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "charlm",
-            "vocab_size": len(state.lm.vocab), "dtype": state.lm.dtype, "max_streams": state.limits.max_streams}
+    return {
+        "id": state.model_id,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "charlm",
+        "vocab_size": len(state.lm.vocab),
+        "dtype": state.lm.dtype,
+        "max_streams": state.limits.max_streams,
+    }
 
 
 async def read_json(request: Request, max_body: int) -> Any:
@@ -183,7 +209,9 @@ async def _charlm_error(request: Request, e: Exception) -> Response:
 async def _http_error(request: Request, e: Exception) -> Response:
     assert isinstance(e, HTTPException)
     kind = "not_found" if e.status_code == 404 else None
-    return JSONResponse(error_body(f"{request.method} {request.url.path}: {e.detail}", code=kind), e.status_code, headers=e.headers)
+    return JSONResponse(
+        error_body(f"{request.method} {request.url.path}: {e.detail}", code=kind), e.status_code, headers=e.headers
+    )
 
 
 async def _server_error(request: Request, e: Exception) -> Response:

@@ -39,8 +39,15 @@ class Head:
     fingerprint: str
 
     def wrap(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+            **extra,
+        }
 
 
 def choice(index: int, text: str, reason: str | None, **extra: Any) -> dict[str, Any]:
@@ -61,7 +68,9 @@ async def complete(state: Any, request: Request, body: Any) -> Response:
     if req.beam_width is not None:
         return JSONResponse(await _beam(state, req, head))
     base = random_seed() >> 8 if req.seed is None else req.seed  # as `charlm sample` draws a seed
-    specs = [StreamSpec(k, ids[k // req.n], req.max_tokens, req.sampling.keywords(), base + k, req.stop) for k in range(req.choices)]
+    specs = [
+        StreamSpec(k, ids[k // req.n], req.max_tokens, req.sampling.keywords(), base + k, req.stop) for k in range(req.choices)
+    ]
     job = Job(specs, stream=req.stream)
     if req.max_tokens == 0:  # nothing to generate: answered here, the loop never sees it
         for spec in specs:
@@ -150,8 +159,18 @@ async def _beam(state: Any, req: CompletionRequest, head: Head) -> dict[str, Any
     lm, stop = state.lm, req.stop[0] if req.stop else None
 
     def search() -> list[list[Any]]:
-        return [lm.beam(p, req.max_tokens, beam_width=req.beam_width, n_best=req.n, length_penalty=req.length_penalty,
-                        stop=stop, unknown=req.unknown) for p in req.prompts]
+        return [
+            lm.beam(
+                p,
+                req.max_tokens,
+                beam_width=req.beam_width,
+                n_best=req.n,
+                length_penalty=req.length_penalty,
+                stop=stop,
+                unknown=req.unknown,
+            )
+            for p in req.prompts
+        ]
 
     results = await state.loop.run_task(search)
     choices, texts = [], []
@@ -161,6 +180,13 @@ async def _beam(state: Any, req: CompletionRequest, head: Head) -> dict[str, Any
             if stop is not None and stop in text:  # the beam keeps its stop text; OpenAI's answers leave it out
                 text, reason = text[: text.index(stop)], "stop"
             texts.append(text)
-            choices.append(choice(p * req.n + j, (req.prompts[p] if req.echo else "") + text, reason,
-                                  logprob=b.logprob, bits_per_char=b.bits_per_char))
+            choices.append(
+                choice(
+                    p * req.n + j,
+                    (req.prompts[p] if req.echo else "") + text,
+                    reason,
+                    logprob=b.logprob,
+                    bits_per_char=b.bits_per_char,
+                )
+            )
     return head.wrap(choices, usage=_usage(req, texts))

@@ -38,8 +38,10 @@ class Limits:
             elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise OptionError(f"{flag} must be a number of seconds >= 0 (got {value!r})")
         if self.max_n > self.max_streams:
-            raise OptionError(f"--max-n ({self.max_n}) cannot exceed --max-streams ({self.max_streams}): "
-                              "a request's choices step together in the batch")
+            raise OptionError(
+                f"--max-n ({self.max_n}) cannot exceed --max-streams ({self.max_streams}): "
+                "a request's choices step together in the batch"
+            )
 
 
 DEFAULTS = Limits()

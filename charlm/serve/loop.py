@@ -155,7 +155,9 @@ class DecodeLoop:
             except Exception as e:  # a fault of this loop's own: its requests end with a 500, the loop goes on
                 log.exception("the decode loop failed; its requests end with an error")
                 self.metrics.model_errors.inc()
-                self._fail_rows(ApiError(f"the server failed while generating: {type(e).__name__}: {e}", 500, type="server_error"))
+                self._fail_rows(
+                    ApiError(f"the server failed while generating: {type(e).__name__}: {e}", 500, type="server_error")
+                )
                 streams = self._new_streams()
         self._end_all(streams, draining())
         self._handover.flush(force=True)
@@ -225,7 +227,9 @@ class DecodeLoop:
             ids: list[int] = []
             try:
                 for spec in job.specs:
-                    sid = streams.add(cast(Sequence[int], spec.ids), spec.length, seed=spec.seed, stop=spec.stop or None, **spec.sampling)
+                    sid = streams.add(
+                        cast(Sequence[int], spec.ids), spec.length, seed=spec.seed, stop=spec.stop or None, **spec.sampling
+                    )
                     ids.append(sid)
                     self._rows[sid] = (job, spec.index)
             except Exception as e:  # a setting Streams refuses: this request fails, the others go on
@@ -233,7 +237,9 @@ class DecodeLoop:
                     streams.remove(sid)
                     self._rows.pop(sid, None)
                 status = 400 if isinstance(e, CharlmError) else 500
-                self._handover.fail(job, ApiError(str(e), status, type="invalid_request_error" if status == 400 else "server_error"))
+                self._handover.fail(
+                    job, ApiError(str(e), status, type="invalid_request_error" if status == 400 else "server_error")
+                )
                 continue
             self._ids[job] = ids
 
@@ -276,8 +282,9 @@ class DecodeLoop:
             job, index = self._rows[event.stream]
             chars += len(event.text)
             # The first symbol of a streamed choice goes at once (time to first character); the rest in batches.
-            self._handover.text(job, index, event.text, event.reason if event.finished else None,
-                                urgent=job.stream and event.symbols == 1)
+            self._handover.text(
+                job, index, event.text, event.reason if event.finished else None, urgent=job.stream and event.symbols == 1
+            )
             if event.finished:
                 del self._rows[event.stream]
                 ids = self._ids.get(job)

@@ -21,14 +21,22 @@ class Metrics:
         self.queued_requests = Gauge("charlm_queued_requests", "Requests waiting for rows, a score or a beam search.", registry=r)
         self.generated_chars = Counter("charlm_generated_characters", "Characters of text generated.", registry=r)
         self.prompt_chars = Counter("charlm_prompt_characters", "Characters of prompts and scored texts taken.", registry=r)
-        self.step_seconds = Histogram("charlm_step_seconds", "Time of one batched decode step (every stream one symbol).",
-                                      buckets=STEP_BUCKETS, registry=r)
+        self.step_seconds = Histogram(
+            "charlm_step_seconds", "Time of one batched decode step (every stream one symbol).", buckets=STEP_BUCKETS, registry=r
+        )
         self.batch_rows = Histogram("charlm_batch_rows", "Streams stepped together per step.", buckets=BATCH_BUCKETS, registry=r)
-        self.first_char_seconds = Histogram("charlm_time_to_first_character_seconds",
-                                            "From a request's arrival to its first generated text.", buckets=LATENCY_BUCKETS, registry=r)
-        self.requests = Counter("charlm_requests", "Requests answered, by route and HTTP status.", ["route", "status"], registry=r)
-        self.model_errors = Counter("charlm_model_errors", "Decode steps or tasks the model failed (their requests got 500).",
-                                    registry=r)
+        self.first_char_seconds = Histogram(
+            "charlm_time_to_first_character_seconds",
+            "From a request's arrival to its first generated text.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.requests = Counter(
+            "charlm_requests", "Requests answered, by route and HTTP status.", ["route", "status"], registry=r
+        )
+        self.model_errors = Counter(
+            "charlm_model_errors", "Decode steps or tasks the model failed (their requests got 500).", registry=r
+        )
 
     def render(self) -> bytes:
         """The Prometheus text format."""

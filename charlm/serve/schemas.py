@@ -23,11 +23,38 @@ MAX_STOP_CHARS = 256
 UNKNOWN_RULES = ("error", "skip")
 
 # OpenAI fields charlm takes only at their neutral value (a client library may send them): anything else is refused.
-NEUTRAL: dict[str, tuple[Any, ...] | None] = {"logprobs": (None, 0), "suffix": (None, ""), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-           "logit_bias": (None, {}), "user": None}
-COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "top_k", "greedy", "seed", "stop", "n",
-                     "best_of", "stream", "stream_options", "echo", "unknown", "beam_width", "length_penalty", *NEUTRAL}
-STREAM_OPTIONS = {"include_usage", "include_obfuscation"}  # the second is OpenAI's padding against length side channels: moot here
+NEUTRAL: dict[str, tuple[Any, ...] | None] = {
+    "logprobs": (None, 0),
+    "suffix": (None, ""),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "user": None,
+}
+COMPLETION_FIELDS = {
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "greedy",
+    "seed",
+    "stop",
+    "n",
+    "best_of",
+    "stream",
+    "stream_options",
+    "echo",
+    "unknown",
+    "beam_width",
+    "length_penalty",
+    *NEUTRAL,
+}
+STREAM_OPTIONS = {
+    "include_usage",
+    "include_obfuscation",
+}  # the second is OpenAI's padding against length side channels: moot here
 SCORE_FIELDS = {"model", "text", "input", "unknown"}
 
 
@@ -91,18 +118,23 @@ def parse_completion(body: Any, limits: Limits) -> CompletionRequest:
     prompts = _prompts(body.get("prompt", ""), limits)
     n = _int(body, "n", 1, 1, limits.max_n)
     if len(prompts) * n > limits.max_n:
-        raise FieldError("n", f"{len(prompts)} prompts x n={n} make {len(prompts) * n} choices; the server's cap is {limits.max_n} (--max-n)")
+        raise FieldError(
+            "n", f"{len(prompts)} prompts x n={n} make {len(prompts) * n} choices; the server's cap is {limits.max_n} (--max-n)"
+        )
     best_of = body.get("best_of")
     if best_of is not None and (not _is_int(best_of) or best_of != n):
-        raise FieldError("best_of", f"charlm takes best_of only equal to n ({n}); for the most likely continuations use beam_width")
+        raise FieldError(
+            "best_of", f"charlm takes best_of only equal to n ({n}); for the most likely continuations use beam_width"
+        )
     temperature = _number(body, "temperature", 1.0, 0.0, None)
     if 0 < temperature < MIN_TEMPERATURE:  # float32 cannot divide by less; its limit is greedy anyway
         raise FieldError("temperature", f"must be 0 (greedy) or at least {MIN_TEMPERATURE} (got {temperature})")
     greedy = _bool(body, "greedy", False) or temperature == 0.0  # OpenAI's temperature 0: the most likely symbol each time
     top_p = _number(body, "top_p", None, 0.0, 1.0, low_open=True)
     top_k = _int(body, "top_k", None, 1, None)
-    sampling = Sampling(1.0 if greedy and temperature == 0.0 else temperature, top_k,
-                        None if top_p == 1.0 else top_p, greedy)  # top_p 1 keeps everything: the same as none
+    sampling = Sampling(
+        1.0 if greedy and temperature == 0.0 else temperature, top_k, None if top_p == 1.0 else top_p, greedy
+    )  # top_p 1 keeps everything: the same as none
     beam_width = _int(body, "beam_width", None, 1, limits.max_beam_width)
     stream = _bool(body, "stream", False)
     if beam_width is not None:
@@ -111,16 +143,28 @@ def parse_completion(body: Any, limits: Limits) -> CompletionRequest:
         if body.get("max_tokens") == 0:
             raise FieldError("max_tokens", "beam search needs at least 1 symbol to generate")
         if n > beam_width:
-            raise FieldError("n", f"with beam search n is how many of the beam's best to return: at most beam_width ({beam_width})")
+            raise FieldError(
+                "n", f"with beam search n is how many of the beam's best to return: at most beam_width ({beam_width})"
+            )
     stop = _stops(body.get("stop"))
     if beam_width is not None and len(stop) > 1:
         raise FieldError("stop", "beam search takes one stop string")
     seed = _int(body, "seed", None, 0, MAX_SEED - limits.max_n)
     return CompletionRequest(
-        model=_model(body), prompts=prompts, n=n, max_tokens=_int(body, "max_tokens", 16, 0, limits.max_length), sampling=sampling,
-        seed=seed, stop=stop, stream=stream, include_usage=_stream_options(body.get("stream_options"), stream),
-        echo=_bool(body, "echo", False), unknown=_choice(body, "unknown", "error", UNKNOWN_RULES), beam_width=beam_width,
-        length_penalty=_number(body, "length_penalty", 0.0, -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY))
+        model=_model(body),
+        prompts=prompts,
+        n=n,
+        max_tokens=_int(body, "max_tokens", 16, 0, limits.max_length),
+        sampling=sampling,
+        seed=seed,
+        stop=stop,
+        stream=stream,
+        include_usage=_stream_options(body.get("stream_options"), stream),
+        echo=_bool(body, "echo", False),
+        unknown=_choice(body, "unknown", "error", UNKNOWN_RULES),
+        beam_width=beam_width,
+        length_penalty=_number(body, "length_penalty", 0.0, -MAX_LENGTH_PENALTY, MAX_LENGTH_PENALTY),
+    )
 
 
 def parse_score(body: Any, limits: Limits) -> ScoreRequest:
@@ -162,7 +206,9 @@ def _model(body: dict[str, Any]) -> str | None:
 def _prompts(prompt: Any, limits: Limits) -> tuple[str, ...]:
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise FieldError("prompt", f"must be a string or a non-empty list of strings (got {_kind(prompt)}; token ids are not taken)")
+        raise FieldError(
+            "prompt", f"must be a string or a non-empty list of strings (got {_kind(prompt)}; token ids are not taken)"
+        )
     for p in prompts:
         if len(p) > limits.max_prompt:
             raise FieldError("prompt", f"{len(p)} characters; the server's cap is {limits.max_prompt} (--max-prompt)")

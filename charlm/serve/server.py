@@ -48,8 +48,13 @@ class _Server(uvicorn.Server):
 def serve(app: Any, sock: socket.socket, *, access_log: bool = False) -> None:
     """Serve the app (create_app's) on the bound socket until SIGTERM or Ctrl-C, then drain and return."""
     state = app.state.server
-    config = uvicorn.Config(app, log_level="warning", access_log=access_log, lifespan="on",
-                            timeout_graceful_shutdown=int(state.limits.grace + FINAL_WRITES + 0.999))
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=int(state.limits.grace + FINAL_WRITES + 0.999),
+    )
     server = _Server(config, state.loop)
     # uvicorn re-raises the signal it caught once it has shut down, under the handler it found: a handler that
     # does nothing makes that a clean exit (status 0) rather than death by SIGTERM or a KeyboardInterrupt.

@@ -59,7 +59,9 @@ class TokenizerSpec:
         if not 0 < self.character_coverage <= 1:
             raise DataError(f"--character-coverage must be in (0, 1] (got {self.character_coverage})")
         if self.kind == "char" and (self.vocab_size is not None or self.character_coverage != 0.9995):
-            raise DataError("--vocab-size and --character-coverage apply to SentencePiece tokenizers (--tokenizer spm-char, bpe or unigram)")
+            raise DataError(
+                "--vocab-size and --character-coverage apply to SentencePiece tokenizers (--tokenizer spm-char, bpe or unigram)"
+            )
         return self
 
     @property
@@ -70,8 +72,12 @@ class TokenizerSpec:
         """The options, as recorded in meta.json and in the prepared dir's cache key."""
         if not self.is_spm:
             return {"kind": "char"}
-        return {"kind": self.kind, "model_type": MODEL_TYPES[self.kind], "requested_vocab_size": self.vocab_size,
-                "character_coverage": self.character_coverage}
+        return {
+            "kind": self.kind,
+            "model_type": MODEL_TYPES[self.kind],
+            "requested_vocab_size": self.vocab_size,
+            "character_coverage": self.character_coverage,
+        }
 
 
 def train(lines_file: Path, spec: TokenizerSpec, distinct_chars: int, seed: int = 0) -> bytes:
@@ -86,13 +92,27 @@ def train(lines_file: Path, spec: TokenizerSpec, distinct_chars: int, seed: int 
     sentencepiece.set_random_generator_seed(seed)  # the line sample of a large split, and unigram's EM, repeat
     try:
         sentencepiece.SentencePieceTrainer.train(
-            input=str(lines_file), model_writer=model, model_type=MODEL_TYPES[spec.kind], vocab_size=size,
-            character_coverage=spec.character_coverage, byte_fallback=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-            user_defined_symbols=["\n"], allow_whitespace_only_pieces=True, split_digits=False,
-            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, hard_vocab_limit=False,
-            input_sentence_size=MAX_SENTENCES, shuffle_input_sentence=True,
-            num_threads=max(1, min(os.cpu_count() or 1, 16)), minloglevel=2,
+            input=str(lines_file),
+            model_writer=model,
+            model_type=MODEL_TYPES[spec.kind],
+            vocab_size=size,
+            character_coverage=spec.character_coverage,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            user_defined_symbols=["\n"],
+            allow_whitespace_only_pieces=True,
+            split_digits=False,
+            unk_id=0,
+            bos_id=-1,
+            eos_id=-1,
+            pad_id=-1,
+            hard_vocab_limit=False,
+            input_sentence_size=MAX_SENTENCES,
+            shuffle_input_sentence=True,
+            num_threads=max(1, min(os.cpu_count() or 1, 16)),
+            minloglevel=2,
         )
     except RuntimeError as e:
         raise DataError(_explain(str(e), spec)) from None
@@ -104,8 +124,10 @@ def _explain(message: str, spec: TokenizerSpec) -> str:
     m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", message)
     if m:
         need = int(m.group(2)) - BYTE_PIECES
-        return (f"--vocab-size {spec.vocab_size or DEFAULT_PIECES} is too small: the characters kept at --character-coverage "
-                f"{spec.character_coverage} need {need} pieces; use --vocab-size {need} or more, or a lower --character-coverage")
+        return (
+            f"--vocab-size {spec.vocab_size or DEFAULT_PIECES} is too small: the characters kept at --character-coverage "
+            f"{spec.character_coverage} need {need} pieces; use --vocab-size {need} or more, or a lower --character-coverage"
+        )
     if "empty" in message.lower() or "no sentence" in message.lower():
         return "the training split has no text to train the tokenizer on; use a longer text"
     return f"SentencePiece could not train the {spec.kind} tokenizer: {message.splitlines()[0]}"
@@ -166,8 +188,14 @@ class SpmVocab:
     # -- serialisation --------------------------------------------------------------------
     def to_meta(self) -> dict:
         """The JSON record; the serialized model itself travels separately (a tensor, or a file)."""
-        return {"kind": "spm", "tokenizer": self.tokenizer, "model_type": MODEL_TYPES[self.tokenizer],
-                "vocab_size": len(self), "byte_pieces": BYTE_PIECES, "sha256": self.sha256}
+        return {
+            "kind": "spm",
+            "tokenizer": self.tokenizer,
+            "model_type": MODEL_TYPES[self.tokenizer],
+            "vocab_size": len(self),
+            "byte_pieces": BYTE_PIECES,
+            "sha256": self.sha256,
+        }
 
     @classmethod
     def from_meta(cls, meta: dict, model_bytes: bytes | None, where: str) -> "SpmVocab":
@@ -185,12 +213,16 @@ class SpmVocab:
         vocab = cls(model_bytes, tokenizer)
         size = meta.get("vocab_size", len(vocab))
         if type(size) is not int or size != len(vocab):
-            raise DataError(f"{where}: the vocabulary record says {str(size)[:40]} pieces, its SentencePiece model has {len(vocab)}")
+            raise DataError(
+                f"{where}: the vocabulary record says {str(size)[:40]} pieces, its SentencePiece model has {len(vocab)}"
+            )
         return vocab
 
     def describe(self) -> str:
         """In a few words, for messages."""
-        return f"a {self.tokenizer} SentencePiece tokenizer of {len(self)} pieces ({BYTE_PIECES} bytes), sha256 {self.sha256[:12]}"
+        return (
+            f"a {self.tokenizer} SentencePiece tokenizer of {len(self)} pieces ({BYTE_PIECES} bytes), sha256 {self.sha256[:12]}"
+        )
 
     def __len__(self) -> int:
         return len(self._bytes)

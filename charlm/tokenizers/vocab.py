@@ -49,7 +49,9 @@ class Vocab:
         self._order = np.argsort(self.codes, kind="stable")  # positions in code-point order -> ids
         self._sorted = self.codes[self._order]
         if int(self._sorted[-1]) >= (MAX_CODEPOINT if kind == "char" else 256):
-            raise DataError(f"the vocabulary holds {int(self._sorted[-1]):#x}, which is not a {'character' if kind == 'char' else 'byte'}")
+            raise DataError(
+                f"the vocabulary holds {int(self._sorted[-1]):#x}, which is not a {'character' if kind == 'char' else 'byte'}"
+            )
 
     def extended(self, codes: Iterable[int]) -> "Vocab":
         """This vocabulary with the given symbols it lacks appended (in code-point order): every old id is kept."""

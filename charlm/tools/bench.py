@@ -74,7 +74,9 @@ def interleaved_times(runners: dict[str, Callable[[], object]], rounds: int, war
     return times
 
 
-def interleaved_rates(runners: dict[str, Callable[[], object]], work: float, rounds: int, warmup: bool = True) -> dict[str, float]:
+def interleaved_rates(
+    runners: dict[str, Callable[[], object]], work: float, rounds: int, warmup: bool = True
+) -> dict[str, float]:
     """work / median time of each runner (interleaved_times)."""
     return {k: work / statistics.median(v) for k, v in interleaved_times(runners, rounds, warmup).items()}
 
@@ -175,8 +177,17 @@ def charlm_step(data: PreparedData, layers: int, hidden: int, embed: int, batch:
     return lambda: trainer.step(loss_sum)
 
 
-def step_elsewhere(kind: str, data: PreparedData, layers: int, hidden: int, embed: int, batch: int, seq: int,
-                   steps: int, allocator: str = "charlm"):
+def step_elsewhere(
+    kind: str,
+    data: PreparedData,
+    layers: int,
+    hidden: int,
+    embed: int,
+    batch: int,
+    seq: int,
+    steps: int,
+    allocator: str = "charlm",
+):
     """Training steps timed in a child process of their own: `kind` is "plain" (the hand-written
     loop, fp32) or a charlm dtype ("fp32", "bf16"); `allocator` is "charlm" or "system" (glibc's
     defaults, as a hand-written script runs).
@@ -197,8 +208,9 @@ def step_elsewhere(kind: str, data: PreparedData, layers: int, hidden: int, embe
     return run
 
 
-def time_steps(kind: str, data_dir: str, layers: int, hidden: int, embed: int, batch: int, seq: int, steps: int,
-               threads: int) -> None:
+def time_steps(
+    kind: str, data_dir: str, layers: int, hidden: int, embed: int, batch: int, seq: int, steps: int, threads: int
+) -> None:
     """The child process of a timed training run (see above): builds the step, warms up, prints the seconds of `steps` steps."""
     keep_freed_memory()  # unless CHARLM_MALLOC=system
     torch.set_num_threads(threads)
@@ -326,22 +338,36 @@ def auto_against_measured(report: dict) -> dict:
     return out
 
 
-def run_all(quick: bool = False, layers=2, hidden=512, batch=64, seq=100, progress: Callable[[str], None] | None = None,
-            num_threads: int | None = None) -> dict:
+def run_all(
+    quick: bool = False,
+    layers=2,
+    hidden=512,
+    batch=64,
+    seq=100,
+    progress: Callable[[str], None] | None = None,
+    num_threads: int | None = None,
+) -> dict:
     """Everything `charlm bench` reports, as one nested dict. It runs on the threads charlm would use
     for batched work now (threads.py: the free cores, or `num_threads` / --threads)."""
     say = progress or (lambda s: None)
     allocator = "charlm (freed memory kept)" if keep_freed_memory() else "system default"
     threads.apply("batch", num_threads)
-    report = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__, "allocator": allocator,
-                          "line": machine.describe()}}
+    report = {
+        "machine": {
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "allocator": allocator,
+            "line": machine.describe(),
+        }
+    }
     say("matrix-product roof")
     report["roof"] = roof(quick)
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_data(Path(tmp), 600_000 if quick else 2_000_000)
         say(f"training {layers}x{hidden} LSTM, batch {batch}, seq {seq}")
-        report["train"] = training(data, layers, hidden, 64, batch, seq, steps=3 if quick else 10,
-                                   rounds=1 if quick else 6)  # each contender a child process per round
+        report["train"] = training(
+            data, layers, hidden, 64, batch, seq, steps=3 if quick else 10, rounds=1 if quick else 6
+        )  # each contender a child process per round
     for k, v in report["train"].items():
         peak = report["roof"]["bf16_gflops" if k == "bf16" else "fp32_gflops"]
         v["fraction_of_roof"] = round(v["gflops"] / peak, 2)

@@ -74,8 +74,14 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         ax.plot(*zip(*train), color="tab:blue", linewidth=1.2, alpha=0.85, label="train")
     if val:
         best_chars, best = min(val, key=lambda p: p[1])
-        ax.plot(*zip(*val), color="tab:orange", linewidth=1.8, marker="o", markersize=3.5,
-                label=f"validation (best {best:.4f} at {EngFormatter(places=1)(best_chars)} chars)")
+        ax.plot(
+            *zip(*val),
+            color="tab:orange",
+            linewidth=1.8,
+            marker="o",
+            markersize=3.5,
+            label=f"validation (best {best:.4f} at {EngFormatter(places=1)(best_chars)} chars)",
+        )
     ax.set_title(f"{Path(run_dir).resolve().name}: bits per character")
     ax.set_xlabel("characters seen")
     ax.set_ylabel("bits per character")

@@ -47,7 +47,9 @@ def pick_backend(device: torch.device, backend: str = "auto") -> str:
     if backend not in BACKENDS:
         raise CharlmError(f"--backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
     if device.type not in ("cpu", "cuda"):
-        raise CharlmError(f"data-parallel training runs on CUDA (NCCL) or CPU (Gloo), not {device.type}; use --device cpu or cuda")
+        raise CharlmError(
+            f"data-parallel training runs on CUDA (NCCL) or CPU (Gloo), not {device.type}; use --device cpu or cuda"
+        )
     if backend == "auto":
         return "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl" and device.type != "cuda":
@@ -119,11 +121,13 @@ class World:
         if self.size == 1:
             return float(loss_sum), elapsed, stop
         # One small all-reduce carries all three: the clock only from rank 0, so the sum is its value.
-        t = torch.stack([
-            loss_sum.detach().double().reshape(()),
-            torch.tensor(elapsed if self.is_main else 0.0, dtype=torch.float64, device=loss_sum.device),
-            torch.tensor(1.0 if stop else 0.0, dtype=torch.float64, device=loss_sum.device),
-        ]).to(self.comm_device)
+        t = torch.stack(
+            [
+                loss_sum.detach().double().reshape(()),
+                torch.tensor(elapsed if self.is_main else 0.0, dtype=torch.float64, device=loss_sum.device),
+                torch.tensor(1.0 if stop else 0.0, dtype=torch.float64, device=loss_sum.device),
+            ]
+        ).to(self.comm_device)
         dist.all_reduce(t)
         total, clock, stops = t.tolist()
         return total / self.size, clock, stops > 0
@@ -186,18 +190,24 @@ def setup(device: torch.device, backend: str = "auto") -> World:
     try:
         size, rank, local_rank = (int(os.environ[k]) for k in ENV_VARS)
     except (KeyError, ValueError):
-        raise CharlmError(f"WORLD_SIZE is set but {', '.join(ENV_VARS)} are not all integers; start the ranks with torchrun") from None
+        raise CharlmError(
+            f"WORLD_SIZE is set but {', '.join(ENV_VARS)} are not all integers; start the ranks with torchrun"
+        ) from None
     chosen = pick_backend(device, backend)
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise CharlmError(f"local rank {local_rank} has no GPU of its own: this machine has {torch.cuda.device_count()}; "
-                              f"use --nproc-per-node {torch.cuda.device_count()} (one rank per GPU)")
+            raise CharlmError(
+                f"local rank {local_rank} has no GPU of its own: this machine has {torch.cuda.device_count()}; "
+                f"use --nproc-per-node {torch.cuda.device_count()} (one rank per GPU)"
+            )
         torch.cuda.set_device(local_rank)
     _import_group_defaults()
     try:
         dist.init_process_group(chosen, timeout=TIMEOUT)
     except (RuntimeError, ValueError) as e:
-        raise CharlmError(f"rank {rank} could not join the process group ({_first_line(e)}); check the torchrun rendezvous flags") from None
+        raise CharlmError(
+            f"rank {rank} could not join the process group ({_first_line(e)}); check the torchrun rendezvous flags"
+        ) from None
     local_size = _env_int("LOCAL_WORLD_SIZE", 1)  # torchrun sets it; another launcher may not
     return World(size=size, rank=rank, local_rank=local_rank, local_size=local_size, backend=chosen)
 

@@ -69,10 +69,12 @@ def load_into(model: torch.nn.Module, ckpt: Checkpoint, data: PreparedData) -> N
     if new != old:
         if not extends(new, old):
             source = ", ".join(map(str, data.meta.get("source", {}).get("paths", [])[:2])) or str(data.dir)
-            why = ("SentencePiece tokenizers differ; fine-tune on data prepared with the checkpoint's own tokenizer"
-                   if "spm" in (old.kind, new.kind) else
-                   "the text was prepared with its own vocabulary; prepare it against the checkpoint's: "
-                   f"charlm prepare TEXT -o DIR --vocab-from {ckpt.path} (train TEXT --init-from does this itself)")
+            why = (
+                "SentencePiece tokenizers differ; fine-tune on data prepared with the checkpoint's own tokenizer"
+                if "spm" in (old.kind, new.kind)
+                else "the text was prepared with its own vocabulary; prepare it against the checkpoint's: "
+                f"charlm prepare TEXT -o DIR --vocab-from {ckpt.path} (train TEXT --init-from does this itself)"
+            )
             raise DataError(f"--init-from {ckpt.path} cannot continue on {source}: {why}")
         state = grown_state(state, len(new) - len(old))
     check_fits(model, state, ckpt)
@@ -95,8 +97,11 @@ def extends(new, old) -> bool:
 def check_fits(model: torch.nn.Module, theirs: dict[str, Tensor], ckpt: Checkpoint) -> None:
     """The weights fit the model's shape, or an error naming the shapes that differ and what to leave out."""
     ours = model.state_dict()
-    differ = [f"{k} is {tuple(theirs[k].shape)} there, {tuple(v.shape)} here" for k, v in ours.items()
-              if k in theirs and theirs[k].shape != v.shape]
+    differ = [
+        f"{k} is {tuple(theirs[k].shape)} there, {tuple(v.shape)} here"
+        for k, v in ours.items()
+        if k in theirs and theirs[k].shape != v.shape
+    ]
     missing = sorted(set(ours) - set(theirs)) + sorted(set(theirs) - set(ours))
     if differ or missing:
         what = "; ".join(differ[:3] + [f"{k} is in only one of them" for k in missing[:3]])
@@ -122,7 +127,11 @@ def lineage(ckpt: Checkpoint, data: PreparedData) -> list[dict]:
     source = data.meta.get("source", {})
     from charlm import checkpoint
 
-    entry = {"checkpoint": str(ckpt.path), "weights_sha256": checkpoint.weights_sha256(ckpt),
-             "on": (source.get("paths") or [str(data.dir)])[0], "on_sha256": source.get("sha256")}
+    entry = {
+        "checkpoint": str(ckpt.path),
+        "weights_sha256": checkpoint.weights_sha256(ckpt),
+        "on": (source.get("paths") or [str(data.dir)])[0],
+        "on_sha256": source.get("sha256"),
+    }
     earlier = (ckpt.meta.get("provenance") or {}).get("fine_tuned_from") or []
     return [entry] + [e for e in earlier if isinstance(e, dict)][:20]

@@ -54,8 +54,10 @@ def held(out: Path, allow_holder: int | None = None) -> Iterator[None]:
 def _make_dir(out: Path) -> list[Path]:
     """Create OUT (and missing parents); the dirs created, outermost last."""
     if out.is_symlink() and not out.exists():
-        raise CharlmError(f"--out {shown(out)} is a symbolic link to {shown(os.readlink(out))}, which does not exist; "
-                          "create its target or give another --out")
+        raise CharlmError(
+            f"--out {shown(out)} is a symbolic link to {shown(os.readlink(out))}, which does not exist; "
+            "create its target or give another --out"
+        )
     if out.exists() and not out.is_dir():
         raise CharlmError(f"--out {shown(out)} is a file; give a directory for the run")
     created = []

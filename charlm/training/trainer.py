@@ -103,8 +103,11 @@ class Trainer:
         if init_from is not None:
             grow.load_into(self.model, init_from, data)  # the vocabulary grows when the text has new characters
         self.frozen = grow.frozen_parameters(self.model, cfg.freeze_layers) if cfg.freeze_steps else []
-        self.lineage = grow.lineage(init_from, data) if init_from is not None else (
-            (resume.meta.get("provenance") or {}).get("fine_tuned_from") if resume is not None else None)
+        self.lineage = (
+            grow.lineage(init_from, data)
+            if init_from is not None
+            else ((resume.meta.get("provenance") or {}).get("fine_tuned_from") if resume is not None else None)
+        )
         if resume is not None:
             self._restore(resume)
         self.world.reseed(cfg.seed, self.progress.step)
@@ -191,8 +194,17 @@ class Trainer:
                 finished = self._finished(p.elapsed)
                 train_bpc = self._check_loss(mean_loss / steps_in_window)
                 rate = steps_in_window * self.rows * cfg.seq_length * self.chars_per_token / (time.monotonic() - window_start)
-                self._log({"kind": "train", **self._position(), "train_bpc": train_bpc, "lr": self._lr(), "chars_per_s": rate,
-                           "eta_s": self._eta(rate), "threads": follower.threads})
+                self._log(
+                    {
+                        "kind": "train",
+                        **self._position(),
+                        "train_bpc": train_bpc,
+                        "lr": self._lr(),
+                        "chars_per_s": rate,
+                        "eta_s": self._eta(rate),
+                        "threads": follower.threads,
+                    }
+                )
                 loss_sum.zero_()
                 window_start, steps_in_window = time.monotonic(), 0
             if solo:
@@ -261,7 +273,11 @@ class Trainer:
         """Mean loss (nats/token) -> bits/char; a non-finite loss stops training before anything is saved."""
         if not math.isfinite(mean):
             best = self.out_dir / "best.safetensors"
-            kept = f"{best} (val {self.progress.best_val:.4f} bits/char, step {self.progress.best_step}) is intact" if best.exists() else "no checkpoint was written"
+            kept = (
+                f"{best} (val {self.progress.best_val:.4f} bits/char, step {self.progress.best_step}) is intact"
+                if best.exists()
+                else "no checkpoint was written"
+            )
             raise TrainingStopped(
                 f"the training loss became {mean} by step {self.progress.step}; stopped without saving; {kept}. "
                 "Try a lower --lr or a smaller --grad-clip"
@@ -309,8 +325,9 @@ class Trainer:
         metrics = {**metrics, "best_val_bpc": p.best_val, "best_step": p.best_step}
         hidden = self.world.gather_rows(self.state or ())  # every rank takes part; rank 0 gets all rows
         if self.world.is_main:
-            checkpoint.save(self.out_dir / rundir.LAST, self.model, self._meta(metrics), self._train_tensors(hidden),
-                            vocab=self.data.vocab)
+            checkpoint.save(
+                self.out_dir / rundir.LAST, self.model, self._meta(metrics), self._train_tensors(hidden), vocab=self.data.vocab
+            )
             if improved:
                 checkpoint.save(self.out_dir / rundir.BEST, self.model, self._meta(metrics), vocab=self.data.vocab)
         self.report("saved", {"step": p.step, "improved": improved, "out_dir": str(self.out_dir)})

@@ -25,7 +25,9 @@ def internal_names(model) -> tuple[str, ...]:
     return tuple(acts)
 
 
-def visualize(model, vocab, text: str, opts: Options, unknown: str = "error", about: dict | None = None) -> tuple[dict, dict, Trace]:
+def visualize(
+    model, vocab, text: str, opts: Options, unknown: str = "error", about: dict | None = None
+) -> tuple[dict, dict, Trace]:
     """Check the options against the model, trace the text, and build (summary, page data, trace)."""
     names = internal_names(model)
     show, _ = check(names, model.rnn.num_layers, model.rnn.hidden_size, opts)

@@ -27,6 +27,14 @@ def summary(stats: dict[str, dict]) -> list[dict]:
     for name, s in stats.items():
         for k, (left, right) in enumerate(zip(s["left"], s["right"])):
             n = len(left)
-            rows.append({"gate": name, "layer": k, "left": round(sum(left) / n, 4), "right": round(sum(right) / n, 4),
-                         "mostly_saturated": sum(1 for a, b in zip(left, right) if a + b > 0.5), "units": n})
+            rows.append(
+                {
+                    "gate": name,
+                    "layer": k,
+                    "left": round(sum(left) / n, 4),
+                    "right": round(sum(right) / n, 4),
+                    "mostly_saturated": sum(1 for a, b in zip(left, right) if a + b > 0.5),
+                    "units": n,
+                }
+            )
     return rows

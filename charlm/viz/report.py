@@ -66,8 +66,11 @@ def build(trace: Trace, opts: Options, vocab, about: dict | None = None) -> tupl
         target = p.fn(trace.text)
         extent = _extent(target, p.binary)
         varies = 0 < extent < len(target) if p.binary else extent > 1  # a constant property tracks nothing
-        found[p.name] = {"method": p.method, "positives" if p.binary else "distinct": extent,
-                         "top": finder.top(target, p.binary, opts.top) if varies else []}
+        found[p.name] = {
+            "method": p.method,
+            "positives" if p.binary else "distinct": extent,
+            "top": finder.top(target, p.binary, opts.top) if varies else [],
+        }
     views = [(layer, c, "cell") for c in opts.cells]
     for name, f in found.items():
         views += [(r["layer"], r["cell"], f"{name}: r = {r['r']:+.2f}") for r in f["top"][:RENDER_PER_PREDICATE]]
@@ -76,18 +79,31 @@ def build(trace: Trace, opts: Options, vocab, about: dict | None = None) -> tupl
         views = [(layer, int(c), "varies most") for c in spread.argsort(descending=True)[:DEFAULT_CELLS]]
     spans = surprise.spans(trace.text, trace.bits)
     summary = {
-        **(about or {}), "chars": len(trace.text), "tokens": len(trace.ids), "bits_per_char": _finite(trace.bits_per_char()),
-        "show": show, "internals": list(trace.names or trace.acts), "layers": trace.num_layers, "hidden_size": trace.hidden_size,
+        **(about or {}),
+        "chars": len(trace.text),
+        "tokens": len(trace.ids),
+        "bits_per_char": _finite(trace.bits_per_char()),
+        "show": show,
+        "internals": list(trace.names or trace.acts),
+        "layers": trace.num_layers,
+        "hidden_size": trace.hidden_size,
         "cells_shown": [{"layer": k, "cell": c, "why": why} for k, c, why in views],
-        "find": found, "gates": gates.saturation(trace.acts, trace.gate_names), "surprising_spans": spans,
+        "find": found,
+        "gates": gates.saturation(trace.acts, trace.gate_names),
+        "surprising_spans": spans,
     }
     summary["gate_summary"] = gates.summary(summary["gates"])
-    data = {**summary, "text": trace.text, "views": [_view(trace, show, k, c, why) for k, c, why in views],
-            "char_tok": None if trace.identity else trace.char_tok.tolist(),
-            "bits": [-1 if math.isnan(b) else int(round(b * 100)) for b in trace.bits.tolist()],
-            "top_ids": trace.top_ids.reshape(-1).tolist(),
-            "top_p": np.rint(trace.top_p * 1000).astype(np.int64).reshape(-1).tolist(), "top_k": trace.top_ids.shape[1],
-            "symbols": [_symbol(vocab, i) for i in range(len(vocab))]}
+    data = {
+        **summary,
+        "text": trace.text,
+        "views": [_view(trace, show, k, c, why) for k, c, why in views],
+        "char_tok": None if trace.identity else trace.char_tok.tolist(),
+        "bits": [-1 if math.isnan(b) else int(round(b * 100)) for b in trace.bits.tolist()],
+        "top_ids": trace.top_ids.reshape(-1).tolist(),
+        "top_p": np.rint(trace.top_p * 1000).astype(np.int64).reshape(-1).tolist(),
+        "top_k": trace.top_ids.shape[1],
+        "symbols": [_symbol(vocab, i) for i in range(len(vocab))],
+    }
     return summary, data
 
 
@@ -96,8 +112,14 @@ def _view(trace: Trace, show: str, layer: int, cell: int, why: str) -> dict:
     a = trace.acts[show][:, layer, cell]  # (N,)
     scale = float(a.abs().max()) or 1.0
     q = torch.round(a / scale * 127).clamp(-127, 127).to(torch.int8).numpy()
-    return {"layer": layer, "cell": cell, "name": show, "why": why, "scale": scale,
-            "q": base64.b64encode(q.tobytes()).decode("ascii")}
+    return {
+        "layer": layer,
+        "cell": cell,
+        "name": show,
+        "why": why,
+        "scale": scale,
+        "q": base64.b64encode(q.tobytes()).decode("ascii"),
+    }
 
 
 def _extent(target: np.ndarray, binary: bool) -> int:

@@ -18,6 +18,12 @@ def spans(text: str, bits: np.ndarray, width: int = 24, count: int = 10) -> list
         if taken[i : i + width].any():
             continue
         taken[i : i + width] = True
-        out.append({"start": int(i), "end": int(i + width), "text": text[i : i + width],
-                    "bits_per_char": round(float(sums[i] / width), 3)})
+        out.append(
+            {
+                "start": int(i),
+                "end": int(i + width),
+                "text": text[i : i + width],
+                "bits_per_char": round(float(sums[i] / width), 3),
+            }
+        )
     return out

@@ -91,8 +91,16 @@ def char_bits(tok_bits: np.ndarray, char_tok: np.ndarray, num_tokens: int) -> np
 
 
 @torch.inference_mode()
-def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=None, stream: bool | None = None,
-        threads: int | None = None) -> Trace:
+def run(
+    model,
+    vocab,
+    text: str,
+    unknown: str = "error",
+    rows: int = 48,
+    keep=None,
+    stream: bool | None = None,
+    threads: int | None = None,
+) -> Trace:
     """Run `text` through `model` once, the state carried; see the module docstring for the layout.
     `keep`: the internals to keep (default all; the gates are always kept, for their saturation).
     `stream`: through the cell's own `inspect` in one pass (default where it has one) or in rows.
@@ -120,10 +128,17 @@ def run(model, vocab, text: str, unknown: str = "error", rows: int = 48, keep=No
     tok_bits = np.full(n, np.nan)
     tok_bits[1:] = (-logps[:-1].gather(1, ids_t[1:, None])[:, 0] / math.log(2)).cpu().double().numpy()
     top_p, top_ids = logps.topk(min(TOP, logps.shape[1]), dim=1)
-    return Trace(text=shown, ids=ids, char_tok=char_tok, bits=char_bits(tok_bits, char_tok, n),
-                 top_ids=top_ids.cpu().numpy(), top_p=top_p.exp().cpu().numpy(), acts=acts,
-                 gate_names=tuple(g for g in model.rnn.gate_names if g in acts),
-                 identity=len(shown) == n and bool((char_tok == np.arange(n)).all()))
+    return Trace(
+        text=shown,
+        ids=ids,
+        char_tok=char_tok,
+        bits=char_bits(tok_bits, char_tok, n),
+        top_ids=top_ids.cpu().numpy(),
+        top_p=top_p.exp().cpu().numpy(),
+        acts=acts,
+        gate_names=tuple(g for g in model.rnn.gate_names if g in acts),
+        identity=len(shown) == n and bool((char_tok == np.arange(n)).all()),
+    )
 
 
 def has_own_inspect(cell: Cell) -> bool:
@@ -181,8 +196,11 @@ def _internals(model, ids: Tensor, starts: list, span: int, rows: int, keep) -> 
     state = tuple(torch.cat([s[i] for s in starts], dim=1) for i in range(len(starts[0])))  # (L, R, H) each
     if type(model.rnn).internals is not Cell.internals:  # a cell with its own inspection: ask it
         acts, _ = model.rnn.internals(x, state)  # name -> (L, R, T, H)
-        return {name: a.permute(1, 2, 0, 3).reshape(rows * span, a.shape[0], a.shape[3])[:n].float().cpu().contiguous()
-                for name, a in acts.items() if keep is None or name in keep}
+        return {
+            name: a.permute(1, 2, 0, 3).reshape(rows * span, a.shape[0], a.shape[3])[:n].float().cpu().contiguous()
+            for name, a in acts.items()
+            if keep is None or name in keep
+        }
     return _unroll(model.rnn, x, state, keep, n)
 
 
