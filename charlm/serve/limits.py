@@ -24,7 +24,7 @@ class Limits:
     # Prompt symbols a new stream runs per step. A prompt runs one stream alone, at about the cost of a
     # one-stream step per symbol (its weights read for one row), and the batch waits for it: 64 symbols
     # keep that pause to ~10-20 ms on a 2x512 CPU model, while the chunking changes no text.
-    prime_chunk: int = 64
+    prime_chunk: int = 256
     grace: float = 10.0  # seconds SIGTERM gives the in-flight streams to finish before they are ended
     flush_interval: float = 0.02  # seconds between hand-overs of text to the clients (the first text and ends go at once)
 

@@ -42,7 +42,7 @@ RETRY_AFTER = 1  # seconds a 429 asks the client to wait: rows free within a req
 # waits, so a burst of 64 arrivals admitted together would stall every running stream for 64 chunks in one
 # step; a few at a time keeps each pause short and lets the first arrivals start generating sooner. The total
 # work is the same: a batched step is cheap beside a prompt's chunk.
-MAX_PRIMING = 4
+MAX_PRIMING = 16
 SHUTDOWN_REASON = "length"  # the finish reason of a stream cut at the end of the grace period (the one typed clients accept)
 
 
