@@ -48,7 +48,9 @@ def sizes() -> tuple[list, list]:
         modules.append((text.count("\n"), name))
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                functions.append((node.end_lineno - node.lineno + 1, f"{name}:{node.lineno} {node.name}"))
+                # The body, from its first line (a docstring counts): a command's signature, one option per line
+                # as the formatter lays it out, is its options' declarations, not logic to keep short.
+                functions.append((node.end_lineno - node.body[0].lineno + 1, f"{name}:{node.lineno} {node.name}"))
     return sorted(modules, reverse=True), sorted(functions, reverse=True)
 
 

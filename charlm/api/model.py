@@ -12,81 +12,29 @@ seed give the same text and figures from either.
 from __future__ import annotations
 
 import copy
-import math
-import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from charlm import checkpoint, devices
 from charlm import threads as threads_mod
+from charlm.api.results import Beam, Score, check_finite, checkpoint_info, from_record  # noqa: F401 (API)
+from charlm.api.scoring import static_score, text_tokens
 from charlm.config import DECODE_DTYPES, DEVICES, DTYPES, ModelConfig
 from charlm.decoding import dynamic
 from charlm.decoding.beam import beam_search
 from charlm.decoding.ensemble import Ensemble
-from charlm.decoding.evaluate import bits_per_char, evaluate, scored_chars
+from charlm.decoding.evaluate import scored_chars
 from charlm.decoding.scorer import ModelScorer, Scorer
 from charlm.decoding.streams import Streams, prime_ids, random_seed
 from charlm.devices import check_dtype, pick_device
-from charlm.errors import CharlmError, DataError, OptionError
+from charlm.errors import DataError, OptionError
 
 if TYPE_CHECKING:
     from charlm.tokenizers.vocab import Vocab
-
-
-@dataclass(frozen=True)
-class Score:
-    """How well a model predicts a text: the figures of `charlm eval`, per character of the text.
-
-    logprobs: each scored token's log-probability (natural log), in order (the first token is the
-    context, not scored). members: an ensemble's members' own figures. dynamic: the settings of a
-    dynamic evaluation (update, lr, decay, window, note), None for a static one.
-    """
-
-    bits_per_char: float
-    perplexity: float  # per character: 2 ** bits_per_char
-    chars: int  # characters scored
-    tokens: int  # tokens scored
-    nll: float  # total negative log-likelihood, nats
-    bits_per_token: float
-    seconds: float  # time spent scoring
-    logprobs: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
-    members: list[Score] = field(default_factory=list)
-    dynamic: dict[str, Any] | None = None
-
-    @property
-    def chars_per_s(self) -> float:
-        return self.chars / max(self.seconds, 1e-9)
-
-    def figures(self, speed: bool = False) -> dict[str, Any]:
-        """The record `charlm eval --json` prints: bits_per_token only where tokens are not characters."""
-        record: dict[str, Any] = {
-            "bits_per_char": self.bits_per_char,
-            "perplexity": self.perplexity,
-            "chars": self.chars,
-            "tokens": self.tokens,
-            "nll": self.nll,
-        }
-        if self.tokens != self.chars:
-            record["bits_per_token"] = self.bits_per_token
-        if speed:
-            record["chars_per_s"] = self.chars_per_s
-        return record
-
-
-class Beam(NamedTuple):
-    """One beam-search result: the continuation (without the prime) and its total log-probability (nats)."""
-
-    text: str
-    logprob: float
-    tokens: int  # symbols generated
-
-    @property
-    def bits_per_char(self) -> float:
-        return bits_per_char(-self.logprob, max(len(self.text), 1))
 
 
 def load(
@@ -116,7 +64,7 @@ def load(
     check_dtype(dev, decode_dtype)
     loaded = [checkpoint.load(p) for p in paths]
     members = [ModelScorer(c.build_model().to(dev), c.vocab, dtype=decode_dtype) for c in loaded]
-    lm = LanguageModel(members, loaded, weights=weights, combine=combine, eval_dtype=None if dtype == "auto" else dtype)
+    lm = LanguageModel(members, loaded, weights=weights, combine=combine, eval_dtype=dtype if dtype in DTYPES else None)
     lm.threads = None if threads is None else threads_mod.choose("step", threads)  # checked now, not at the first call
     return lm
 
@@ -340,7 +288,7 @@ class LanguageModel:
         scored; on a copy: this object's weights never change). unknown="skip" drops characters a
         char vocabulary lacks instead of refusing the text.
         """
-        tokens, text_chars = self._tokens(text, split, data, unknown)
+        tokens, text_chars = text_tokens(self.vocab, self._checkpoints, text, split, data, unknown)
         threads_mod.apply("step", self.threads)  # one stream, the state carried through
         if len(tokens) < 2:
             raise DataError("the text to score has fewer than 2 characters")
@@ -353,14 +301,14 @@ class LanguageModel:
         if dynamic_options_given:
             raise OptionError("the dyn_* options go with dynamic=True (--dynamic)")
         scorers = self._eval_scorers()
-        whole = self._static(
+        whole = static_score(
             scorers[0] if len(scorers) == 1 and self.weights is None else Ensemble(scorers, self.weights, self.combine),
             tokens,
             chars,
         )
         if len(scorers) > 1:
             whole = replace(whole, members=[self._member_static(m, tokens, chars) for m in scorers])
-        _check_finite(whole, self.paths, "")
+        check_finite(whole, self.paths, "")
         return whole
 
     def adapted(
@@ -398,25 +346,14 @@ class LanguageModel:
             )
         return [m if m.dtype == dtype else ModelScorer(m.model, m.vocab, dtype=dtype) for m in self.members]
 
-    @staticmethod
-    def _static(scorer: Scorer, tokens: np.ndarray, chars: int) -> Score:
-        record: list[torch.Tensor] = []
-        start = time.perf_counter()
-        r = evaluate(scorer, tokens, chars=chars, record=record)
-        seconds = time.perf_counter() - start
-        logprobs = torch.cat(record, dim=-1).flatten().numpy() if record else np.zeros(0)
-        return Score(
-            r["bits_per_char"], r["perplexity"], r["chars"], r["tokens"], r["nll"], r["bits_per_token"], seconds, logprobs
-        )
-
     def _member_static(self, member: ModelScorer, tokens: np.ndarray, chars: int) -> Score:
         """A member's own figure on the ensemble's text. In a union-vocabulary ensemble the symbols it never saw
         are left out of its text (as unknown="skip" would), so its figure covers the rest only."""
         if member.vocab == self.vocab:
-            return self._static(member, tokens, chars)
+            return static_score(member, tokens, chars)
         own = member.vocab.lookup(self.vocab.codes[tokens])  # -1: a symbol this member lacks
         kept = own[own >= 0]
-        return self._static(member, kept, scored_chars(member.vocab, kept, len(kept)))
+        return static_score(member, kept, scored_chars(member.vocab, kept, len(kept)))
 
     def _refuse_union(self, what: str) -> None:
         if isinstance(self.scorer, Ensemble) and self.scorer.union:
@@ -432,7 +369,7 @@ class LanguageModel:
         members = [ModelScorer(copy.deepcopy(m.model), m.vocab, dtype="fp32") for m in self.members]
         twin = LanguageModel(members, self._checkpoints, self.weights, self.combine, "fp32")
         result = twin._adapt_in_place(tokens, chars, update, lr, decay, window)
-        _check_finite(result, self.paths, "; with dynamic evaluation, try a lower --dyn-lr")
+        check_finite(result, self.paths, "; with dynamic evaluation, try a lower --dyn-lr")
         return result
 
     def _adapt_in_place(self, tokens: np.ndarray, chars: float, update: str, lr, decay, window) -> Score:
@@ -454,92 +391,5 @@ class LanguageModel:
             "note": note,
         }
         logprobs = -torch.cat(record, dim=-1).flatten().numpy() if record else np.zeros(0)
-        members = [_from_record(r) for r in per_member] if len(self.members) > 1 else []
-        return replace(_from_record(whole), logprobs=logprobs, members=members, dynamic=described)
-
-    def _tokens(
-        self, text: str | bytes | None, split: str | None, data: str | Path | None, unknown: str
-    ) -> tuple[np.ndarray, int]:
-        """The token stream to score and the number of characters of the text it spells."""
-        if unknown not in ("error", "skip"):
-            raise OptionError(f"--unknown must be error or skip (got {unknown!r})")
-        vocab = self.vocab
-        if text is not None and split is not None:
-            raise OptionError("score a text or a split, not both")
-        if text is not None:
-            if isinstance(text, bytes):
-                if vocab.kind == "bytes":
-                    ids = vocab.encode_units(np.frombuffer(text, dtype=np.uint8).astype(np.uint32), unknown)
-                    return ids, len(ids)
-                try:
-                    text = text.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise DataError(f"the text is not valid UTF-8 (byte offset {e.start})") from None
-            if not isinstance(text, str):
-                raise OptionError(f"text must be a str or bytes (got {type(text).__name__})")
-            if not text:
-                raise DataError("the text to score is empty")
-            ids = vocab.encode(text, unknown)
-            # With unknown="skip" (char vocabularies), the figure covers the kept characters only.
-            return ids, len(text) if vocab.kind == "spm" else len(ids)
-        return self._split_tokens(split or "val", data)
-
-    def _split_tokens(self, split: str, data_dir: str | Path | None) -> tuple[np.ndarray, int]:
-        from charlm.data import PreparedData  # only for splits: scoring a text needs no data code
-
-        first = self._checkpoints[0]
-        recorded = (first.meta.get("provenance") or {}).get("data_dir")
-        if data_dir is None and not isinstance(recorded, str):
-            raise CharlmError(
-                f"{first.path} does not record the data it was trained on; give it with --data DIR, or score a file with --text"
-            )
-        data = PreparedData(data_dir if data_dir is not None else str(recorded))
-        parts = split.split("+")
-        tokens = np.concatenate([np.asarray(data.tokens(s)) for s in parts])
-        if data.vocab != self.vocab:
-            # A union-vocabulary ensemble reads a member's data: its symbols are all in the union.
-            mapped = self.vocab.lookup(data.vocab.codes) if data.vocab.kind == self.vocab.kind != "spm" else None
-            if mapped is None or bool((mapped < 0).any()):
-                raise DataError(f"{data.dir} has a different vocabulary than {first.path}")
-            tokens = mapped[tokens]
-        return tokens, sum(data.chars(s) for s in parts)
-
-
-def _from_record(r: dict) -> Score:
-    return Score(
-        r["bits_per_char"],
-        r["perplexity"],
-        r["chars"],
-        r["tokens"],
-        r["nll"],
-        r["bits_per_token"],
-        r["chars"] / max(r["chars_per_s"], 1e-30) if r.get("chars_per_s") else 0.0,
-    )
-
-
-def _check_finite(score: Score, paths: list[Path], hint: str) -> None:
-    """A figure that is not finite means weights that overflow float32 on this text: an error, never a NaN figure."""
-    named = [(str(p), m) for p, m in zip(paths, score.members)] + [("the model", score)]
-    for label, s in named:
-        if not math.isfinite(s.bits_per_char):
-            raise CharlmError(
-                f"{label} gives a non-finite figure ({s.bits_per_char} bits/char): "
-                f"its weights overflow float32 on this text{hint}"
-            )
-
-
-def checkpoint_info(path: str | Path) -> dict[str, Any]:
-    """What a checkpoint file holds, read and checked as a stranger's file (no model is built): its
-    metadata, vocabulary, checksum status, whether it is resumable, and its tensor and parameter counts."""
-    c = checkpoint.load(path)
-    return {
-        "path": c.path,
-        "meta": copy.deepcopy(c.meta),
-        "vocab": c.vocab,
-        "checksum": c.checksum,
-        "resumable": c.has_train_state,
-        "tensors": len(c.tensors),
-        "parameters": sum(t.numel() for t in c.model_state().values()),
-        "format": checkpoint.FORMAT,
-        "version": checkpoint.VERSION,
-    }
+        members = [from_record(r) for r in per_member] if len(self.members) > 1 else []
+        return replace(from_record(whole), logprobs=logprobs, members=members, dynamic=described)

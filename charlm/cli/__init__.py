@@ -17,7 +17,7 @@ from rich.text import Text
 from charlm import terminal, threads
 
 # The commands, registered in the order --help lists them.
-from charlm.cli import data, decode, env, export, serve, tools, train, viz  # noqa: E402,F401,I001
+from charlm.cli import data, decode, env, export, info, serve, tools, train, viz  # noqa: E402,F401,I001
 from charlm.cli.app import INTERRUPTED_EXIT, UsageError, app, closed_pipe, err
 
 __all__ = ["app", "main"]

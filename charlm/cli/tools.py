@@ -65,6 +65,14 @@ def bench(
                 f"{t[key + '_over_default_allocator_reference']:.2f}x with glibc malloc"
             )
         table.add_row(label, f"{t[key]['chars_per_s']:,} chars/s", note)
+    add_decoding_rows(table, r)
+    table.add_row("prepare", f"{r['prepare']['mb_per_s']:,} MB/s", f"{r['prepare']['megabytes']} MiB synthetic ASCII text")
+    PipeConsole().print(table)
+    PipeConsole().print(f"model: {t['model']}; allocator: {r['machine']['allocator']}")
+
+
+def add_decoding_rows(table: Table, r: dict) -> None:
+    """bench's rows for sampling (1 and 64 streams, int8), beam search and ensembles."""
     for case, label in (("single", "sample, 1 stream"), ("batch64", "sample, 64 streams")):
         row = r["sample"][case]
         table.add_row(
@@ -91,9 +99,6 @@ def bench(
             f"{ens['three_chars_per_s']:,} / {ens['three_batch64_chars_per_s']:,} chars/s",
             f"1 / 64 streams: {ens['three_over_one']}x / {ens['three_over_one_batch64']}x one model's time",
         )
-    table.add_row("prepare", f"{r['prepare']['mb_per_s']:,} MB/s", f"{r['prepare']['megabytes']} MiB synthetic ASCII text")
-    PipeConsole().print(table)
-    PipeConsole().print(f"model: {t['model']}; allocator: {r['machine']['allocator']}")
 
 
 @app.command()

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from charlm import checkpoint  # owns the training state's key names (the optimizer's statistics)
-from charlm.cells import native
+from charlm.cells import native_ops
 from charlm.data import eval_windows
 from charlm.decoding.evaluate import bits_per_char
 from charlm.decoding.options import DYN_DEFAULTS, DYN_UPDATES, check_dynamic_options
@@ -142,7 +142,7 @@ class Adapter:
         for i, (p, g, p0) in enumerate(zip(self.params, grads, self.theta0)):
             d = decay if isinstance(decay, float) else decay[i]
             scale = None if self.step_scale is None else self.step_scale[i]
-            if g is not None and native.dyn_update(p, g, scale, p0, d, lr):
+            if g is not None and native_ops.dyn_update(p, g, scale, p0, d, lr):
                 continue  # the same operations in one pass over memory (cells/native.py), bit for bit
             pull = p0 - p  # toward the trained weights, from where the weights were before this step
             if g is not None:

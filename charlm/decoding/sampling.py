@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from charlm.cells import native
+from charlm.cells import native_ops
 from charlm.decoding.scorer import Scorer, run_prime
 from charlm.errors import OptionError
 
@@ -107,7 +107,7 @@ def draw_one(logp: Tensor, temperature: float, u: float) -> int:
     """draw() of one row of log-probs (or logits) (V,) at a temperature, with its uniform number: one native
     call where the library is built (cells/native.py), else the processors and draw() themselves."""
     if logp.device.type == "cpu" and logp.dtype == torch.float32 and logp.is_contiguous():
-        symbol = native.draw(logp, temperature, u)
+        symbol = native_ops.draw(logp, temperature, u)
         if symbol >= 0:
             return symbol
     logits = Temperature(temperature)(logp.unsqueeze(0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -24,25 +24,13 @@ from charlm.errors import CharlmError
 from charlm.model import CharRNN, State, detach
 from charlm.training import grow, rundir
 from charlm.training.distributed import World
+from charlm.training.progress import Progress
 from charlm.training.schedule import learning_rate
 from charlm.training.scheduled import ScheduledSampler
 
 
 class TrainingStopped(CharlmError):
     """Training ended early (a stop signal or a non-finite loss); the message says what was kept."""
-
-
-@dataclass
-class Progress:
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0  # completed passes over the training split
-    window: int = 0  # next window within the epoch
-    tokens: int = 0  # training tokens consumed
-    elapsed: float = 0.0  # seconds of training so far, across resumes
-    best_val: float = math.inf  # lowest validation bits/char so far
-    best_step: int = 0
-    ss_step: int = 0  # scheduled sampling: steps taken under the schedule (its position; scheduled.py)
-    ss_replace: float = 0.0  # scheduled sampling: the probability of feeding a prediction at the last step
 
 
 class Trainer:
