@@ -338,12 +338,7 @@ class LanguageModel:
     # -- internals -----------------------------------------------------------------------------
     def _eval_scorers(self) -> list[ModelScorer]:
         """The members as scorers in the scoring precision: exact fp32 unless bf16 was asked for at load."""
-        dtype = self._eval_dtype or "fp32"
-        if dtype not in DTYPES:
-            raise OptionError(
-                f"scoring runs in {' or '.join(DTYPES)} (int8 is for step-by-step decoding: sample and beam); "
-                f"load the model with dtype fp32 or bf16 to score"
-            )
+        dtype = self._eval_dtype or "fp32"  # load() keeps only fp32 or bf16 here: an int8 model scores in fp32
         return [m if m.dtype == dtype else ModelScorer(m.model, m.vocab, dtype=dtype) for m in self.members]
 
     def _member_static(self, member: ModelScorer, tokens: np.ndarray, chars: int) -> Score:

@@ -11,6 +11,7 @@ import torch
 
 from charlm.api.results import Score
 from charlm.decoding.evaluate import evaluate
+from charlm.decoding.options import check_unknown
 from charlm.decoding.scorer import Scorer
 from charlm.errors import CharlmError, DataError, OptionError
 
@@ -29,8 +30,7 @@ def text_tokens(
     vocab, checkpoints: list, text: str | bytes | None, split: str | None, data: str | Path | None, unknown: str
 ) -> tuple[np.ndarray, int]:
     """The token stream to score and the number of characters of the text it spells."""
-    if unknown not in ("error", "skip"):
-        raise OptionError(f"--unknown must be error or skip (got {unknown!r})")
+    check_unknown(unknown)
     if text is not None and split is not None:
         raise OptionError("score a text or a split, not both")
     if text is not None:

@@ -16,13 +16,13 @@ from typing_extensions import Annotated
 
 from charlm.cli import dynamic as dyn
 from charlm.cli.app import app, err, friendly, read_text_file
-from charlm.decoding.options import COMBINE_RULES, UNKNOWN_RULES
+from charlm.decoding.options import COMBINE_RULES, check_unknown
 from charlm.errors import CharlmError, DataError, OptionError
 from charlm.jsonsafe import strict_json
 from charlm.terminal import argument_text, rule, shown, stdout_is_utf8, undecodable
 
 if TYPE_CHECKING:
-    from charlm.api import LanguageModel
+    from charlm.api import LanguageModel, Score
 
 DECODE_DTYPES = ("fp32", "bf16", "int8")  # charlm.config.DECODE_DTYPES, named here without importing it (checked in tests)
 EVAL_DTYPES = ("fp32", "bf16")
@@ -96,11 +96,6 @@ def checked_argument(flag: str, value: str) -> str:
             f"{flag} holds the byte 0x{bad[1]:02X} at character {bad[0] + 1}, which is not UTF-8 text; give it as UTF-8"
         )
     return value
-
-
-def check_unknown(unknown: str) -> None:
-    if unknown not in UNKNOWN_RULES:
-        raise OptionError(f"--unknown must be error or skip (got {unknown!r})")
 
 
 @app.command()
@@ -323,6 +318,11 @@ def eval_cmd(
             payload["combine"] = combine
         print(strict_json(payload))
         return
+    print_eval_table(static, checkpoints, combine, source)
+
+
+def print_eval_table(static: Score, checkpoints: list[Path], combine: str, source: str) -> None:
+    """eval's table: each member's figures (an ensemble), then the model's; bits per token where tokens are not characters."""
     from rich.table import Table
     from rich.text import Text
 

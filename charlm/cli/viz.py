@@ -89,12 +89,12 @@ def viz(
 ):
     """Write a self-contained HTML page: the text coloured by a cell's activation or by the bits each character cost, the model's next-character predictions on hover, --find rankings and gate saturation."""
     from charlm import checkpoint, config  # imported here: `charlm --help` stays light
+    from charlm.decoding.options import check_unknown
     from charlm.devices import pick_device
     from charlm.viz import Options, page, visualize
     from charlm.viz import png as png_mod
 
-    if unknown not in ("error", "skip"):
-        raise CharlmError(f"--unknown must be error or skip (got {unknown!r})")
+    check_unknown(unknown)
     if device not in config.DEVICES:
         raise CharlmError(f"--device must be one of {', '.join(config.DEVICES)} (got {device!r})")
     opts = Options(show=show, layer=layer, cells=_cells(cell), find=list(find), top=top)

@@ -26,3 +26,9 @@ def check_dynamic_options(update: str, lr: float | None, decay: float | None, wi
         )
     if window is not None and not 1 <= window <= MAX_DYN_WINDOW:
         raise OptionError(f"--dyn-window must be between 1 and {MAX_DYN_WINDOW} (got {window})")
+
+
+def check_unknown(unknown: str) -> None:
+    """--unknown (the API's unknown=): one of UNKNOWN_RULES."""
+    if unknown not in UNKNOWN_RULES:
+        raise OptionError(f"--unknown must be error or skip (got {unknown!r})")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from charlm.decoding.options import UNKNOWN_RULES
+from charlm.decoding.options import check_unknown
 from charlm.decoding.sampling import draw, draw_one, processors, temperature_only
 from charlm.decoding.scorer import PRIME_CHUNK, Scorer
 from charlm.errors import DataError, OptionError
@@ -309,8 +309,7 @@ class Streams:
 
 def prime_ids(vocab, prime: str, unknown: str = "error") -> np.ndarray:
     """The prime as ids; with no prime (or none left), start as if after a line break (or from the first symbol)."""
-    if unknown not in UNKNOWN_RULES:
-        raise OptionError(f"--unknown must be error or skip (got {unknown!r})")
+    check_unknown(unknown)
     bad = next((i for i, c in enumerate(prime) if "\udc80" <= c <= "\udcff"), None)
     if bad is not None:  # an argument's undecodable byte, as Python passes it on (surrogateescape)
         raise DataError(

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from charlm.decoding.options import UNKNOWN_RULES
 from charlm.serve.errors import FieldError
 from charlm.serve.limits import Limits
 
@@ -20,7 +21,6 @@ MIN_TEMPERATURE = 1e-30  # charlm.decoding.sampling.MIN_TEMPERATURE, named here 
 MAX_LENGTH_PENALTY = 10.0  # charlm.decoding.beam.MAX_LENGTH_PENALTY
 MAX_STOPS = 4  # as OpenAI's completions
 MAX_STOP_CHARS = 256
-UNKNOWN_RULES = ("error", "skip")
 
 # OpenAI fields charlm takes only at their neutral value (a client library may send them): anything else is refused.
 NEUTRAL: dict[str, tuple[Any, ...] | None] = {

@@ -135,3 +135,8 @@ def lineage(ckpt: Checkpoint, data: PreparedData) -> list[dict]:
     }
     earlier = (ckpt.meta.get("provenance") or {}).get("fine_tuned_from") or []
     return [entry] + [e for e in earlier if isinstance(e, dict)][:20]
+
+
+def recorded_lineage(ckpt: Checkpoint | None) -> list[dict] | None:
+    """The provenance chain a checkpoint records (a resumed fine-tuning run keeps its own), or None."""
+    return None if ckpt is None else (ckpt.meta.get("provenance") or {}).get("fine_tuned_from")

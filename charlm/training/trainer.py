@@ -91,11 +91,7 @@ class Trainer:
         if init_from is not None:
             grow.load_into(self.model, init_from, data)  # the vocabulary grows when the text has new characters
         self.frozen = grow.frozen_parameters(self.model, cfg.freeze_layers) if cfg.freeze_steps else []
-        self.lineage = (
-            grow.lineage(init_from, data)
-            if init_from is not None
-            else ((resume.meta.get("provenance") or {}).get("fine_tuned_from") if resume is not None else None)
-        )
+        self.lineage = grow.lineage(init_from, data) if init_from is not None else grow.recorded_lineage(resume)
         if resume is not None:
             self._restore(resume)
         self.world.reseed(cfg.seed, self.progress.step)
