@@ -124,22 +124,42 @@ def _free_between(before: CpuSample, after: CpuSample, ranks: int = 1) -> float:
     return max(0.0, min(float(usable_cores()), idle / max(ranks, 1) + own))
 
 
-_last: CpuSample | None = None  # the previous reading, reused when recent (no second 0.1 s sleep)
+_last: CpuSample | None = None  # the previous reading: the start of the next measurement
+_recent: tuple[int, float] | None = None  # (ranks, free cores) as measured at _last
+
+
+def mark(max_age: float = 5.0) -> None:
+    """Start a measurement now (the CLI at start-up, load()), so that the first choice of threads reads the
+    machine over the time since instead of sleeping for it; a reading younger than max_age is kept."""
+    global _last, _recent
+    try:
+        now = _read_sample()
+        if _last is None or now.when - _last.when > max_age:
+            _last, _recent = now, None
+    except (OSError, ValueError, IndexError):
+        pass
 
 
 def free_cores(interval: float = INTERVAL, ranks: int = 1, max_age: float = 5.0) -> float:
-    """How many cores no other process is using: measured over the time since the previous call when
-    that is between `interval` and `max_age` seconds ago, else over `interval` seconds (a sleep).
-    Without /proc/stat: the cores less the 1-minute load average, or all of them."""
-    global _last
+    """How many cores no other process is using, over the time since the previous reading when that is
+    between `interval` and `max_age` seconds ago. Sooner than `interval`: that reading's figure again (a
+    loop of short calls never sleeps); with none, or an older one: over `interval` seconds (a sleep, of
+    what is left of the interval after a mark()). Without /proc/stat: the cores less the 1-minute load
+    average, or all of them."""
+    global _last, _recent
     try:
         now = _read_sample()
-        before = _last if _last is not None and interval <= now.when - _last.when <= max_age else None
-        if before is None:
-            time.sleep(interval)
-            before, now = now, _read_sample()
-        _last = now
-        return _free_between(before, now, ranks)
+        age = None if _last is None else now.when - _last.when
+        if age is not None and age < interval and _recent is not None and _recent[0] == ranks:
+            return _recent[1]
+        before = _last if age is not None and age <= max_age else now
+        wait = interval - (now.when - before.when)
+        if wait > 0:
+            time.sleep(wait)
+            now = _read_sample()
+        free = _free_between(before, now, ranks)
+        _last, _recent = now, (ranks, free)
+        return free
     except (OSError, ValueError, IndexError):
         try:
             return max(0.0, usable_cores() - os.getloadavg()[0]) / max(ranks, 1)

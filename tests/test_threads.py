@@ -75,6 +75,19 @@ def test_free_cores_measures_the_machine():
     assert 0.0 <= again <= threads.usable_cores() + 1e-6
 
 
+def test_a_reading_after_a_mark_or_soon_after_another_does_not_sleep_again(monkeypatch):
+    slept = []
+    real_sleep = threads.time.sleep
+    monkeypatch.setattr(threads.time, "sleep", lambda s: slept.append(s) or real_sleep(s))
+    threads.mark(max_age=0.0)  # a fresh start whatever an earlier test read
+    real_sleep(0.03)
+    first = threads.free_cores(0.05)
+    assert len(slept) == 1 and slept[0] <= 0.021  # only what was left of the interval since the mark
+    for _ in range(5):  # within the interval: that figure again, no sleep (a loop of short generate() calls)
+        assert threads.free_cores(10.0) == first
+    assert len(slept) == 1
+
+
 def test_own_work_counts_as_free():
     """A process's own busy time is what it would give back on fewer threads: it counts as free."""
     a = threads.CpuSample(when=0.0, total=0, idle=0, own=0.0)

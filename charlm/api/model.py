@@ -52,6 +52,7 @@ def load(
     bf16 is asked for. weights: one per checkpoint for an ensemble. threads: the CPU threads its work
     runs on (default: the free cores, chosen per call by charlm/threads.py; $CHARLM_THREADS overrides).
     """
+    threads_mod.mark()  # the first call's choice of threads reads the machine over the loading
     if not checkpoints:
         raise OptionError("give at least one checkpoint to load")
     paths = [Path(p) for p in checkpoints]

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
         die_with_launcher()  # a rank of `train --nproc`: it ends when its launcher does
         threads.prepare_environment()  # OpenMP reads its settings once, when torch first loads it: before any command runs
+        threads.mark()  # the free cores are then read over the start-up, not over a sleep of their own
         code = app(args=argv, standalone_mode=False)
         sys.stdout.flush()  # here, not at exit: a reader gone by now is a broken pipe like any other
     except BrokenPipeError:
