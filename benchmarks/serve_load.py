@@ -326,7 +326,7 @@ def decoder_rate(
     import charlm
 
     torch.set_num_threads(threads)
-    lm = charlm.load(ckpt, device="cpu", dtype=dtype)
+    lm = charlm.load(ckpt, device="cpu", dtype=dtype, threads=threads)  # else each call takes the free cores
     rng = random.Random(0)
     primes = [text[a : a + prime_length] for a in (rng.randrange(len(text) - prime_length) for _ in range(streams))]
     lm.generate_many(primes, 20, temperature=0.8, seed=0)  # warm-up

@@ -6,6 +6,7 @@ Also: Streams stepped together equal the same streams run alone, stop strings, a
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 from conftest import make_text, run, train_small
@@ -185,6 +186,35 @@ def test_streams_join_and_leave_at_any_step(runs):
     assert text[first] == lm.generate("The", 30, seed=1)
     assert text[late] == lm.generate("A lazy", 30, seed=2)
     assert streams.active == 0
+
+
+def test_background_primes_give_the_same_text(runs):
+    """The server's Streams run the primes on a thread of their own while the batch steps: the same text as each
+    stream alone; a stream removed while its prime runs never appears; close() ends the thread."""
+    from charlm.decoding.streams import Streams
+
+    lm = load(runs)
+    streams = Streams(lm.scorer, prime_chunk=8, background_primes=True)
+    first = streams.add("The quick brown", 40, seed=1)
+    text = {first: ""}
+    for _ in range(5):
+        for e in streams.step():
+            text[e.stream] += e.text
+    late = streams.add("A lazy dog. " * 6, 40, seed=2, temperature=0.7)  # several chunks
+    gone = streams.add("Seven", 40, seed=3)
+    nothing = streams.add("Over", 0, seed=4)
+    text.update({late: "", gone: ""})
+    for e in streams.step():
+        text[e.stream] += e.text
+    assert streams.remove(gone)
+    for e in streams.run():
+        assert e.stream not in (gone, nothing)
+        text[e.stream] += e.text
+    assert text[first] == lm.generate("The quick brown", 40, seed=1)
+    assert text[late] == lm.generate("A lazy dog. " * 6, 40, seed=2, temperature=0.7)
+    assert text[gone] == "" and streams.active == 0
+    streams.close()
+    assert not any(t.name.startswith("charlm-prime") and t.is_alive() for t in threading.enumerate())
 
 
 def test_stop_strings_end_the_text_before_them(runs):

@@ -14,7 +14,10 @@ its text depends on its own request and seed only, never on which other streams 
 
 A prime is run through the whole-window forward pass in chunks of `prime_chunk` tokens, one chunk
 per stream per step() before the batched step, so a long prime delays the others by one chunk's
-forward pass per step, not by the whole prime.
+forward pass per step, not by the whole prime. With background_primes=True (the server's choice) the
+primes run instead on a thread of their own, one torch thread, while the batch goes on stepping: a
+prime at batch 1-16 costs as much per symbol as a one-row step, so at 64 busy streams the new prompts
+would otherwise take a large share of the time. The calls are the same either way, so is the text.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -69,7 +73,7 @@ class Event:
     symbols: int = 0  # symbols generated so far by this stream
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: membership tests never look at the arrays
 class _Stream:
     """One stream's own request and progress (the batched state holds its recurrent rows)."""
 
@@ -99,7 +103,7 @@ def concat_states(states: Sequence) -> tuple:
 class Streams:
     """Generation streams over one Scorer (a model or an ensemble), advanced one symbol per step, together."""
 
-    def __init__(self, scorer: Scorer, prime_chunk: int = PRIME_CHUNK):
+    def __init__(self, scorer: Scorer, prime_chunk: int = PRIME_CHUNK, background_primes: bool = False):
         self.scorer = scorer
         self.vocab = scorer.vocab
         self.prime_chunk = prime_chunk
@@ -109,6 +113,18 @@ class Streams:
         self._state: tuple | None = None  # the batch's state, rows in self._rows order
         self._logp: Tensor | None = None  # (B, V): each row's next-symbol log-probs
         self._groups: list[list[int]] | None = None  # rows by sampling settings; None: to be worked out again
+        # background_primes: the primes run on a thread of their own (one torch thread) while the batch steps,
+        # so a server's new prompts cost its running streams nothing where a core is free.
+        self._primer = ThreadPoolExecutor(1, "charlm-prime", torch.set_num_threads, (1,)) if background_primes else None
+        self._priming: Future | None = None  # the primes running on that thread now
+
+    def close(self) -> None:
+        """End the priming thread (with background_primes: a prime running there finishes first); every
+        stream is dropped."""
+        if self._primer is not None:
+            self._primer.shutdown(wait=True, cancel_futures=True)
+        self._pending, self._priming, self._rows = [], None, []
+        self._state, self._logp, self._groups = None, None, None
 
     # -- adding and removing -------------------------------------------------------------------
     def add(
@@ -214,11 +230,39 @@ class Streams:
             yield from self.step()
 
     def _advance_primes(self) -> None:
-        """Run the pending primes, together: those with a whole chunk left advance by a chunk in one call, the
-        others by the shortest remainder among them in another; a prime that is done joins the batch."""
-        joined = []
-        full = [s for s in self._pending if len(s.prime) >= self.prime_chunk]
-        rest = [s for s in self._pending if len(s.prime) < self.prime_chunk]
+        """One chunk of every pending prime (or, in the background, collect the primes finished and start the
+        next); a prime that is done joins the batch."""
+        if self._primer is None:
+            self._join(self._prime_round(self._pending))
+            return
+        if self._priming is not None:
+            future = self._priming
+            if self._rows and not future.done():
+                return  # the batch goes on stepping while the priming thread works
+            self._priming = None
+            self._join(future.result())  # a prime's failure is the step's (the caller's error handling)
+        if self._pending:  # the streams added since: the next group (every pending stream is in it)
+            self._priming = self._primer.submit(self._prime_fully, list(self._pending))
+            if not self._rows:
+                self._advance_primes()  # nothing to step meanwhile: wait for it
+
+    def _prime_fully(self, group: list[_Stream]) -> list[tuple[_Stream, Tensor]]:
+        """On the priming thread: every prime of the group to its end, a chunk at a time (the same calls, so
+        the same state, as one chunk per step)."""
+        done: list[tuple[_Stream, Tensor]] = []
+        with torch.inference_mode():
+            while group:
+                done += self._prime_round(group)
+                group = [s for s in group if len(s.prime)]
+        return done
+
+    def _prime_round(self, pending: list[_Stream]) -> list[tuple[_Stream, Tensor]]:
+        """One chunk of each prime, together: those with a whole chunk left advance by a chunk in one call, the
+        others by the shortest remainder among them in another. Returns the streams whose prime is done, each
+        with its next-symbol log-probs (1, V)."""
+        done = []
+        full = [s for s in pending if len(s.prime) >= self.prime_chunk]
+        rest = [s for s in pending if len(s.prime) < self.prime_chunk]
         for group in (full, rest):
             if not group:
                 continue
@@ -230,10 +274,18 @@ class Streams:
                 stream.prime = stream.prime[take:]
                 stream.state = self.scorer.reorder(state, torch.tensor([i])) if len(group) > 1 else state
                 if len(stream.prime) == 0:
-                    self._pending.remove(stream)
-                    if stream.length == 0:
-                        continue  # nothing to generate: it ends without joining (run() sees it gone)
-                    joined.append((stream, logp[i : i + 1, -1]))
+                    done.append((stream, logp[i : i + 1, -1]))
+        return done
+
+    def _join(self, primed: list[tuple[_Stream, Tensor]]) -> None:
+        """Primed streams join the batch (those removed meanwhile, and those with nothing to generate, do not)."""
+        joined = []
+        for stream, logp in primed:
+            if stream not in self._pending:
+                continue  # removed while its prime ran on the priming thread
+            self._pending.remove(stream)
+            if stream.length > 0:  # with nothing to generate it ends without joining (run() sees it gone)
+                joined.append((stream, logp))
         if joined:
             streams = [s for s, _ in joined]
             states = ([self._state] if self._rows else []) + [s.state for s in streams]

@@ -5,8 +5,8 @@
     handlers ◄──Handover (batched, on the event loop)◄── events
 
 Each iteration: drop the streams of clients that went away, admit waiting requests while rows are free,
-run one queued task (a score or a beam search) if any, then one `Streams.step()`: a chunk of each new
-prompt, then one symbol for every row. A stream's text depends only on its own request and seed
+run one queued task (a score or a beam search) if any, then one `Streams.step()`: the streams whose prompt
+is done join (the prompts run on Streams' priming thread meanwhile), then one symbol for every row. A stream's text depends only on its own request and seed
 (Streams gives each its own generator and settings), so batching changes no text.
 
 Nothing here blocks the event loop: the handlers only append to a list under a lock, and the text comes
@@ -38,10 +38,8 @@ log = logging.getLogger("charlm.serve")
 
 IDLE_POLL = 0.1  # seconds the idle thread sleeps between looks at the drain deadline (a signal handler cannot wake it safely)
 RETRY_AFTER = 1  # seconds a 429 asks the client to wait: rows free within a request's length at hundreds of symbols a second
-# Streams running their prompts at once. Each runs alone (a one-row forward pass per chunk) while the batch
-# waits, so a burst of 64 arrivals admitted together would stall every running stream for 64 chunks in one
-# step; a few at a time keeps each pause short and lets the first arrivals start generating sooner. The total
-# work is the same: a batched step is cheap beside a prompt's chunk.
+# Streams running their prompts at once (on the priming thread, together): a burst of 64 arrivals is primed
+# 16 at a time, so the first arrivals start generating sooner than if all 64 prompts ran as one batch.
 MAX_PRIMING = 16
 SHUTDOWN_REASON = "length"  # the finish reason of a stream cut at the end of the grace period (the one typed clients accept)
 
@@ -158,8 +156,10 @@ class DecodeLoop:
                 self._fail_rows(
                     ApiError(f"the server failed while generating: {type(e).__name__}: {e}", 500, type="server_error")
                 )
+                streams.close()
                 streams = self._new_streams()
         self._end_all(streams, draining())
+        streams.close()
         self._handover.flush(force=True)
 
     @property
@@ -188,9 +188,10 @@ class DecodeLoop:
         return streams
 
     def _new_streams(self) -> Streams:
-        # Shorter prompt chunks than the API's default: a 4,096-symbol chunk would hold every other stream for
-        # a second or more; prime_chunk symbols at a time keeps each pause short (the text is the same).
-        return Streams(self.lm.scorer, prime_chunk=self.limits.prime_chunk)
+        # The prompts run on a priming thread of their own while the batch steps (on 2 cores the event loop
+        # leaves most of the second core idle), in shorter chunks than the API's default: the same calls, so
+        # the same text, with memory bounded by the chunk.
+        return Streams(self.lm.scorer, prime_chunk=self.limits.prime_chunk, background_primes=True)
 
     def _has_work(self) -> bool:
         with self._lock:
@@ -273,6 +274,7 @@ class DecodeLoop:
             self.metrics.model_errors.inc()
             log.exception("a decode step failed; its %d stream(s) end with an error", streams.active)
             self._fail_rows(ApiError(f"the model failed while generating: {type(e).__name__}: {e}", 500, type="server_error"))
+            streams.close()
             return self._new_streams()
         self.metrics.step_seconds.observe(time.perf_counter() - start)
         if events:
