@@ -6,8 +6,9 @@
 
 Each iteration: drop the streams of clients that went away, admit waiting requests while rows are free,
 run one queued task (a score or a beam search) if any, then one `Streams.step()`: the streams whose prompt
-is done join (the prompts run on Streams' priming thread meanwhile), then one symbol for every row. A stream's text depends only on its own request and seed
-(Streams gives each its own generator and settings), so batching changes no text.
+is done join (the prompts run on Streams' priming thread meanwhile), then one symbol for every row. A
+stream's text depends only on its own request and seed (Streams gives each its own generator and
+settings), so batching changes no text.
 
 Nothing here blocks the event loop: the handlers only append to a list under a lock, and the text comes
 back through `Handover`. The thread sets its own torch thread count, so the model's threads and the HTTP
