@@ -82,10 +82,11 @@ def test_a_reading_after_a_mark_or_soon_after_another_does_not_sleep_again(monke
     threads.mark(max_age=0.0)  # a fresh start whatever an earlier test read
     real_sleep(0.03)
     first = threads.free_cores(0.05)
-    assert len(slept) == 1 and slept[0] <= 0.021  # only what was left of the interval since the mark
+    assert all(s <= 0.021 for s in slept)  # only what was left of the interval since the mark (none if overslept)
+    before = len(slept)
     for _ in range(5):  # within the interval: that figure again, no sleep (a loop of short generate() calls)
         assert threads.free_cores(10.0) == first
-    assert len(slept) == 1
+    assert len(slept) == before <= 1
 
 
 def test_own_work_counts_as_free():
