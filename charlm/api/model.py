@@ -125,10 +125,11 @@ class LanguageModel:
         return f"LanguageModel({what}, {self.vocab.describe()}, {self.device}, {self.dtype})"
 
     # -- generation ----------------------------------------------------------------------------
-    def streams(self) -> Streams:
-        """A Streams object over this model: add streams, step them all together, remove them (charlm/decoding/streams.py)."""
+    def streams(self, background_primes: bool = False) -> Streams:
+        """A Streams object over this model: add streams, step them all together, remove them (charlm/decoding/streams.py).
+        background_primes: primes run on a thread of their own while the batch steps (call close() when done)."""
         threads_mod.apply("batch", self.threads)
-        return Streams(self.scorer)
+        return Streams(self.scorer, background_primes=background_primes)
 
     def stream(
         self,
