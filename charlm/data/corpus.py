@@ -25,6 +25,7 @@ import yaml
 
 import charlm
 from charlm.data import sourcetree
+from charlm.data.atomicdir import process_alive
 from charlm.errors import DataError
 from charlm.terminal import shown
 
@@ -327,7 +328,7 @@ def _temp_beside(dest: Path) -> tuple[int, str]:
         prefix = f".{_short(dest.name)}.part-"
         for stale in dest.parent.iterdir():
             pid = stale.name[len(prefix) :].split(".")[0] if stale.name.startswith(prefix) else ""
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
                 stale.unlink(missing_ok=True)
         return tempfile.mkstemp(dir=dest.parent, prefix=f"{prefix}{os.getpid()}.")
     except OSError as e:
@@ -338,16 +339,6 @@ def _temp_beside(dest: Path) -> tuple[int, str]:
 def _short(name: str) -> str:
     """A name with room for a temp file's suffixes within the 255 bytes a name may have."""
     return name if len(os.fsencode(name)) <= 180 else os.fsencode(name)[:120].decode("utf-8", "ignore") + "~"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _publish(tmp: str, dest: Path) -> None:
