@@ -128,16 +128,21 @@ _last: CpuSample | None = None  # the previous reading: the start of the next me
 _recent: tuple[int, float] | None = None  # (ranks, free cores) as measured at _last
 
 
+def _sample_or_none() -> CpuSample | None:
+    """A reading, or None where /proc/stat cannot be read."""
+    try:
+        return _read_sample()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def mark(max_age: float = 5.0) -> None:
     """Start a measurement now (the CLI at start-up, load()), so that the first choice of threads reads the
     machine over the time since instead of sleeping for it; a reading younger than max_age is kept."""
     global _last, _recent
-    try:
-        now = _read_sample()
-        if _last is None or now.when - _last.when > max_age:
-            _last, _recent = now, None
-    except (OSError, ValueError, IndexError):
-        pass
+    now = _sample_or_none()
+    if now is not None and (_last is None or now.when - _last.when > max_age):
+        _last, _recent = now, None
 
 
 def free_cores(interval: float = INTERVAL, ranks: int = 1, max_age: float = 5.0) -> float:
@@ -243,21 +248,14 @@ class Follower:
         self.work, self.ranks, self.every = work, ranks, every
         self.fixed = requested(threads) is not None
         self.threads = apply(work, threads, ranks)
-        self._since = self._sample()
-
-    @staticmethod
-    def _sample() -> CpuSample | None:
-        try:
-            return _read_sample()
-        except (OSError, ValueError, IndexError):
-            return None
+        self._since = _sample_or_none()
 
     def poll(self) -> int | None:
         """Cheap unless `every` seconds have passed: then the free cores since the last look decide the
         count. Returns the new count when it changed, else None."""
         if self.fixed or self._since is None or time.monotonic() - self._since.when < self.every:
             return None
-        now = self._sample()
+        now = _sample_or_none()
         if now is None:
             return None
         free, self._since = _free_between(self._since, now, self.ranks), now

@@ -123,8 +123,8 @@ class Streams:
         stream is dropped."""
         if self._primer is not None:
             self._primer.shutdown(wait=True, cancel_futures=True)
-        self._pending, self._priming, self._rows = [], None, []
-        self._state, self._logp, self._groups = None, None, None
+        self._pending, self._priming = [], None
+        self._keep([])
 
     # -- adding and removing -------------------------------------------------------------------
     def add(
