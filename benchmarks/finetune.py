@@ -18,22 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import charlm
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from charlm import machine
 
 
 def train(corpus: str, out: Path, minutes: float, steps_per_minute: float | None, **options) -> dict:
@@ -115,7 +105,7 @@ def main() -> None:
         )
         print(f"N={n:g} min: scratch {rows[-1][1]:.4f}, fine-tuned {rows[-1][2]:.4f} bits/char on Paul Graham", file=sys.stderr)
     lines = [
-        f"CPU: {cpu_model()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/finetune.py {' '.join(sys.argv[1:])}`; "
+        f"CPU: {machine.cpu_model()}; {time.strftime('%Y-%m-%d')}; `python benchmarks/finetune.py {' '.join(sys.argv[1:])}`; "
         f"preset shakespeare-cpu with dropout {args.dropout:g} for every run"
         + (f", N minutes = {spm:g} x N steps" if spm else ""),
         "",

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from charlm import machine  # torch-free: the CPU's name for the report
+
 ROOT = Path(__file__).resolve().parent.parent
 CASES = [  # (name, what, dtype, size): size is characters generated or scored
     ("sample fp32", "sample", "fp32", 3000),
@@ -382,12 +384,7 @@ def _format(threads: int, table: dict, roof: dict) -> list[str]:
 
 
 def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        name = "?"
-    return f"{name}, {os.cpu_count()} CPUs"
+    return f"{machine.cpu_model()}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

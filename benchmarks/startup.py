@@ -26,6 +26,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from charlm import machine  # torch-free: the CPU's name for the report
+
 NEW = Path(__file__).resolve().parent.parent
 OLD_DIR = Path("/tmp/startup-old")
 RESULT = NEW / "benchmarks" / "results" / "startup.txt"
@@ -82,16 +84,6 @@ def time_once(tree: Path, args: list[str], extra: dict[str, str], expect: str, w
     return took
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10, help="fresh processes per case and tree")
@@ -120,7 +112,7 @@ def main() -> None:
             f"# charlm start-up, before ({args.old}) and after (this tree), median of {args.runs} fresh processes",
             "",
             f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-            f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores); load average at the end: {load:.2f}",
+            f"- CPU: {machine.cpu_model()} ({os.cpu_count()} logical cores); load average at the end: {load:.2f}",
             f"- Python {platform.python_version()}; the old and new runs alternate; wall time of the whole process",
             "- command: nice -n 5 python benchmarks/startup.py",
             "",
